@@ -1,0 +1,777 @@
+"""The kvctl.yaml schema: loading, defaults, kvcached compatibility and validation.
+
+Every problem is reported as ``FILE:LINE:COL: message``; loading collects all of them
+before raising one :class:`ConfigError`, so an operator fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import os
+import re
+import shlex
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+from kvctl.errors import ConfigError
+
+DEFAULT_PATH = "kvctl.yaml"
+ENGINES = {"vllm": "vllm", "sglang": "sglang", "sgl": "sglang", "sim": "sim"}
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VAR = re.compile(r"\$\{([^}]*)\}")
+_RESERVED_NAMES = {"router", "supervisord", "supervisor"}
+# AF_UNIX paths are limited to 108 bytes on Linux, including the terminating NUL.
+_MAX_SOCKET_PATH = 100
+
+
+@dataclass(frozen=True)
+class SleepSettings:
+    enabled: bool = True
+    level: int = 1
+    mode: str | None = None  # vLLM only: abort | wait
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """Settings for the simulated engine (`engine: sim`), mapped 1:1 to its flags."""
+
+    dialect: str = "vllm"
+    load_seconds: float = 0.0
+    ttft_ms: float = 0.0
+    tokens_per_second: float = 0.0
+    sleep_seconds: float = 0.0
+    wake_seconds: float = 0.0
+    fail_rate: float = 0.0
+    crash_after: int | None = None
+    hang_on_sleep: bool = False
+    hang_on_wake: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str
+    model: str
+    engine: str  # vllm | sglang | sim
+    host: str
+    port: int
+    args: tuple[str, ...]  # engine args as given (split), kvctl's own --host/--port not included
+    env: Mapping[str, str]  # kvcached block, kvcached_env, engine_env, KVCACHED_IPC_NAME
+    python: str
+    aliases: tuple[str, ...] = ()
+    memory_gb: float | None = None
+    sleep: SleepSettings = SleepSettings()
+    startup_timeout_seconds: float = 900.0
+    sim: SimSettings = SimSettings()
+    external: bool = False
+    add_host_flag: bool = False  # host/port came from kvctl keys, so kvctl passes the flags
+    add_port_flag: bool = False
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: tuple[str, ...] = ()
+    admin_token: str | None = None
+    allow_unauthenticated: bool = False
+    request_timeout_seconds: float = 600.0
+    stream_idle_timeout_seconds: float = 300.0
+    connect_timeout_seconds: float = 10.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_queue_per_model: int = 1024
+    health_check_interval_seconds: float = 2.0
+    health_failure_threshold: int = 3
+
+    @property
+    def url(self) -> str:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+@dataclass(frozen=True)
+class SleepManagerConfig:
+    idle_threshold_seconds: float = 300.0
+    check_interval_seconds: float = 60.0
+    auto_sleep_enabled: bool = False
+    wakeup_on_request: bool = True
+    min_sleep_duration: float = 0.0
+    wake_timeout_seconds: float = 300.0
+    drain_timeout_seconds: float = 30.0
+    vllm_sleep_level: int = 1
+    vllm_sleep_mode: str | None = None
+    memory_budget_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    run_dir: Path
+    router: RouterConfig
+    sleep_manager: SleepManagerConfig
+    instances: tuple[Instance, ...]
+    launch_delay_seconds: float = 0.0
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def launched(self) -> tuple[Instance, ...]:
+        return tuple(i for i in self.instances if not i.external)
+
+    def models(self) -> dict[str, list[Instance]]:
+        """Routing table: model name -> its instances (replicas), in config order."""
+        table: dict[str, list[Instance]] = {}
+        for inst in self.instances:
+            table.setdefault(inst.model, []).append(inst)
+        return table
+
+    def aliases(self) -> dict[str, str]:
+        """Alias -> the model it stands for."""
+        return {alias: inst.model for inst in self.instances for alias in inst.aliases}
+
+    def instance(self, name: str) -> Instance:
+        for inst in self.instances:
+            if inst.name == name:
+                return inst
+        raise KeyError(name)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_path(path: str | os.PathLike[str] | None) -> Path:
+    """-c/--config, then $KVCTL_CONFIG, then ./kvctl.yaml."""
+    chosen = path or os.environ.get("KVCTL_CONFIG") or DEFAULT_PATH
+    return Path(chosen).expanduser().absolute()
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate a config file; raise ConfigError listing every problem."""
+    file = resolve_path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: no such config file (use -c PATH or set KVCTL_CONFIG)"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{file}: cannot read config file: {exc}"]) from None
+    return parse(text, file)
+
+
+def parse(text: str, file: Path) -> Config:
+    try:
+        data = YAML(typ="rt").load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = exc.problem or exc.context or "invalid YAML"
+        if "duplicate key" in str(problem):
+            problem = problem.split(" with value")[0]
+        raise ConfigError([f"{file}:{line}:{col}: YAML syntax error: {problem}"]) from None
+    reader = _Reader(file)
+    config = reader.config(data)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    assert config is not None
+    return config
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class _Field:
+    convert: Callable[[_Reader, Any, tuple[int, int]], Any]
+    attr: str | None = None  # dataclass attribute, when it differs from the key
+
+
+class _Reader:
+    """Walks the YAML tree once, converting values and recording problems with positions."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    # -- reporting
+    def error(self, pos: tuple[int, int], message: str) -> None:
+        self.problems.append(f"{self.file}:{pos[0] + 1}:{pos[1] + 1}: {message}")
+
+    def warn(self, pos: tuple[int, int], message: str) -> None:
+        self.warnings.append(f"{self.file}:{pos[0] + 1}:{pos[1] + 1}: warning: {message}")
+
+    # -- structure
+    def mapping(self, node: Any, pos: tuple[int, int], where: str, fields: dict[str, _Field], aliases: dict[str, str] | None = None) -> dict[str, Any]:
+        """Convert a mapping against `fields`; unknown keys are errors with a did-you-mean."""
+        if node is None:
+            return {}
+        if not isinstance(node, CommentedMap):
+            self.error(pos, f"{where} must be a mapping, got {_kind(node)}")
+            return {}
+        aliases = aliases or {}
+        out: dict[str, Any] = {}
+        seen_by: dict[str, str] = {}
+        for key in node:
+            key_pos = node.lc.key(key)
+            name = aliases.get(key, key)
+            if not isinstance(key, str) or name not in fields:
+                hint = difflib.get_close_matches(str(key), [*fields, *aliases], n=1)
+                self.error(key_pos, f"unknown key '{key}' in {where}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+                continue
+            if name in seen_by:
+                self.error(key_pos, f"'{key}' and '{seen_by[name]}' in {where} mean the same; give only one")
+                continue
+            seen_by[name] = key
+            spec = fields[name]
+            value = spec.convert(self, node[key], node.lc.value(key))
+            if value is not _INVALID:
+                out[spec.attr or name] = value
+        return out
+
+    # -- top level
+    def config(self, data: Any) -> Config | None:
+        root_pos = (0, 0)
+        if data is None:
+            self.error(root_pos, "the config file is empty")
+            return None
+        top = self.mapping(data, root_pos, "the top level", _TOP_FIELDS)
+        router = RouterConfig(**top.get("router", {}))
+        sleep_manager = SleepManagerConfig(**top.get("sleep_manager", {}))
+        kvcached_env: dict[str, str] = top.get("kvcached", {})
+        run_dir = self.file.parent / top.get("run_dir", ".kvctl")
+        raw_instances = data.get("instances") if isinstance(data, CommentedMap) else None
+        placed: list[tuple[Instance, tuple[int, int]]] = []
+        if "instances" not in top and "instances" not in (data or {}):
+            self.error(root_pos, "missing key 'instances' (a list of engines to run)")
+        elif isinstance(raw_instances, CommentedSeq):
+            for index, item in enumerate(raw_instances):
+                item_pos = raw_instances.lc.item(index)
+                inst = self.instance(item, item_pos, index, kvcached_env, sleep_manager)
+                if inst is not None:
+                    placed.append((inst, item_pos))
+            if not raw_instances:
+                self.error(data.lc.value("instances"), "'instances' is empty: configure at least one engine")
+        elif "instances" in data:
+            self.error(data.lc.value("instances"), f"'instances' must be a list, got {_kind(raw_instances)}")
+        self.cross_checks(data, placed, router, run_dir)
+        return Config(
+            path=self.file,
+            run_dir=run_dir,
+            router=router,
+            sleep_manager=sleep_manager,
+            instances=tuple(inst for inst, _ in placed),
+            launch_delay_seconds=top.get("launch_delay_seconds", 0.0),
+            warnings=tuple(self.warnings),
+        )
+
+    def instance(self, node: Any, pos: tuple[int, int], index: int, kvcached_env: dict[str, str], sm: SleepManagerConfig) -> Instance | None:
+        where = f"instances[{index}]"
+        raw = self.mapping(node, pos, where, _INSTANCE_FIELDS, aliases={"args": "engine_args"})
+        if not isinstance(node, CommentedMap):
+            return None
+
+        def at(key: str) -> tuple[int, int]:
+            return node.lc.value(key) if key in node else pos
+
+        ok = True
+        for key in ("model", "engine"):
+            if key not in raw and key not in node:
+                self.error(pos, f"{where}: missing required key '{key}'")
+                ok = False
+        model = raw.get("model")
+        engine = raw.get("engine")
+        if model is None or engine is None:
+            return None
+        name = raw.get("name") or model.rstrip("/").rsplit("/", 1)[-1]
+        if not _SAFE_NAME.match(name):
+            self.error(at("name") if "name" in node else at("model"),
+                       f"{where}: name '{name}' is not safe as a process name (letters, digits, '_', '.', '-'; at most 64; set 'name:')")
+            ok = False
+        elif name in _RESERVED_NAMES:
+            self.error(at("name") if "name" in node else at("model"), f"{where}: name '{name}' is reserved by kvctl")
+            ok = False
+
+        args: list[str] = raw.get("engine_args", [])
+        arg_host, arg_port = _flag_value(args, "--host"), _flag_value(args, "--port")
+        host = raw.get("host") or arg_host or "127.0.0.1"
+        if "host" in raw and arg_host is not None and arg_host != raw["host"]:
+            self.error(at("host"), f"{where}: host '{raw['host']}' disagrees with --host {arg_host} in engine_args")
+        port = raw.get("port")
+        if arg_port is not None:
+            try:
+                parsed = int(arg_port)
+                if not 1 <= parsed <= 65535:
+                    raise ValueError
+            except ValueError:
+                self.error(at("engine_args"), f"{where}: --port '{arg_port}' in engine_args is not a port number")
+                ok = False
+            else:
+                if port is not None and port != parsed:
+                    self.error(at("port"), f"{where}: port {port} disagrees with --port {parsed} in engine_args")
+                port = parsed
+        if port is None and "port" not in node:
+            self.error(pos, f"{where}: no port: set 'port:' or pass --port in engine_args")
+            ok = False
+
+        external = raw.get("external", False)
+        python = self.python_for(raw, node, where, at, external)
+        env = dict(kvcached_env)
+        env.update(raw.get("kvcached_env", {}))
+        env.update(raw.get("engine_env", {}))
+        ipc = f"kvctl_{name}"
+        if env.get("KVCACHED_IPC_NAME", ipc) != ipc:
+            self.warn(at("kvcached_env") if "kvcached_env" in node else pos,
+                      f"{where}: KVCACHED_IPC_NAME={env['KVCACHED_IPC_NAME']} replaced by {ipc} (it must be unique per instance)")
+        env["KVCACHED_IPC_NAME"] = ipc
+
+        sleep_raw = raw.get("sleep", {})
+        sleep = SleepSettings(
+            enabled=sleep_raw.get("enabled", True),
+            level=sleep_raw.get("level", sm.vllm_sleep_level),
+            mode=sleep_raw.get("mode", sm.vllm_sleep_mode),
+        )
+        engine_name = ENGINES[engine]
+        if not ok or port is None or python is None:
+            return None
+        inst = Instance(
+            name=name,
+            model=model,
+            engine=engine_name,
+            host=host,
+            port=port,
+            args=tuple(args),
+            env=env,
+            python=python,
+            aliases=tuple(raw.get("aliases", ())),
+            memory_gb=raw.get("memory_gb"),
+            sleep=sleep,
+            startup_timeout_seconds=raw.get("startup_timeout_seconds", 900.0),
+            sim=SimSettings(**raw.get("sim", {})),
+            external=external,
+            add_host_flag=arg_host is None,
+            add_port_flag=arg_port is None,
+        )
+        if not external:
+            from kvctl.engines import adapter_for  # engines import config; avoid the cycle at import time
+
+            for message in adapter_for(inst).config_warnings(inst):
+                self.warn(pos, f"{where} ({name}): {message}")
+        return inst
+
+    def python_for(self, raw: dict[str, Any], node: CommentedMap, where: str, at: Callable[[str], tuple[int, int]], external: bool) -> str | None:
+        if raw.get("using_venv", False) and "venv_path" in node:
+            venv = raw.get("venv_path")
+            if venv is None:
+                return None
+            python = venv / "bin" / "python"
+            if not external and not os.access(python, os.X_OK):
+                self.error(at("venv_path"), f"{where}: venv_path '{venv}' has no executable bin/python")
+                return None
+            return str(python)
+        if raw.get("using_venv", False):
+            self.error(at("using_venv"), f"{where}: using_venv is true but venv_path is not set")
+            return None
+        if "python" in raw:
+            python = raw["python"]
+            if not external and not os.access(python, os.X_OK):
+                self.error(at("python"), f"{where}: python '{python}' is not an executable file")
+                return None
+            return str(python)
+        return sys.executable
+
+    def cross_checks(self, data: Any, placed: list[tuple[Instance, tuple[int, int]]], router: RouterConfig, run_dir: Path) -> None:
+        """Problems that need more than one instance: duplicates and port clashes."""
+        names: set[str] = set()
+        ports: dict[int, str] = {}
+        models = {inst.model for inst, _ in placed}
+        aliases: dict[str, str] = {}
+        router_pos = _pos_of(data, "router", (0, 0))
+        for inst, pos in placed:
+            if inst.name in names:
+                self.error(pos, f"duplicate instance name '{inst.name}' (give each replica its own 'name:')")
+            names.add(inst.name)
+            if inst.port in ports and not inst.external:
+                self.error(pos, f"instance '{inst.name}': port {inst.port} is already used by instance '{ports[inst.port]}'")
+            ports.setdefault(inst.port, inst.name)
+            if router.enabled and inst.port == router.port:
+                self.error(pos, f"instance '{inst.name}': port {inst.port} is the router's port")
+            for alias in inst.aliases:
+                if alias in models:
+                    self.error(pos, f"instance '{inst.name}': alias '{alias}' is also a model name")
+                elif aliases.get(alias, inst.model) != inst.model:
+                    self.error(pos, f"instance '{inst.name}': alias '{alias}' already names model '{aliases[alias]}'")
+                aliases[alias] = inst.model
+        if not router.is_loopback and not router.api_keys:
+            if router.allow_unauthenticated:
+                self.warn(router_pos, f"router binds non-loopback host '{router.host}' with no api_keys: anyone who can reach it can use it")
+            else:
+                self.error(router_pos, f"router binds non-loopback host '{router.host}' with no api_keys; set router.api_keys or router.allow_unauthenticated: true")
+        if len(str(run_dir / "supervisor.sock")) > _MAX_SOCKET_PATH:
+            self.error(_pos_of(data, "run_dir", (0, 0)), f"run_dir '{run_dir}' is too long for a unix socket path; choose a shorter run_dir")
+
+
+_INVALID = object()
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {CommentedMap: "a mapping", CommentedSeq: "a list", bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _pos_of(node: Any, key: str, default: tuple[int, int]) -> tuple[int, int]:
+    if isinstance(node, CommentedMap) and key in node:
+        return node.lc.key(key)
+    return default
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    """Value of `--flag V` or `--flag=V` in an argument list (the last one wins, like argparse)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+    return value
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def _expand(reader: _Reader, value: str, pos: tuple[int, int]) -> str | object:
+    """Replace ${VAR} from the environment; an unset or malformed one is an error."""
+    bad = False
+
+    def sub(match: re.Match[str]) -> str:
+        nonlocal bad
+        name = match.group(1)
+        if not _ENV_KEY.match(name):
+            reader.error(pos, f"'${{{name}}}' is not a valid environment variable reference")
+            bad = True
+            return ""
+        if name not in os.environ:
+            reader.error(pos, f"environment variable '{name}' is not set (referenced as ${{{name}}})")
+            bad = True
+            return ""
+        return os.environ[name]
+
+    result = _VAR.sub(sub, value)
+    return _INVALID if bad else result
+
+
+def _string(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    if not isinstance(value, str):
+        reader.error(pos, f"expected a string, got {_kind(value)}")
+        return _INVALID
+    return _expand(reader, value, pos)
+
+
+def _nonempty_string(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    result = _string(reader, value, pos)
+    if result == "":
+        reader.error(pos, "must not be empty")
+        return _INVALID
+    return result
+
+
+def _optional_string(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    return None if value is None else _nonempty_string(reader, value, pos)
+
+
+def _bool(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    if not isinstance(value, bool):
+        reader.error(pos, f"expected true or false, got {_kind(value)}")
+        return _INVALID
+    return value
+
+
+def _number(minimum: float = 0.0, *, positive: bool = False, maximum: float | None = None, optional: bool = False) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
+    def convert(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            reader.error(pos, f"expected a number, got {_kind(value)}")
+            return _INVALID
+        if (positive and value <= 0) or value < minimum or (maximum is not None and value > maximum):
+            bound = "greater than 0" if positive else f"at least {minimum}"
+            if maximum is not None:
+                bound += f" and at most {maximum}"
+            reader.error(pos, f"must be {bound}, got {value}")
+            return _INVALID
+        return float(value)
+
+    return convert
+
+
+def _integer(minimum: int = 0, maximum: int | None = None, optional: bool = False) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
+    def convert(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            reader.error(pos, f"expected an integer, got {_kind(value)}")
+            return _INVALID
+        if value < minimum or (maximum is not None and value > maximum):
+            reader.error(pos, f"must be between {minimum} and {maximum}, got {value}" if maximum is not None else f"must be at least {minimum}, got {value}")
+            return _INVALID
+        return int(value)
+
+    return convert
+
+
+_port = _integer(1, 65535)
+
+
+def _choice(*choices: Any, optional: bool = False) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
+    def convert(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+        if value is None and optional:
+            return None
+        if value not in choices:
+            reader.error(pos, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+            return _INVALID
+        return value
+
+    return convert
+
+
+def _engine(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    if not isinstance(value, str) or value.lower() not in ENGINES:
+        hint = difflib.get_close_matches(str(value).lower(), list(ENGINES), n=1)
+        reader.error(pos, f"unknown engine {value!r}: use vllm, sglang or sim" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        return _INVALID
+    return value.lower()
+
+
+def _path(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    text = _nonempty_string(reader, value, pos)
+    if text is _INVALID:
+        return _INVALID
+    return (reader.file.parent / Path(text).expanduser()).resolve()
+
+
+def _string_list(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    if not isinstance(value, CommentedSeq):
+        reader.error(pos, f"expected a list of strings, got {_kind(value)}")
+        return _INVALID
+    out = []
+    for index, item in enumerate(value):
+        converted = _nonempty_string(reader, item, value.lc.item(index))
+        if converted is not _INVALID:
+            out.append(converted)
+    return tuple(out)
+
+
+def _args(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    """A string or a list; each item is split like a shell word list (never run by a shell)."""
+    items: list[tuple[Any, tuple[int, int]]]
+    if isinstance(value, str):
+        items = [(value, pos)]
+    elif isinstance(value, CommentedSeq):
+        items = [(item, value.lc.item(i)) for i, item in enumerate(value)]
+    else:
+        reader.error(pos, f"expected a string or a list of strings, got {_kind(value)}")
+        return _INVALID
+    out: list[str] = []
+    for item, item_pos in items:
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            item = str(item)
+        text = _string(reader, item, item_pos)
+        if text is _INVALID:
+            continue
+        try:
+            words = shlex.split(text)
+        except ValueError as exc:
+            reader.error(item_pos, f"cannot split engine argument {text!r}: {exc}")
+            continue
+        for word in words:
+            if "\n" in word or "\r" in word or "\0" in word:
+                reader.error(item_pos, f"engine argument {word!r} contains a newline or NUL")
+            else:
+                out.append(word)
+    return out
+
+
+def _env_value(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if value is None:
+        return ""
+    text = _string(reader, value, pos)
+    if text is not _INVALID and "\0" in text:
+        reader.error(pos, "environment values cannot contain NUL")
+        return _INVALID
+    return text
+
+
+def _env(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    """`["KEY=VALUE", ...]` or a mapping."""
+    out: dict[str, str] = {}
+    if isinstance(value, CommentedSeq):
+        for index, item in enumerate(value):
+            item_pos = value.lc.item(index)
+            if not isinstance(item, str) or "=" not in item:
+                reader.error(item_pos, f"expected 'KEY=VALUE', got {item!r}")
+                continue
+            key, _, raw = item.partition("=")
+            converted = _env_value(reader, raw, item_pos)
+            if not _ENV_KEY.match(key):
+                reader.error(item_pos, f"'{key}' is not a valid environment variable name")
+            elif converted is not _INVALID:
+                out[key] = converted
+    elif isinstance(value, CommentedMap):
+        for key in value:
+            if not isinstance(key, str) or not _ENV_KEY.match(key):
+                reader.error(value.lc.key(key), f"'{key}' is not a valid environment variable name")
+                continue
+            converted = _env_value(reader, value[key], value.lc.value(key))
+            if converted is not _INVALID:
+                out[key] = converted
+    elif value is not None:
+        reader.error(pos, f"expected a list of 'KEY=VALUE' strings or a mapping, got {_kind(value)}")
+        return _INVALID
+    return out
+
+
+def _kvcached(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    """The kvcached block: keys upper-cased into every engine's environment."""
+    if value is None:
+        return {}
+    if not isinstance(value, CommentedMap):
+        reader.error(pos, f"'kvcached' must be a mapping, got {_kind(value)}")
+        return _INVALID
+    env = _env(reader, value, pos)
+    return {key.upper(): val for key, val in env.items()}
+
+
+def _section(where: str, fields: dict[str, _Field]) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
+    def convert(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+        return reader.mapping(value, pos, where, fields)
+
+    return convert
+
+
+_ROUTER_FIELDS = {
+    "enable_router": _Field(_bool, "enabled"),
+    "router_port": _Field(_port, "port"),
+    "router_host": _Field(_nonempty_string, "host"),
+    "api_keys": _Field(_string_list),
+    "admin_token": _Field(_optional_string),
+    "allow_unauthenticated": _Field(_bool),
+    "request_timeout_seconds": _Field(_number(positive=True)),
+    "stream_idle_timeout_seconds": _Field(_number(positive=True)),
+    "connect_timeout_seconds": _Field(_number(positive=True)),
+    "max_body_bytes": _Field(_integer(1)),
+    "max_queue_per_model": _Field(_integer(0)),
+    "health_check_interval_seconds": _Field(_number(positive=True)),
+    "health_failure_threshold": _Field(_integer(1)),
+}
+_SLEEP_MANAGER_FIELDS = {
+    "idle_threshold_seconds": _Field(_number(positive=True)),
+    "check_interval_seconds": _Field(_number(positive=True)),
+    "auto_sleep_enabled": _Field(_bool),
+    "wakeup_on_request": _Field(_bool),
+    "min_sleep_duration": _Field(_number()),
+    "wake_timeout_seconds": _Field(_number(positive=True)),
+    "drain_timeout_seconds": _Field(_number()),
+    "vllm_sleep_level": _Field(_choice(1, 2)),
+    "vllm_sleep_mode": _Field(_choice("abort", "wait", optional=True)),
+    "memory_budget_gb": _Field(_number(positive=True, optional=True)),
+}
+_SLEEP_FIELDS = {
+    "enabled": _Field(_bool),
+    "level": _Field(_choice(1, 2)),
+    "mode": _Field(_choice("abort", "wait", optional=True)),
+}
+_SIM_FIELDS = {
+    "dialect": _Field(_choice("vllm", "sglang")),
+    "load_seconds": _Field(_number()),
+    "ttft_ms": _Field(_number()),
+    "tokens_per_second": _Field(_number()),
+    "sleep_seconds": _Field(_number()),
+    "wake_seconds": _Field(_number()),
+    "fail_rate": _Field(_number(maximum=1.0)),
+    "crash_after": _Field(_integer(0, optional=True)),
+    "hang_on_sleep": _Field(_bool),
+    "hang_on_wake": _Field(_bool),
+    "seed": _Field(_integer(0)),
+}
+_INSTANCE_FIELDS = {
+    "name": _Field(_nonempty_string),
+    "model": _Field(_nonempty_string),
+    "engine": _Field(_engine),
+    "using_venv": _Field(_bool),
+    "venv_path": _Field(_path),
+    "python": _Field(_path),
+    "kvcached_env": _Field(_env),
+    "engine_env": _Field(_env),
+    "engine_args": _Field(_args),
+    "host": _Field(_nonempty_string),
+    "port": _Field(_port),
+    "aliases": _Field(_string_list),
+    "memory_gb": _Field(_number(positive=True, optional=True)),
+    "sleep": _Field(_section("sleep", _SLEEP_FIELDS)),
+    "startup_timeout_seconds": _Field(_number(positive=True)),
+    "sim": _Field(_section("sim", _SIM_FIELDS)),
+    "external": _Field(_bool),
+}
+_TOP_FIELDS = {
+    "kvcached": _Field(_kvcached),
+    "router": _Field(_section("router", _ROUTER_FIELDS)),
+    "sleep_manager": _Field(_section("sleep_manager", _SLEEP_MANAGER_FIELDS)),
+    "launch_delay_seconds": _Field(_number()),
+    "run_dir": _Field(_nonempty_string),
+    # instances are read separately (per item, with their own positions)
+    "instances": _Field(lambda reader, value, pos: _INVALID),
+}
+
+
+def env_digest(env: Mapping[str, str]) -> str:
+    """A short digest of an environment, so a changed value changes the rendered config."""
+    text = "\0".join(f"{k}={v}" for k, v in sorted(env.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+__all__ = [
+    "Config",
+    "Instance",
+    "RouterConfig",
+    "SimSettings",
+    "SleepManagerConfig",
+    "SleepSettings",
+    "env_digest",
+    "is_loopback",
+    "load",
+    "parse",
+    "resolve_path",
+]

@@ -1,0 +1,194 @@
+"""Engine adapters: everything engine-specific lives here and nowhere else.
+
+An adapter knows an engine's command line, its health path, how to put it to sleep,
+wake it and ask whether it sleeps, and the names of its metrics. Adding an engine
+means adding an adapter.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import httpx
+
+from kvctl.config import Instance
+from kvctl.errors import EngineError, EngineTimeout
+
+
+class EngineAdapter:
+    """Base class; one instance per engine kind, stateless."""
+
+    name: ClassVar[str]
+    module: ClassVar[str]  # run as PYTHON -m MODULE
+    model_flag: ClassVar[str]
+    health_path: ClassVar[str] = "/health"
+    # Prometheus names of the engine's own gauges (running, waiting, KV cache usage).
+    metric_running: ClassVar[str]
+    metric_waiting: ClassVar[str]
+    metric_kv_usage: ClassVar[str]
+    # Whether the engine itself can say if it sleeps; if not the router keeps a state file.
+    reports_sleep: ClassVar[bool] = False
+
+    def command(self, inst: Instance) -> list[str]:
+        """The engine's argv, without any shell."""
+        argv = [inst.python, "-m", self.module, self.model_flag, inst.model]
+        if inst.add_host_flag:
+            argv += ["--host", inst.host]
+        if inst.add_port_flag:
+            argv += ["--port", str(inst.port)]
+        return argv + list(inst.args)
+
+    def config_warnings(self, inst: Instance) -> list[str]:
+        return []
+
+    async def sleep(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
+        raise NotImplementedError
+
+    async def wake(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
+        raise NotImplementedError
+
+    async def is_sleeping(self, client: httpx.AsyncClient, inst: Instance) -> bool | None:
+        """True/False when the engine can tell, None when it cannot."""
+        return None
+
+    async def _post(self, client: httpx.AsyncClient, inst: Instance, path: str, *, timeout: float | None, **kwargs: object) -> httpx.Response:
+        try:
+            response = await client.post(inst.url + path, timeout=timeout, **kwargs)  # type: ignore[arg-type]
+        except httpx.TimeoutException:
+            raise EngineTimeout(f"{inst.name}: POST {path} did not answer in time") from None
+        except httpx.HTTPError as exc:
+            raise EngineError(f"{inst.name}: POST {path} failed: {exc or type(exc).__name__}") from None
+        if response.status_code >= 400:
+            raise EngineError(f"{inst.name}: POST {path} answered {response.status_code}: {response.text[:200]}")
+        return response
+
+
+class VllmAdapter(EngineAdapter):
+    name = "vllm"
+    module = "vllm.entrypoints.openai.api_server"
+    model_flag = "--model"
+    metric_running = "vllm:num_requests_running"
+    metric_waiting = "vllm:num_requests_waiting"
+    metric_kv_usage = "vllm:kv_cache_usage_perc"
+    reports_sleep = True
+
+    def config_warnings(self, inst: Instance) -> list[str]:
+        if not inst.sleep.enabled:
+            return []
+        missing = []
+        if inst.env.get("VLLM_SERVER_DEV_MODE") != "1":
+            missing.append("VLLM_SERVER_DEV_MODE=1 in engine_env")
+        if "--enable-sleep-mode" not in inst.args:
+            missing.append("--enable-sleep-mode in engine_args")
+        if missing:
+            return [f"sleep is enabled but {' and '.join(missing)} is missing: vLLM will refuse /sleep (set sleep.enabled: false to silence)"]
+        return []
+
+    async def sleep(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
+        # vLLM reads level and mode from the query string only; a JSON body is ignored.
+        params: dict[str, str | int] = {"level": inst.sleep.level}
+        if inst.sleep.mode:
+            params["mode"] = inst.sleep.mode
+        await self._post(client, inst, "/sleep", params=params, timeout=timeout)
+
+    async def wake(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
+        await self._post(client, inst, "/wake_up", timeout=timeout)
+
+    async def is_sleeping(self, client: httpx.AsyncClient, inst: Instance) -> bool | None:
+        try:
+            response = await client.get(inst.url + "/is_sleeping", timeout=10)
+            if response.status_code == 200:
+                return bool(response.json()["is_sleeping"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
+
+class SglangAdapter(EngineAdapter):
+    name = "sglang"
+    module = "sglang.launch_server"
+    model_flag = "--model-path"
+    metric_running = "sglang:num_running_reqs"
+    metric_waiting = "sglang:num_queue_reqs"
+    metric_kv_usage = "sglang:token_usage"
+
+    def config_warnings(self, inst: Instance) -> list[str]:
+        if inst.sleep.enabled and "--enable-memory-saver" not in inst.args:
+            return ["sleep is enabled but --enable-memory-saver is missing from engine_args: SGLang cannot release memory (set sleep.enabled: false to silence)"]
+        return []
+
+    async def sleep(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
+        await self._post(client, inst, "/release_memory_occupation", json={"tags": []}, timeout=timeout)
+
+    async def wake(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
+        await self._post(client, inst, "/resume_memory_occupation", json={"tags": []}, timeout=timeout)
+        if "--enable-weights-cpu-backup" not in inst.args:
+            # Released weights are gone unless backed up on the CPU: reload them.
+            await self._post(client, inst, "/update_weights_from_disk", json={"model_path": inst.model}, timeout=timeout)
+
+
+class SimAdapter(EngineAdapter):
+    """kvctl's simulated engine; its HTTP API is that of the dialect it imitates."""
+
+    name = "sim"
+    module = "kvctl.sim"
+    model_flag = "--model"
+
+    def __init__(self, dialect: EngineAdapter) -> None:
+        self.dialect = dialect
+        self.metric_running = dialect.metric_running  # type: ignore[misc]
+        self.metric_waiting = dialect.metric_waiting  # type: ignore[misc]
+        self.metric_kv_usage = dialect.metric_kv_usage  # type: ignore[misc]
+        self.reports_sleep = dialect.reports_sleep  # type: ignore[misc]
+
+    def command(self, inst: Instance) -> list[str]:
+        argv = [inst.python, "-m", self.module, "--model", inst.model, "--dialect", inst.sim.dialect]
+        if inst.add_host_flag:
+            argv += ["--host", inst.host]
+        if inst.add_port_flag:
+            argv += ["--port", str(inst.port)]
+        sim = inst.sim
+        for flag, value in (
+            ("--load-seconds", sim.load_seconds),
+            ("--ttft-ms", sim.ttft_ms),
+            ("--tokens-per-second", sim.tokens_per_second),
+            ("--sleep-seconds", sim.sleep_seconds),
+            ("--wake-seconds", sim.wake_seconds),
+            ("--fail-rate", sim.fail_rate),
+            ("--seed", sim.seed),
+        ):
+            if value:
+                argv += [flag, str(value)]
+        if inst.memory_gb is not None:
+            argv += ["--memory-gb", str(inst.memory_gb)]
+        if sim.crash_after is not None:
+            argv += ["--crash-after", str(sim.crash_after)]
+        if sim.hang_on_sleep:
+            argv.append("--hang-on-sleep")
+        if sim.hang_on_wake:
+            argv.append("--hang-on-wake")
+        return argv + list(inst.args)
+
+    async def sleep(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
+        await self.dialect.sleep(client, inst, timeout)
+
+    async def wake(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
+        await self.dialect.wake(client, inst, timeout)
+
+    async def is_sleeping(self, client: httpx.AsyncClient, inst: Instance) -> bool | None:
+        return await self.dialect.is_sleeping(client, inst)
+
+
+_VLLM = VllmAdapter()
+_SGLANG = SglangAdapter()
+_SIMS = {"vllm": SimAdapter(_VLLM), "sglang": SimAdapter(_SGLANG)}
+
+
+def adapter_for(inst: Instance) -> EngineAdapter:
+    if inst.engine == "vllm":
+        return _VLLM
+    if inst.engine == "sglang":
+        return _SGLANG
+    if inst.engine == "sim":
+        return _SIMS[inst.sim.dialect]
+    raise ValueError(f"no adapter for engine {inst.engine!r}")  # config validation makes this unreachable

@@ -1,0 +1,192 @@
+"""Config -> RUN_DIR/supervisord.conf (through templates/), plus each program's env file.
+
+supervisord's ini format mangles some values (``%`` interpolation, `` ;`` comments, the
+quote handling of ``environment=``). So environment values never go into the file:
+each program's environment is written to ``RUN_DIR/env/NAME.json`` (0600) and applied
+at exec by ``python -m kvctl.launch``; the file only carries a digest of it, so that a
+changed value still restarts the program. Commands are rendered from argument lists
+and the result is parsed back with supervisor's own parser to prove it round-trips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from kvctl.config import Config, env_digest
+from kvctl.engines import adapter_for
+from kvctl.errors import ConfigError
+
+ROUTER = "router"
+ROUTER_STOPWAIT_SECONDS = 60
+ENGINE_STOPWAIT_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    argv: list[str]  # what runs, after the launcher applied the env file
+    env: dict[str, str]
+    stopwaitsecs: int
+    priority: int
+    autostart: bool = False  # `kvctl up` starts programs itself, in order, with the launch delay
+
+    @property
+    def env_digest(self) -> str:
+        return env_digest(self.env)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    run_dir: Path
+
+    @property
+    def conf(self) -> Path:
+        return self.run_dir / "supervisord.conf"
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "supervisor.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "supervisord.pid"
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def env_dir(self) -> Path:
+        return self.run_dir / "env"
+
+    @property
+    def router_state(self) -> Path:
+        return self.run_dir / "router-state.json"
+
+    def log(self, program: str) -> Path:
+        return self.logs / f"{program}.log"
+
+    def env_file(self, program: str) -> Path:
+        return self.env_dir / f"{program}.json"
+
+
+def programs(config: Config) -> list[Program]:
+    """The programs supervisord runs: each launched instance, then the router."""
+    paths = RunPaths(config.run_dir)
+    out = []
+    for index, inst in enumerate(config.launched):
+        out.append(
+            Program(
+                name=inst.name,
+                argv=_launcher(paths.env_file(inst.name)) + adapter_for(inst).command(inst),
+                env=dict(inst.env),
+                stopwaitsecs=ENGINE_STOPWAIT_SECONDS,
+                priority=100 + index,
+            )
+        )
+    if config.router.enabled:
+        out.append(
+            Program(
+                name=ROUTER,
+                argv=[sys.executable, "-m", "kvctl", "router", "-c", str(config.path)],
+                env={},
+                stopwaitsecs=ROUTER_STOPWAIT_SECONDS,
+                priority=10,
+            )
+        )
+    return out
+
+
+def _launcher(env_file: Path) -> list[str]:
+    return [sys.executable, "-m", "kvctl.launch", str(env_file), "--"]
+
+
+def _sv(value: object) -> str:
+    """Escape a value for supervisor's ini format, which %-interpolates every value."""
+    return str(value).replace("%", "%%")
+
+
+def _command(argv: list[str]) -> str:
+    return _sv(shlex.join(argv))
+
+
+def _template_dir() -> Path:
+    # Inside an installed wheel the templates sit in the package; in a checkout, beside it.
+    packaged = Path(__file__).resolve().parent / "templates"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "templates"
+
+
+def render_text(config: Config) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(_template_dir()),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["sv"] = _sv
+    env.filters["command"] = _command
+    paths = RunPaths(config.run_dir)
+    progs = programs(config)
+    text = env.get_template("supervisord.conf.j2").render(
+        config_path=config.path,
+        conf_path=paths.conf,
+        socket=paths.socket,
+        pidfile=paths.pidfile,
+        logs_dir=paths.logs,
+        base_dir=config.base_dir,
+        programs=progs,
+    )
+    _verify(text, progs, config)
+    return text
+
+
+def _verify(text: str, progs: list[Program], config: Config) -> None:
+    """Read the rendered text back the way supervisord does; every argv must survive exactly."""
+    from supervisor.options import UnhosedConfigParser
+
+    parser = UnhosedConfigParser()
+    expansions = {"here": str(config.base_dir), "host_node_name": platform.node()}
+    expansions.update({f"ENV_{k}": v for k, v in os.environ.items()})
+    bad = []
+    try:
+        parser.read_string(text)
+        for program in progs:
+            section = f"program:{program.name}"
+            command = parser.saneget(section, "command", expansions={**expansions, "program_name": program.name, "group_name": program.name})
+            if shlex.split(command) != program.argv:
+                bad.append(program.name)
+    except ValueError as exc:
+        raise ConfigError([f"{config.path}: the rendered supervisord.conf is invalid: {exc}"]) from None
+    if bad:
+        raise ConfigError([f"{config.path}: instance '{name}': its command cannot be written to supervisord.conf exactly (an argument holding ' ;' or ' #'?)" for name in bad])
+
+
+def write(config: Config) -> Path:
+    """Create RUN_DIR (0700) and write supervisord.conf (0600) and the env files (0600)."""
+    paths = RunPaths(config.run_dir)
+    text = render_text(config)
+    for directory in (paths.run_dir, paths.logs, paths.env_dir):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+    for program in programs(config):
+        if program.name != ROUTER:
+            write_private(paths.env_file(program.name), json.dumps({"env": program.env}, indent=2, sort_keys=True) + "\n")
+    write_private(paths.conf, text)
+    return paths.conf
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write atomically with mode 0600 from the start (the file may hold secrets)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

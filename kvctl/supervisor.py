@@ -1,0 +1,203 @@
+"""Starting, stopping and talking to supervisord (XML-RPC over its unix socket)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor.xmlrpc import SupervisorTransport
+
+from kvctl.errors import NotRunningError, SupervisorError
+from kvctl.render import RunPaths
+
+# Process states as supervisord names them.
+RUNNING_STATES = {"RUNNING"}
+STARTING_STATES = {"STARTING", "BACKOFF"}
+FAILED_STATES = {"FATAL", "EXITED", "UNKNOWN"}
+STOPPED_STATES = {"STOPPED", "EXITED", "FATAL"}
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    name: str
+    state: str
+    pid: int
+    start: float  # epoch seconds, 0 if never started
+    exitstatus: int
+    description: str
+
+    @classmethod
+    def from_rpc(cls, info: dict[str, Any]) -> ProcessInfo:
+        return cls(
+            name=info["name"],
+            state=info["statename"],
+            pid=int(info.get("pid") or 0),
+            start=float(info.get("start") or 0),
+            exitstatus=int(info.get("exitstatus") or 0),
+            description=str(info.get("description", "")),
+        )
+
+    @property
+    def uptime(self) -> float | None:
+        return time.time() - self.start if self.state == "RUNNING" and self.start else None
+
+
+class Supervisor:
+    """A client for one kvctl run dir's supervisord."""
+
+    def __init__(self, paths: RunPaths) -> None:
+        self.paths = paths
+        transport = SupervisorTransport(None, None, serverurl=f"unix://{paths.socket}")
+        # The host part is ignored by the unix transport.
+        self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        target: Any = self._proxy
+        for part in method.split("."):
+            target = getattr(target, part)
+        try:
+            return target(*args)
+        except xmlrpc.client.Fault as fault:
+            raise SupervisorError(f"supervisord: {method}: {fault.faultString}") from None
+        except (OSError, xmlrpc.client.ProtocolError) as exc:
+            raise NotRunningError(f"supervisord is not running for {self.paths.run_dir} ({exc.__class__.__name__})") from None
+
+    # -- state
+    def is_running(self) -> bool:
+        try:
+            return self._call("supervisor.getState")["statename"] == "RUNNING"
+        except (NotRunningError, SupervisorError):
+            return False
+
+    def pid(self) -> int:
+        return int(self._call("supervisor.getPID"))
+
+    def processes(self) -> dict[str, ProcessInfo]:
+        return {i["name"]: ProcessInfo.from_rpc(i) for i in self._call("supervisor.getAllProcessInfo")}
+
+    def process(self, name: str) -> ProcessInfo:
+        return ProcessInfo.from_rpc(self._call("supervisor.getProcessInfo", name))
+
+    # -- control
+    def start_daemon(self, timeout: float = 20.0) -> None:
+        """Start supervisord on RUN_DIR/supervisord.conf; it daemonizes itself."""
+        self.paths.socket.unlink(missing_ok=True)  # a stale socket from a killed supervisord
+        result = subprocess.run(
+            [sys.executable, "-m", "supervisor.supervisord", "-c", str(self.paths.conf)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise SupervisorError(f"supervisord failed to start: {(result.stderr or result.stdout).strip()}")
+        deadline = time.monotonic() + timeout
+        while not self.is_running():
+            if time.monotonic() > deadline:
+                raise SupervisorError(f"supervisord did not come up within {timeout:.0f}s; see {self.paths.log('supervisord')}")
+            time.sleep(0.05)
+        os.chmod(self.paths.socket, 0o700)
+
+    def apply_config(self) -> tuple[list[str], list[str], list[str]]:
+        """Like `supervisorctl update`: reread the file, restart only changed programs.
+
+        Returns (added, changed, removed) program names. Added and changed programs are
+        left stopped (autostart=false); the caller starts them in order.
+        """
+        [[added, changed, removed]] = self._call("supervisor.reloadConfig")
+        for name in removed + changed:
+            self._stop_quietly(name)
+            self._call("supervisor.removeProcessGroup", name)
+        for name in added + changed:
+            self._call("supervisor.addProcessGroup", name)
+        return added, changed, removed
+
+    def _stop_quietly(self, name: str, wait: bool = True) -> None:
+        """stopProcess that does not mind a program that is not running."""
+        try:
+            self._call("supervisor.stopProcess", name, wait)
+        except SupervisorError as exc:
+            if "NOT_RUNNING" not in str(exc):
+                raise
+
+    def start(self, name: str) -> None:
+        try:
+            self._call("supervisor.startProcess", name, False)
+        except SupervisorError as exc:
+            if "ALREADY_STARTED" not in str(exc):
+                raise
+
+    def stop(self, name: str, timeout: float) -> None:
+        """SIGTERM (to the process group), then SIGKILL if still alive after `timeout`."""
+        self._stop_quietly(name, wait=False)
+        deadline = time.monotonic() + timeout
+        while self.process(name).state not in STOPPED_STATES:
+            if time.monotonic() > deadline:
+                self._call("supervisor.signalProcess", name, "KILL")
+                deadline = time.monotonic() + 10
+            time.sleep(0.05)
+
+    def stop_all(self, timeout: float) -> None:
+        """Stop every program at once; SIGKILL the process groups of any left after `timeout`."""
+        for info in self.processes().values():
+            if info.state in RUNNING_STATES | STARTING_STATES:
+                self._stop_quietly(info.name, wait=False)
+        deadline = time.monotonic() + timeout
+        while any(p.state not in STOPPED_STATES for p in self.processes().values()):
+            if time.monotonic() > deadline:
+                for p in self.processes().values():
+                    if p.state not in STOPPED_STATES and p.pid:
+                        _kill_group(p.pid)
+                deadline = time.monotonic() + 10
+            time.sleep(0.05)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        pid = self.pid()
+        self._call("supervisor.shutdown")
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        self.paths.socket.unlink(missing_ok=True)
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        """The last lines of a program's log, read from the file (works when it is dead too)."""
+        return tail_file(self.paths.log(name), lines)
+
+
+def tail_file(path: Path, lines: int) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            data = fh.read()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
