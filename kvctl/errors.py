@@ -34,7 +34,11 @@ class NotRunningError(SupervisorError):
 
 
 class StartupError(KvctlError):
-    """A program did not become healthy."""
+    """A program did not become healthy. `log_tail` holds the last lines of its log."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        self.log_tail = log_tail
+        super().__init__(message)
 
 
 class EngineError(KvctlError):

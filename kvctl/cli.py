@@ -1,0 +1,300 @@
+"""The `kvctl` command line: parse, call the modules that do the work, render with rich."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvctl import config as config_mod
+from kvctl import tree
+from kvctl.client import RouterClient, model_path
+from kvctl.config import Config
+from kvctl.errors import ConfigError, KvctlError, StartupError, UsageError
+from kvctl.render import ROUTER, RunPaths, render_text
+from kvctl.supervisor import tail_file
+
+app = typer.Typer(
+    name="kvctl",
+    help="Run several LLM engines on shared GPUs as one OpenAI-compatible service.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Validate or render the config file.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="Config file (default: $KVCTL_CONFIG, then ./kvctl.yaml).", show_default=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable; see README).")]
+
+_STATE_STYLE = {"awake": "green", "asleep": "blue", "waking": "yellow", "draining": "yellow", "starting": "yellow", "down": "red"}
+
+
+def _load(path: Path | None) -> Config:
+    config = config_mod.load(path)
+    for warning in config.warnings:
+        err.print(warning, markup=False, highlight=False)
+    return config
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors (also KVCTL_DEBUG=1).")] = False) -> None:
+    if debug:
+        os.environ["KVCTL_DEBUG"] = "1"
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+@app.command()
+def up(
+    config_path: ConfigOption = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once programs are started, without waiting for health.")] = False,
+) -> None:
+    """Validate, render, start supervisord (or apply a changed config) and wait until healthy."""
+    config = _load(config_path)
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    tasks: dict[str, Any] = {}
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[name]:<20}"), TextColumn("{task.description}"), console=err, transient=False) as progress:
+
+        def report(name: str, what: str, done: bool) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(what, name=name, total=1)
+            progress.update(tasks[name], description=what, completed=1 if done else 0)
+
+        try:
+            result = tree.up(config, report, wait=not no_wait)
+        except StartupError as exc:
+            progress.stop()
+            if exc.log_tail:
+                err.rule(f"last log lines of {exc.args[0].split()[0]}")
+                err.print(exc.log_tail, markup=False, highlight=False)
+                err.rule()
+            raise
+    changes = [f"{label}: {', '.join(names)}" for label, names in (("added", result.added), ("changed", result.changed), ("removed", result.removed)) if names and not result.started_supervisord]
+    if result.started_supervisord:
+        summary = "started"
+    elif not result.started:
+        summary = "already up; nothing changed"
+    else:
+        summary = "updated"
+    out.print(f"kvctl {summary}" + (f" ({'; '.join(changes)})" if changes else "") + f". Router: {config.router.url}/v1" if config.router.enabled else "")
+
+
+@app.command()
+def down(
+    config_path: ConfigOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish before processes are killed.")] = 30.0,
+) -> None:
+    """Stop admitting, let in-flight requests finish, stop engines and supervisord."""
+    config = _load(config_path)
+    with err.status("stopping") as spinner:
+        stopped = tree.down(config, timeout, lambda name, what, done: spinner.update(f"{name}: {what}"))
+    out.print("kvctl stopped." if stopped else "kvctl is not running.")
+
+
+@app.command()
+def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Programs, health and model states. Exit 0 healthy, 1 degraded, 3 not running."""
+    config = _load(config_path)
+    result = tree.status(config, _router_states(config))
+    if as_json:
+        out.print_json(json.dumps(result.as_json()))
+        raise typer.Exit(result.exit_code)
+    if not result.running:
+        err.print(f"kvctl is not running (no supervisord at {RunPaths(config.run_dir).socket}).", markup=False)
+        raise typer.Exit(3)
+    table = Table(title=f"kvctl — {config.path}", title_justify="left")
+    for column in ("name", "model", "engine", "port", "process", "pid", "uptime", "health", "state"):
+        table.add_column(column, justify="right" if column in ("port", "pid", "uptime") else "left")
+    if result.router is not None:
+        table.add_row(ROUTER, "", "", str(config.router.port), result.router.state, str(result.router.pid or ""), _uptime(result.router.uptime), _health(result.router_healthy), "")
+    for inst in result.instances:
+        process = inst.process
+        table.add_row(
+            inst.name,
+            inst.model,
+            inst.engine,
+            str(inst.port),
+            "external" if inst.external else (process.state if process else "-"),
+            str(process.pid) if process and process.pid else "",
+            _uptime(process.uptime if process else None),
+            _health(inst.healthy),
+            f"[{_STATE_STYLE.get(inst.state, 'white')}]{inst.state}[/]",
+        )
+    out.print(table)
+    raise typer.Exit(result.exit_code)
+
+
+def _router_states(config: Config) -> dict[str, str]:
+    """Instance name -> model state, from the router (empty when it cannot be asked)."""
+    if not config.router.enabled:
+        return {}
+    try:
+        with RouterClient(config, timeout=3) as client:
+            body = client.get("/health/all")
+    except KvctlError:
+        return {}
+    return {i["name"]: i["state"] for i in body.get("instances", []) if isinstance(i, dict) and "name" in i and "state" in i}
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _health(ok: bool) -> str:
+    return "[green]healthy[/]" if ok else "[red]unhealthy[/]"
+
+
+@app.command()
+def logs(
+    name: Annotated[str, typer.Argument(help="Program name: 'router', 'supervisord' or an instance name.")],
+    config_path: ConfigOption = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until Ctrl-C.")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many last lines to print first.")] = 50,
+) -> None:
+    """Print a program's log (router, supervisord or an instance)."""
+    config = _load(config_path)
+    known = [ROUTER, "supervisord", *(i.name for i in config.launched)]
+    if name not in known:
+        raise UsageError(f"no program named '{name}' (choose from: {', '.join(known)})")
+    path = RunPaths(config.run_dir).log(name)
+    if not path.exists():
+        raise KvctlError(f"no log yet for '{name}' ({path}); has `kvctl up` run?")
+    text = tail_file(path, lines)
+    if text:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    if follow:
+        try:
+            _follow(path)
+        except KeyboardInterrupt:
+            pass
+
+
+def _follow(path: Path) -> None:
+    """Print what is appended to `path`, reopening it when supervisord rotates it."""
+    fh = open(path, "rb")
+    fh.seek(0, os.SEEK_END)
+    try:
+        while True:
+            chunk = fh.read(65536)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                continue
+            try:
+                rotated = os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino or os.stat(path).st_size < fh.tell()
+            except FileNotFoundError:
+                rotated = False
+            if rotated:
+                fh.close()
+                fh = open(path, "rb")
+            time.sleep(0.25)  # polling a file: no event to wait on without inotify
+    finally:
+        fh.close()
+
+
+# --------------------------------------------------------------------------- config
+
+
+@config_app.command("check")
+def config_check(config_path: ConfigOption = None) -> None:
+    """Validate the config file: every problem as FILE:LINE:COL, exit 2 on errors."""
+    config = _load(config_path)
+    render_text(config)  # proves the rendered supervisord.conf round-trips
+    models = config.models()
+    out.print(f"{config.path}: ok ({len(config.instances)} instances, {len(models)} models, {len(config.warnings)} warnings)", markup=False, highlight=False)
+
+
+@config_app.command("render")
+def config_render(config_path: ConfigOption = None) -> None:
+    """Print the supervisord.conf that `kvctl up` would write."""
+    sys.stdout.write(render_text(_load(config_path)))
+
+
+# --------------------------------------------------------------------------- router
+
+
+@app.command()
+def router(config_path: ConfigOption = None) -> None:
+    """Run the router in the foreground (what supervisord runs; also a stand-alone router)."""
+    from kvctl.router import serve
+
+    serve(_load(config_path))
+
+
+def _model_action(action: str, model: str | None, all_models: bool, config_path: Path | None) -> None:
+    config = _load(config_path)
+    if all_models == (model is not None):
+        raise UsageError(f"give a MODEL or --all (not both) to {action}")
+    models = list(config.models()) if all_models else [model]
+    failed = False
+    with RouterClient(config, timeout=600) as client:
+        for name in models:
+            assert name is not None
+            result = client.post(f"/models/{model_path(name)}/{action}")
+            failed |= not result.get("success", False)
+            colour = _STATE_STYLE.get(str(result.get("state")), "white")
+            mark = "[green]ok[/]" if result.get("success") else "[red]failed[/]"
+            out.print(f"{mark} {name}: [{colour}]{result.get('state')}[/] — {result.get('message', '')}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def sleep(
+    model: Annotated[Optional[str], typer.Argument(help="Model name (or alias).")] = None,
+    all_models: Annotated[bool, typer.Option("--all", help="Every configured model.")] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Put a model to sleep through the router (drains in-flight requests first)."""
+    _model_action("sleep", model, all_models, config_path)
+
+
+@app.command()
+def wake(
+    model: Annotated[Optional[str], typer.Argument(help="Model name (or alias).")] = None,
+    all_models: Annotated[bool, typer.Option("--all", help="Every configured model.")] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Wake a sleeping model through the router."""
+    _model_action("wake", model, all_models, config_path)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main() -> None:
+    try:
+        app(prog_name="kvctl")
+    except ConfigError as exc:
+        if os.environ.get("KVCTL_DEBUG") == "1":
+            traceback.print_exc()
+        for problem in exc.problems:
+            err.print(problem, markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KvctlError as exc:
+        if os.environ.get("KVCTL_DEBUG") == "1":
+            traceback.print_exc()
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)

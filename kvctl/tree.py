@@ -1,0 +1,213 @@
+"""The whole process tree as one thing: bring it up, take it down, report its status.
+
+`up` and `down` drive supervisord (through `kvctl.supervisor`) and wait on the engines'
+and the router's health; the CLI only renders what they report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from kvctl import render
+from kvctl.config import Config, Instance
+from kvctl.engines import adapter_for
+from kvctl.errors import NotRunningError, StartupError
+from kvctl.render import ROUTER, RunPaths
+from kvctl.supervisor import FAILED_STATES, RUNNING_STATES, ProcessInfo, Supervisor
+
+ROUTER_STARTUP_TIMEOUT_SECONDS = 60.0
+LOG_TAIL_LINES = 30
+
+# Called with (program name, what it is doing now, finished?) so a caller can show progress.
+Reporter = Callable[[str, str, bool], None]
+
+
+@dataclass(frozen=True)
+class UpResult:
+    started_supervisord: bool
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    started: list[str]  # programs that were not running and were started
+
+
+def supervisor_for(config: Config) -> Supervisor:
+    return Supervisor(RunPaths(config.run_dir))
+
+
+def health_url(inst: Instance) -> str:
+    return inst.url + adapter_for(inst).health_path
+
+
+def probe(url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def up(config: Config, report: Reporter, *, wait: bool = True) -> UpResult:
+    """Render, start or update supervisord, start what is not running, wait for health."""
+    render.write(config)
+    sup = supervisor_for(config)
+    started_supervisord = not sup.is_running()
+    if started_supervisord:
+        report("supervisord", "starting", False)
+        sup.start_daemon()
+        added, changed, removed = [p.name for p in render.programs(config)], [], []
+        report("supervisord", "running", True)
+    else:
+        added, changed, removed = sup.apply_config()
+    processes = sup.processes()
+    # The router first: clients get a clear 503 rather than a refused connection while engines load.
+    order = [ROUTER] if ROUTER in processes else []
+    order += [inst.name for inst in config.launched]
+    started: list[str] = []
+    for name in order:
+        if processes[name].state in RUNNING_STATES:
+            continue
+        if started and name != ROUTER and config.launch_delay_seconds:
+            report(name, f"launch delay {config.launch_delay_seconds:g}s", False)
+            time.sleep(config.launch_delay_seconds)
+        report(name, "starting", False)
+        sup.start(name)
+        started.append(name)
+    if wait:
+        _wait_healthy(config, sup, report)
+    return UpResult(started_supervisord, added, changed, removed, started)
+
+
+def _wait_healthy(config: Config, sup: Supervisor, report: Reporter) -> None:
+    """Poll every program until healthy; fail on the first that dies or times out."""
+    now = time.monotonic()
+    pending: dict[str, tuple[str, float]] = {inst.name: (health_url(inst), now + inst.startup_timeout_seconds) for inst in config.launched}
+    if config.router.enabled:
+        pending[ROUTER] = (config.router.url + "/health", now + ROUTER_STARTUP_TIMEOUT_SECONDS)
+    while pending:
+        processes = sup.processes()
+        for name, (url, deadline) in list(pending.items()):
+            info = processes[name]
+            if info.state in FAILED_STATES:
+                raise _startup_failure(sup, name, f"{name} exited during startup ({info.state}: {info.description})")
+            if info.state in RUNNING_STATES and probe(url):
+                report(name, "healthy", True)
+                del pending[name]
+            elif time.monotonic() > deadline:
+                raise _startup_failure(sup, name, f"{name} did not become healthy within its startup timeout ({url})")
+            else:
+                report(name, f"waiting for health ({info.state.lower()})", False)
+        if pending:
+            time.sleep(0.2)
+
+
+def _startup_failure(sup: Supervisor, name: str, message: str) -> StartupError:
+    return StartupError(message, sup.tail(name, LOG_TAIL_LINES))
+
+
+def down(config: Config, timeout: float, report: Reporter) -> bool:
+    """Stop the router (in-flight requests finish), then the engines, then supervisord.
+
+    Returns False when nothing was running.
+    """
+    sup = supervisor_for(config)
+    if not sup.is_running():
+        return False
+    processes = sup.processes()
+    if ROUTER in processes:
+        report(ROUTER, "stopping (in-flight requests finish)", False)
+        sup.stop(ROUTER, timeout)
+        report(ROUTER, "stopped", True)
+    report("engines", "stopping", False)
+    sup.stop_all(timeout)
+    report("engines", "stopped", True)
+    report("supervisord", "stopping", False)
+    sup.shutdown()
+    report("supervisord", "stopped", True)
+    return True
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    name: str
+    model: str
+    engine: str
+    port: int
+    external: bool
+    process: ProcessInfo | None
+    healthy: bool
+    state: str  # the router's model state, or "-" when the router cannot tell
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "model": self.model,
+            "engine": self.engine,
+            "port": self.port,
+            "external": self.external,
+            "process_state": self.process.state if self.process else None,
+            "pid": self.process.pid if self.process and self.process.pid else None,
+            "uptime_seconds": round(self.process.uptime, 1) if self.process and self.process.uptime is not None else None,
+            "healthy": self.healthy,
+            "state": self.state,
+        }
+
+
+@dataclass(frozen=True)
+class TreeStatus:
+    running: bool
+    router: ProcessInfo | None
+    router_healthy: bool
+    instances: list[InstanceStatus]
+
+    @property
+    def exit_code(self) -> int:
+        """0 all healthy, 1 degraded, 3 not running."""
+        if not self.running:
+            return 3
+        healthy = all(i.healthy for i in self.instances) and (self.router is None or self.router_healthy)
+        return 0 if healthy else 1
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "running": self.running,
+            "router": {
+                "process_state": self.router.state if self.router else None,
+                "pid": self.router.pid if self.router and self.router.pid else None,
+                "healthy": self.router_healthy,
+            },
+            "instances": [i.as_json() for i in self.instances],
+            "exit_code": self.exit_code,
+        }
+
+
+def status(config: Config, router_states: dict[str, str]) -> TreeStatus:
+    """Process states from supervisord, health probed at each engine, model states as given."""
+    sup = supervisor_for(config)
+    try:
+        processes = sup.processes()
+    except NotRunningError:
+        processes = None
+    instances = [
+        InstanceStatus(
+            name=inst.name,
+            model=inst.model,
+            engine=inst.engine if inst.engine != "sim" else f"sim/{inst.sim.dialect}",
+            port=inst.port,
+            external=inst.external,
+            process=(processes or {}).get(inst.name),
+            healthy=(processes is not None or inst.external) and probe(health_url(inst)),
+            state=router_states.get(inst.name, "-"),
+        )
+        for inst in config.instances
+    ]
+    router = (processes or {}).get(ROUTER)
+    return TreeStatus(
+        running=processes is not None,
+        router=router,
+        router_healthy=router is not None and probe(config.router.url + "/health"),
+        instances=instances,
+    )
