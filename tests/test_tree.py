@@ -1,0 +1,223 @@
+"""The process tree end to end: the real CLI, real supervisord, real sim engines and router."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import free_port, wait_for
+
+KVCTL = [sys.executable, "-m", "kvctl"]
+
+
+class Tree:
+    """One kvctl config in a short temp dir (unix socket paths are length-limited)."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="kv"))
+        self.config = self.dir / "kvctl.yaml"
+        self.run_dir = self.dir / ".kvctl"
+        self.router_port = free_port()
+
+    def write(self, instances: str, extra: str = "") -> None:
+        self.config.write_text(f"router:\n  router_port: {self.router_port}\n{extra}instances:\n{instances}")
+
+    def kvctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*KVCTL, *args, "-c", str(self.config)], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def supervisorctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.run_dir / "supervisord.conf"), *args], capture_output=True, text=True, timeout=30)
+
+    def status(self) -> dict:
+        result = self.kvctl("status", "--json")
+        return json.loads(result.stdout)
+
+    def pids(self) -> dict[str, int]:
+        return {i["name"]: i["pid"] for i in self.status()["instances"] if i["pid"]}
+
+    @property
+    def router_url(self) -> str:
+        return f"http://127.0.0.1:{self.router_port}"
+
+    def cleanup(self) -> None:
+        if self.config.exists():
+            self.kvctl("down", "--timeout", "5")
+        pidfile = self.run_dir / "supervisord.pid"
+        if pidfile.exists():  # `down` failed: do not leave a supervisord behind
+            for pid in tree_pids(int(pidfile.read_text())):
+                _kill(pid)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def sim_instance(name: str, port: int, model: str | None = None, extra: str = "") -> str:
+    return f"  - name: {name}\n    model: {model or 'org/' + name}\n    engine: sim\n    port: {port}\n    startup_timeout_seconds: 30\n{extra}"
+
+
+@pytest.fixture
+def kvtree() -> Iterator[Tree]:
+    tree = Tree()
+    try:
+        yield tree
+    finally:
+        tree.cleanup()
+
+
+def tree_pids(root: int) -> list[int]:
+    """`root` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_up_serves_supervisorctl_works_and_down_leaves_nothing(kvtree: Tree) -> None:
+    ports = [free_port(), free_port()]
+    kvtree.write(
+        sim_instance("alpha", ports[0], model="meta-llama/Llama-3.2-1B")
+        + sim_instance("beta", ports[1], extra="    sim: {dialect: sglang}\n")
+    )
+    up = kvtree.kvctl("up")
+    assert up.returncode == 0, up.stderr + up.stdout
+
+    # Plain supervisorctl on the rendered file.
+    listing = kvtree.supervisorctl("status")
+    lines = {line.split()[0]: line.split()[1] for line in listing.stdout.splitlines() if line.strip()}
+    assert lines == {"alpha": "RUNNING", "beta": "RUNNING", "router": "RUNNING"}, listing.stdout
+    assert kvtree.supervisorctl("tail", "alpha").returncode == 0
+
+    # The router answers and a chat completion through it returns text.
+    assert httpx.get(kvtree.router_url + "/health").status_code == 200
+    client = openai.OpenAI(base_url=kvtree.router_url + "/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(model="meta-llama/Llama-3.2-1B", messages=[{"role": "user", "content": "hello there"}], max_tokens=5)
+    assert chat.choices[0].message.content
+
+    status = kvtree.kvctl("status", "--json")
+    assert status.returncode == 0, status.stdout
+    assert [i["process_state"] for i in json.loads(status.stdout)["instances"]] == ["RUNNING", "RUNNING"]
+
+    # Security: private run dir, socket and rendered config.
+    assert stat.S_IMODE(kvtree.run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((kvtree.run_dir / "supervisor.sock").stat().st_mode) == 0o700
+    assert stat.S_IMODE((kvtree.run_dir / "supervisord.conf").stat().st_mode) == 0o600
+    assert stat.S_IMODE((kvtree.run_dir / "env" / "alpha.json").stat().st_mode) == 0o600
+
+    supervisord_pid = int((kvtree.run_dir / "supervisord.pid").read_text())
+    everything = tree_pids(supervisord_pid)
+    assert len(everything) >= 4  # supervisord, router, two engines
+
+    down = kvtree.kvctl("down")
+    assert down.returncode == 0, down.stderr
+    survivors = [pid for pid in everything if alive(pid)]
+    assert survivors == [], f"processes of the tree survived `kvctl down`: {survivors}"
+    assert kvtree.kvctl("status").returncode == 3
+    again = kvtree.kvctl("down")
+    assert again.returncode == 0 and "not running" in again.stdout
+
+
+def test_up_is_idempotent_and_a_changed_instance_alone_restarts(kvtree: Tree) -> None:
+    ports = [free_port(), free_port()]
+    kvtree.write(sim_instance("alpha", ports[0]) + sim_instance("beta", ports[1]))
+    assert kvtree.kvctl("up").returncode == 0
+    before = kvtree.pids()
+    router_before = kvtree.status()["router"]["pid"]
+
+    second = kvtree.kvctl("up")
+    assert second.returncode == 0, second.stderr
+    assert "nothing changed" in second.stdout
+    assert kvtree.pids() == before
+    assert kvtree.status()["router"]["pid"] == router_before
+
+    kvtree.write(sim_instance("alpha", ports[0]) + sim_instance("beta", ports[1], extra="    engine_args: ['--ttft-ms', '3']\n"))
+    third = kvtree.kvctl("up")
+    assert third.returncode == 0, third.stderr
+    after = kvtree.pids()
+    assert after["alpha"] == before["alpha"]
+    assert after["beta"] != before["beta"]
+    assert kvtree.status()["router"]["pid"] == router_before
+
+
+def test_engine_failing_at_start_fails_up_with_its_log_tail(kvtree: Tree) -> None:
+    kvtree.write(sim_instance("good", free_port()) + sim_instance("broken", free_port(), extra="    engine_args: ['--ttft-ms', 'not-a-number']\n"))
+    result = kvtree.kvctl("up")
+    assert result.returncode == 1
+    assert "broken" in result.stderr
+    assert "not-a-number" in result.stderr  # the engine's own complaint, from its log
+
+
+def test_supervisord_restarts_an_engine_killed_with_sigkill(kvtree: Tree) -> None:
+    port = free_port()
+    kvtree.write(sim_instance("alpha", port))
+    assert kvtree.kvctl("up").returncode == 0
+    old = kvtree.pids()["alpha"]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: kvtree.pids().get("alpha") not in (None, old), timeout=30, what="a new alpha pid")
+    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200, timeout=30, what="alpha healthy again")
+
+
+def test_env_values_reach_the_engine_byte_for_byte(kvtree: Tree) -> None:
+    tricky = """50% off, "double" and 'single' quotes,comma; semi # hash \\ back"""
+    kvtree.write(
+        sim_instance("alpha", free_port(), extra="    engine_env:\n      TRICKY: " + json.dumps(tricky) + "\n      NEWLINE: \"a\\nb\"\n"),
+        extra="kvcached:\n  kvcached_gpu_utilization: 0.5\n",
+    )
+    assert kvtree.kvctl("up").returncode == 0
+    pid = kvtree.pids()["alpha"]
+    environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
+    assert environ[b"TRICKY"] == tricky.encode()
+    assert environ[b"NEWLINE"] == b"a\nb"
+    assert environ[b"KVCACHED_GPU_UTILIZATION"] == b"0.5"
+    assert environ[b"KVCACHED_IPC_NAME"] == b"kvctl_alpha"
+
+
+def test_logs_prints_a_program_log_and_rejects_unknown_names(kvtree: Tree) -> None:
+    kvtree.write(sim_instance("alpha", free_port()))
+    assert kvtree.kvctl("up").returncode == 0
+    wait_for(lambda: kvtree.kvctl("logs", "alpha").stdout.strip(), timeout=20, what="alpha's log")
+    unknown = kvtree.kvctl("logs", "nope")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: no program named 'nope'")
+
+
+def test_status_reports_degraded_when_an_engine_is_down(kvtree: Tree) -> None:
+    kvtree.write(sim_instance("alpha", free_port()))
+    assert kvtree.kvctl("up").returncode == 0
+    assert kvtree.supervisorctl("stop", "alpha").returncode == 0
+    result = kvtree.kvctl("status")
+    assert result.returncode == 1
+    assert "alpha" in result.stdout and "STOPPED" in result.stdout
