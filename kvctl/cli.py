@@ -281,6 +281,46 @@ def wake(
     _model_action("wake", model, all_models, config_path)
 
 
+# --------------------------------------------------------------------------- operator tools
+
+
+@app.command()
+def bench(
+    config_path: ConfigOption = None,
+    url: Annotated[Optional[str], typer.Option("--url", help="Any OpenAI-compatible base URL (with or without /v1) instead of the config's router.")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Model to load (repeatable; default: every configured model, or GET /v1/models with --url).")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(help="Closed loop: this many requests in flight (default 8). With --rate: the connection cap (default 256).", show_default=False)] = None,
+    rate: Annotated[Optional[float], typer.Option(help="Open loop: Poisson arrivals at this many requests/s (seeded).", show_default=False)] = None,
+    requests: Annotated[Optional[int], typer.Option(help="Requests in total, round-robin over the models (default 100).", show_default=False)] = None,
+    duration: Annotated[Optional[float], typer.Option(help="Run for this many seconds instead of a request count.", show_default=False)] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Stream responses (needed for TTFT and ITL).")] = True,
+    endpoint: Annotated[str, typer.Option(help="chat or completions.")] = "chat",
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length in (roughly) tokens.")] = 128,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of each request.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed for prompts and arrival times.")] = 0,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the full result as JSON to this file.", show_default=False)] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="OPENAI_API_KEY", help="Bearer key (default: $OPENAI_API_KEY, then the config's first api_key).", show_default=False)] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the first byte and between chunks.")] = 600.0,
+    allow_errors: Annotated[bool, typer.Option("--allow-errors", help="Exit 0 even when requests failed.")] = False,
+) -> None:
+    """Load-test the router (or --url): req/s, tokens/s, TTFT, ITL and latency percentiles."""
+    from kvctl import bench as bench_mod
+
+    # With --url the config is optional: used for its api_key when there is one.
+    config = _load(config_path) if url is None or config_mod.resolve_path(config_path).exists() else None
+    spec = bench_mod.make_spec(
+        config, url=url, models=model or [], api_key=api_key, concurrency=concurrency, rate=rate, requests=requests,
+        duration=duration, stream=stream, endpoint=endpoint, prompt_tokens=prompt_tokens, max_tokens=max_tokens, seed=seed, timeout=timeout,
+    )
+    result = bench_mod.run_with_progress(spec, err)
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    out.print(bench_mod.render(result))
+    overall = result["overall"]
+    if overall["failed"] and not allow_errors:
+        raise KvctlError(f"{overall['failed']} of {overall['requests']} requests failed (--allow-errors to exit 0 anyway)")
+
+
 # --------------------------------------------------------------------------- entry point
 
 
