@@ -1,0 +1,74 @@
+"""`python -m kvctl.sim --model M --port P [...]`: run the simulated engine.
+
+Flags are those `SimAdapter.command` (kvctl/engines.py) writes. The real engine's own
+flags that kvcached configs append (`--enable-sleep-mode`, `--gpu-memory-utilization
+0.5`, ...) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import uvicorn
+
+from kvctl.config import SimSettings
+from kvctl.sim.app import create_app
+from kvctl.sim.state import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: an engine flag like --load-format must not match --load-seconds.
+    p = argparse.ArgumentParser(prog="python -m kvctl.sim", description="Simulated vLLM/SGLang engine for tests and demos.", allow_abbrev=False)
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--dialect", choices=("vllm", "sglang"), default="vllm")
+    p.add_argument("--load-seconds", type=float, default=0.0, help="delay before listening, like loading weights")
+    p.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
+    p.add_argument("--tokens-per-second", type=float, default=0.0, help="pace between tokens; 0 = no pause")
+    p.add_argument("--sleep-seconds", type=float, default=0.0, help="how long a sleep/release call takes")
+    p.add_argument("--wake-seconds", type=float, default=0.0, help="how long a wake/resume call takes")
+    p.add_argument("--memory-gb", type=float, default=1.0, help="GPU memory held while awake (reported only)")
+    p.add_argument("--fail-rate", type=float, default=0.0, help="fraction of generations answered 500")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --fail-rate draws")
+    p.add_argument("--crash-after", type=int, default=None, metavar="N", help="exit after serving N generations")
+    p.add_argument("--hang-on-sleep", action="store_true", help="sleep/release calls never return")
+    p.add_argument("--hang-on-wake", action="store_true", help="wake/resume calls never return")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    args, unknown = _parser().parse_known_args(argv)
+    if not 0.0 <= args.fail_rate <= 1.0:
+        sys.exit("kvctl.sim: --fail-rate must be between 0 and 1")
+    if unknown:
+        print(f"kvctl.sim: ignoring engine args: {' '.join(unknown)}", file=sys.stderr, flush=True)
+    sim = SimSettings(
+        dialect=args.dialect,
+        load_seconds=args.load_seconds,
+        ttft_ms=args.ttft_ms,
+        tokens_per_second=args.tokens_per_second,
+        sleep_seconds=args.sleep_seconds,
+        wake_seconds=args.wake_seconds,
+        fail_rate=args.fail_rate,
+        crash_after=args.crash_after,
+        hang_on_sleep=args.hang_on_sleep,
+        hang_on_wake=args.hang_on_wake,
+        seed=args.seed,
+    )
+    return Settings(model=args.model, port=args.port, host=args.host, memory_gb=args.memory_gb, sim=sim, engine_args=tuple(unknown))
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_args(argv)
+    app = create_app(settings)
+    if settings.sim.load_seconds > 0:
+        time.sleep(settings.sim.load_seconds)  # a real engine binds its port only once loaded
+    print(f"kvctl.sim: serving {settings.model} ({settings.sim.dialect} dialect) on {settings.host}:{settings.port}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, loop="asyncio", http="httptools", access_log=False, log_level="warning", timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

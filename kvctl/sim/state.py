@@ -1,0 +1,216 @@
+"""The simulated engine's state: settings, counters and the sleep/wake transitions.
+
+Memory is modelled as tagged regions, as both engines do: "weights" and "kv_cache"
+(SGLang also "cuda_graph"). The engine sleeps while any region is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvctl.config import SimSettings
+
+_SHARE = {"weights": 0.6, "kv_cache": 0.4, "cuda_graph": 0.0}  # of memory_gb
+TAGS = {"vllm": ("weights", "kv_cache"), "sglang": ("weights", "kv_cache", "cuda_graph")}
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    port: int
+    host: str = "127.0.0.1"
+    memory_gb: float = 1.0
+    sim: SimSettings = SimSettings()
+    engine_args: tuple[str, ...] = field(default=())  # the real engine's flags: accepted, mostly ignored
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
+class EngineState:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sim = settings.sim
+        self.dialect = settings.sim.dialect
+        self.tags = TAGS[self.dialect]
+        self._rng = random.Random(settings.sim.seed)
+        # Weights released without a CPU backup are lost until reloaded (SGLang's flag).
+        self._cpu_backup = self.dialect == "vllm" or "--enable-weights-cpu-backup" in settings.engine_args
+        self._transition = asyncio.Lock()
+        self.released: set[str] = set()
+        self.awake = asyncio.Event()  # cleared while new generations must park (vLLM)
+        self.awake.set()
+        self.frozen = False  # vLLM mode=keep: running generations pause until woken
+        self.abort_epoch = 0  # vLLM mode=abort: bumped to end running generations
+        self.weights_loaded = True
+        self.running = 0
+        self.waiting = 0
+        self.running_tokens = 0
+        self.max_in_flight = 0
+        self.requests_served = 0
+        self.embeddings_served = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.failed = 0
+        self.aborted = 0
+        self.sleep_aborted = 0
+        self.sleep_calls = 0
+        self.wake_calls = 0
+        self.update_weights_calls = 0
+        self.last_sleep_params: dict[str, Any] | None = None
+        self.last_wake_params: dict[str, Any] | None = None
+
+    @property
+    def sleeping(self) -> bool:
+        return bool(self.released)
+
+    @property
+    def in_flight(self) -> int:
+        return self.running + self.waiting
+
+    @property
+    def memory_bytes(self) -> int:
+        held = 1.0 - sum(_SHARE[t] for t in self.released)
+        return int(self.settings.memory_gb * held * 2**30)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "model": self.settings.model,
+            "dialect": self.dialect,
+            "pid": os.getpid(),
+            "sleeping": self.sleeping,
+            "released_tags": sorted(self.released),
+            "memory_bytes": self.memory_bytes,
+            "weights_loaded": self.weights_loaded,
+            "requests_served": self.requests_served,
+            "embeddings_served": self.embeddings_served,
+            "in_flight": self.in_flight,
+            "running": self.running,
+            "waiting": self.waiting,
+            "max_in_flight": self.max_in_flight,
+            "aborted": self.aborted,
+            "sleep_aborted": self.sleep_aborted,
+            "failed": self.failed,
+            "sleep_calls": self.sleep_calls,
+            "wake_calls": self.wake_calls,
+            "update_weights_calls": self.update_weights_calls,
+            "last_sleep_params": self.last_sleep_params,
+            "last_wake_params": self.last_wake_params,
+        }
+
+    # -- requests ------------------------------------------------------------------
+
+    def maybe_crash(self) -> None:
+        """--crash-after N: a generation arriving after N were served finds the engine dead."""
+        crash_after = self.sim.crash_after
+        if crash_after is not None and self.requests_served >= crash_after:
+            _crash(crash_after)
+
+    def arrive(self) -> None:
+        """A request arrived: it waits (parked while asleep) until `start`."""
+        self.waiting += 1
+        if self.in_flight > self.max_in_flight:
+            self.max_in_flight = self.in_flight
+
+    def start(self, tokens: int) -> None:
+        self.waiting -= 1
+        self.running += 1
+        self.running_tokens += tokens
+
+    def leave(self, started: bool, tokens: int) -> None:
+        if started:
+            self.running -= 1
+            self.running_tokens -= tokens
+        else:
+            self.waiting -= 1
+
+    def should_fail(self) -> bool:
+        if self.sim.fail_rate and self._rng.random() < self.sim.fail_rate:
+            self.failed += 1
+            return True
+        return False
+
+    def served(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.requests_served += 1
+        self.prompt_tokens += prompt_tokens
+        self.generation_tokens += completion_tokens
+        crash_after = self.sim.crash_after
+        if crash_after is not None and self.requests_served >= crash_after:
+            # Let the last bytes reach the client, then die like a crashed engine.
+            asyncio.get_running_loop().call_later(0.05, _crash, crash_after)
+
+    # -- vLLM sleep API ------------------------------------------------------------
+
+    async def vllm_sleep(self, level: int, mode: str) -> None:
+        self.sleep_calls += 1
+        if self.sim.hang_on_sleep:
+            await _forever()
+        async with self._transition:
+            if self.sleeping:
+                return
+            self.awake.clear()  # from now on new requests park
+            if mode == "abort":
+                self.abort_epoch += 1
+            elif mode == "wait":
+                while self.running:
+                    await asyncio.sleep(0.01)
+            else:  # keep
+                self.frozen = True
+            await asyncio.sleep(self.sim.sleep_seconds)
+            self.released = set(self.tags)
+            if level >= 2:
+                self.weights_loaded = False  # level 2 discards the weights
+
+    async def vllm_wake(self, tags: list[str]) -> None:
+        self.wake_calls += 1
+        if self.sim.hang_on_wake:
+            await _forever()
+        async with self._transition:
+            if not self.sleeping:
+                return
+            await asyncio.sleep(self.sim.wake_seconds)
+            self.released -= set(tags or self.tags)
+            if not self.released:
+                self.frozen = False
+                self.awake.set()
+
+    # -- SGLang memory API ---------------------------------------------------------
+
+    async def release(self, tags: list[str]) -> None:
+        self.sleep_calls += 1
+        if self.sim.hang_on_sleep:
+            await _forever()
+        async with self._transition:
+            await asyncio.sleep(self.sim.sleep_seconds)
+            tags = tags or list(self.tags)
+            self.released |= set(tags)
+            if "weights" in tags and not self._cpu_backup:
+                self.weights_loaded = False
+
+    async def resume(self, tags: list[str]) -> None:
+        self.wake_calls += 1
+        if self.sim.hang_on_wake:
+            await _forever()
+        async with self._transition:
+            await asyncio.sleep(self.sim.wake_seconds)
+            self.released -= set(tags or self.tags)
+
+    def reload_weights(self) -> bool:
+        """Weights read again from disk; impossible while their memory is released."""
+        self.update_weights_calls += 1
+        if "weights" in self.released:
+            return False
+        self.weights_loaded = True
+        return True
+
+
+def _crash(crash_after: int) -> None:
+    sys.stderr.write(f"kvctl.sim: crash_after={crash_after} reached, exiting\n")
+    sys.stderr.flush()
+    os._exit(1)
