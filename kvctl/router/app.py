@@ -1,18 +1,276 @@
-"""The router's ASGI app: data-plane routes, admin and introspection endpoints, auth."""
+"""The router's ASGI app: the data plane, admin and introspection endpoints, auth.
+
+`POST /v1/{completions,chat/completions,embeddings}` go straight to the raw-ASGI proxy
+(no Starlette objects, no middleware on the hot path); every other route is a small
+Starlette app. Model names in paths may contain `/`, raw or `%2F`-encoded (uvicorn
+decodes the path), so those routes use `{model:path}`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hmac
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kvctl.config import Config
+from kvctl.router.asgi import Receive, Scope, Send
+from kvctl.router.errors import error_response, shorten
+from kvctl.router.lifecycle import Lifecycle
+from kvctl.router.metrics import Metrics
+from kvctl.router.proxy import PROXIED_PATHS, Proxy
+from kvctl.router.traffic import MAX_WINDOW_SECONDS, TrafficMonitor
+
+Handler = Callable[[Request], Awaitable[Response]]
 
 
-async def _health(request: Request) -> JSONResponse:
-    return JSONResponse({"status": "ok"})
+class RouterApp:
+    """The ASGI callable uvicorn runs. Its parts are attributes so tests can inspect them."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.lifecycle = Lifecycle(config, self.metrics)
+        self.models = list(config.models())
+        self.traffic = TrafficMonitor(self.models, config.sleep_manager.idle_threshold_seconds,
+                                      self.lifecycle.in_flight, self.lifecycle.queued)
+        self.proxy = Proxy(config, self.lifecycle, self.traffic, self.metrics)
+        self.started = time.time()
+        self.admin = Starlette(routes=_routes(self), lifespan=self._lifespan,
+                               exception_handlers={HTTPException: _http_error})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PROXIED_PATHS:
+            await self.proxy.handle(scope, receive, send)
+        else:
+            await self.admin(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        await self.lifecycle.start()
+        try:
+            yield
+        finally:
+            await self.lifecycle.close()
+            self.proxy.close()
+
+    # ------------------------------------------------------------------ auth
+    def _credential(self, request: Request) -> bytes | None:
+        header = request.headers.get("authorization", "")
+        if header[:7].lower() != "bearer ":
+            return None
+        return header[7:].strip().encode()
+
+    def can_read(self, request: Request) -> bool:
+        """Data plane and read-only introspection: any api key or the admin token, when keys are set."""
+        if not self.config.router.api_keys:
+            return True
+        token = self._credential(request)
+        return token is not None and (self.proxy.authorized(b"Bearer " + token) or self._is_admin(token))
+
+    def can_act(self, request: Request) -> bool:
+        """Mutating admin routes: the admin token when set, else as for reading."""
+        if self.config.router.admin_token is None:
+            return self.can_read(request)
+        token = self._credential(request)
+        return token is not None and self._is_admin(token)
+
+    def _is_admin(self, token: bytes) -> bool:
+        admin = self.config.router.admin_token
+        return admin is not None and hmac.compare_digest(token, admin.encode())
+
+    # ------------------------------------------------------------------ helpers
+    def canonical(self, name: str) -> str | None:
+        return self.proxy.routes.get(name)
+
+    def model_info(self, model: str) -> dict:
+        instances = self.lifecycle.instances(model)
+        first = instances[0] if instances else {}
+        return {"endpoint": first.get("url"), "engine": first.get("engine"), "state": self.lifecycle.model_state(model),
+                "aliases": [a for a, m in self.config.aliases().items() if m == model], "instances": instances}
 
 
-def create_app(config: Config) -> Starlette:
-    return Starlette(routes=[Route("/health", _health)])
+def create_app(config: Config) -> RouterApp:
+    return RouterApp(config)
+
+
+# ---------------------------------------------------------------------- routes
+
+
+def _routes(app: RouterApp) -> list[Route]:
+    def read(handler: Callable[[Request], Awaitable[Response]]) -> Handler:
+        async def guarded(request: Request) -> Response:
+            if not app.can_read(request):
+                return _unauthorized()
+            return await handler(request)
+        return guarded
+
+    def act(handler: Callable[[Request], Awaitable[Response]]) -> Handler:
+        async def guarded(request: Request) -> Response:
+            if not app.can_act(request):
+                return _unauthorized("This action needs the router's admin token: send 'Authorization: Bearer TOKEN'.")
+            return await handler(request)
+        return guarded
+
+    def known(request: Request) -> str | Response:
+        name = request.path_params["model"]
+        model = app.canonical(name)
+        if model is None:
+            return error_response(404, f"The model '{shorten(name)}' does not exist.", "model_not_found", "model")
+        return model
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def health_all(request: Request) -> Response:
+        instances = app.lifecycle.instances()
+        healthy = all(i["healthy"] for i in instances)
+        return JSONResponse({"status": "ok" if healthy else "degraded", "instances": instances})
+
+    async def health_model(request: Request) -> Response:
+        model = known(request)
+        if isinstance(model, Response):
+            return model
+        instances = app.lifecycle.instances(model)
+        healthy = any(i["healthy"] for i in instances)
+        body = {"model": model, "status": "ok" if healthy else "unhealthy", "state": app.lifecycle.model_state(model), "instances": instances}
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"models": {model: app.model_info(model) for model in app.models}})
+
+    async def v1_models(request: Request) -> Response:
+        created = int(app.started)
+        data = []
+        for model in app.models:
+            state = app.lifecycle.model_state(model)
+            data.append({"id": model, "object": "model", "created": created, "owned_by": "kvctl", "root": model, "parent": None, "state": state})
+            for alias, target in app.config.aliases().items():
+                if target == model:
+                    data.append({"id": alias, "object": "model", "created": created, "owned_by": "kvctl", "root": model, "parent": model, "state": state})
+        return JSONResponse({"object": "list", "data": data})
+
+    async def traffic_stats(request: Request) -> Response:
+        window = _seconds(request, "window", 60.0, maximum=MAX_WINDOW_SECONDS)
+        if isinstance(window, Response):
+            return window
+        return JSONResponse({"traffic_stats": {m: app.traffic.stats(m, window) for m in app.models}, "window_seconds": window})
+
+    async def traffic_model(request: Request) -> Response:
+        window = _seconds(request, "window", 60.0, maximum=MAX_WINDOW_SECONDS)
+        if isinstance(window, Response):
+            return window
+        model = known(request)
+        if isinstance(model, Response):
+            return model
+        return JSONResponse({"model_stats": app.traffic.stats(model, window), "window_seconds": window})
+
+    async def idle(request: Request) -> Response:
+        threshold = _seconds(request, "threshold", app.config.sleep_manager.idle_threshold_seconds, allow_zero=True)
+        if isinstance(threshold, Response):
+            return threshold
+        names = app.traffic.idle_models(threshold)
+        details = {m: app.traffic.stats(m, 60.0, threshold) for m in names}
+        return JSONResponse({"idle_models": names, "idle_threshold_seconds": threshold, "idle_model_details": details, "idle_models_count": len(names)})
+
+    async def active(request: Request) -> Response:
+        threshold = _seconds(request, "threshold", app.config.sleep_manager.idle_threshold_seconds, allow_zero=True)
+        if isinstance(threshold, Response):
+            return threshold
+        window = _seconds(request, "window", 60.0, maximum=MAX_WINDOW_SECONDS)
+        if isinstance(window, Response):
+            return window
+        names = app.traffic.active_models(threshold)
+        details = {m: app.traffic.stats(m, window, threshold) for m in names}
+        return JSONResponse({"active_models": names, "idle_threshold_seconds": threshold, "window_seconds": window,
+                             "active_model_details": details, "active_models_count": len(names)})
+
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(app.metrics.render(app.lifecycle, app.models), media_type=CONTENT_TYPE_LATEST)
+
+    async def sleep_status(request: Request) -> Response:
+        return JSONResponse(app.lifecycle.sleep_status())
+
+    async def sleep_candidates(request: Request) -> Response:
+        candidates = app.lifecycle.sleep_candidates()
+        return JSONResponse({"sleep_candidates": candidates, "idle_threshold_seconds": app.config.sleep_manager.idle_threshold_seconds,
+                             "auto_sleep_enabled": app.config.sleep_manager.auto_sleep_enabled})
+
+    async def sleep(request: Request) -> Response:
+        model = known(request)
+        if isinstance(model, Response):
+            return model
+        result = await app.lifecycle.sleep_model(model, manual=True)
+        return JSONResponse(result.to_dict(), status_code=result.status)
+
+    async def wake(request: Request) -> Response:
+        model = known(request)
+        if isinstance(model, Response):
+            return model
+        result = await app.lifecycle.wake_model(model)
+        return JSONResponse(result.to_dict(), status_code=result.status)
+
+    return [
+        Route("/health", health),
+        Route("/health/all", read(health_all)),
+        Route("/health/{model:path}", read(health_model)),
+        Route("/models", read(models)),
+        Route("/v1/models", read(v1_models)),
+        Route("/metrics", read(metrics)),
+        Route("/traffic/stats", read(traffic_stats)),
+        Route("/traffic/stats/model/{model:path}", read(traffic_model)),
+        Route("/traffic/stats/{model:path}", read(traffic_model)),
+        Route("/traffic/idle", read(idle)),
+        Route("/models/idle", read(idle)),
+        Route("/traffic/active", read(active)),
+        Route("/models/active", read(active)),
+        Route("/sleep/status", read(sleep_status)),
+        Route("/sleep/candidates", read(sleep_candidates)),
+        Route("/models/{model:path}/sleep", act(sleep), methods=["POST"]),
+        Route("/models/{model:path}/wake", act(wake), methods=["POST"]),
+        Route("/sleep/model/{model:path}", act(sleep), methods=["POST"]),
+        Route("/wake/model/{model:path}", act(wake), methods=["POST"]),
+        Route("/action/sleep/{model:path}", act(sleep), methods=["POST"]),
+        Route("/action/wakeup/{model:path}", act(wake), methods=["POST"]),
+    ]
+
+
+def _seconds(request: Request, name: str, default: float, *, maximum: float | None = None, allow_zero: bool = False) -> float | Response:
+    """A positive number of seconds from the query string, or a 400 saying what is wrong."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    too_small = value < 0 if allow_zero else value <= 0
+    if not math.isfinite(value) or too_small or (maximum is not None and value > maximum):
+        bound = "at least 0" if allow_zero else "greater than 0"
+        if maximum is not None:
+            bound += f" and at most {maximum:g}"
+        return error_response(400, f"Query parameter '{name}' must be a number of seconds {bound}, got '{shorten(raw, 50)}'.",
+                              "invalid_query", name)
+    return value
+
+
+def _unauthorized(message: str = "Invalid or missing API key: send 'Authorization: Bearer KEY'.") -> Response:
+    return error_response(401, message, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (unknown path or method), OpenAI-shaped like every other error."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"No route {request.method} {shorten(request.url.path, 100)}: the router serves /v1/completions, /v1/chat/completions, /v1/embeddings and /v1/models."
+        return error_response(404, message, "not_found")
+    return error_response(exc.status_code, str(exc.detail), "method_not_allowed" if exc.status_code == 405 else "http_error")

@@ -1,0 +1,49 @@
+"""OpenAI-shaped error bodies: `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from starlette.responses import JSONResponse
+
+from kvctl.router.asgi import Send
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_object(status: int, message: str, code: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, code: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """For the admin routes (Starlette)."""
+    return JSONResponse(error_object(status, message, code, param), status_code=status, headers=headers)
+
+
+async def send_error(send: Send, status: int, message: str, code: str, param: str | None = None,
+                     headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """For the raw-ASGI data plane: a complete JSON error response."""
+    body = json.dumps(error_object(status, message, code, param)).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+def sse_error_event(message: str, code: str) -> bytes:
+    """The one `data:` line that ends a stream the engine broke (no [DONE] follows)."""
+    payload = {"error": {"message": message, "type": "server_error", "code": code}}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """Client-supplied text echoed in an error, cut so a huge name cannot bloat the answer."""
+    return text if len(text) <= limit else text[:limit] + "…"

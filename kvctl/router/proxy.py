@@ -1,0 +1,328 @@
+"""The data plane's hot path: parse, route by `model`, forward, relay the answer.
+
+Written as a raw ASGI handler (no Starlette Request/Response, no middleware) on the
+upstream client of `upstream.py`: every µs here is paid per request, and per streamed
+chunk in the relay loop. benchmarks/router_overhead.py measures it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import re
+import time
+from typing import TYPE_CHECKING
+
+from kvctl.config import Config, Instance
+from kvctl.router.asgi import Receive, Scope, Send
+from kvctl.router.errors import send_error, shorten, sse_error_event
+from kvctl.router.upstream import ConnectFailed, Connection, Pool, UpstreamClosed, UpstreamError, UpstreamTimeout
+
+if TYPE_CHECKING:
+    from kvctl.router.lifecycle import Lifecycle
+    from kvctl.router.metrics import Metrics
+    from kvctl.router.traffic import TrafficMonitor
+
+PROXIED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+                         b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade"})
+# The router's credentials are not the engine's; length and id are set by the router.
+_NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-request-id", b"expect"}
+_NOT_RETURNED = _HOP_BY_HOP | {b"x-request-id"}
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
+class ResponseCut(Exception):
+    """A non-streamed answer broke mid-body: raised so that uvicorn closes the connection
+    (a truncated body must not look complete). Its log record is filtered out in server.py."""
+
+
+class _ClientGone(Exception):
+    """The client disconnected while sending its request."""
+
+
+class _Exchange:
+    """Per-request state shared with the client-disconnect watcher."""
+
+    __slots__ = ("task", "finished", "gone")
+
+    def __init__(self, task: asyncio.Task | None) -> None:
+        self.task = task
+        self.finished = False
+        self.gone = False
+
+    def client_left(self, _watcher: asyncio.Task) -> None:
+        # receive() also returns once the response is complete; only a real disconnect counts.
+        if not self.finished and self.task is not None:
+            self.gone = True
+            self.task.cancel()
+
+
+class Proxy:
+    def __init__(self, config: Config, lifecycle: Lifecycle | None, traffic: TrafficMonitor, metrics: Metrics) -> None:
+        router = config.router
+        self.config = config
+        self.lifecycle = lifecycle
+        self.traffic = traffic
+        self.metrics = metrics
+        self.routes: dict[str, str] = {model: model for model in config.models()}
+        for alias, model in config.aliases().items():
+            self.routes.setdefault(alias, model)
+        self.replicas = {model: len(insts) for model, insts in config.models().items()}
+        self._keys = [key.encode() for key in router.api_keys]
+        self._max_body = router.max_body_bytes
+        self._first_byte_timeout = router.request_timeout_seconds
+        self._idle_timeout = router.stream_idle_timeout_seconds
+        self._connect_timeout = router.connect_timeout_seconds
+        self._pools: dict[str, Pool] = {}
+        self._counters: dict[tuple[str, int], object] = {}
+
+    # ------------------------------------------------------------------ entry point
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.monotonic()
+        auth = length = rid = None
+        forwarded: list[bytes] = []
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                auth = value
+            elif name == b"content-length":
+                length = value
+            elif name == b"x-request-id":
+                rid = value
+            elif name not in _NOT_FORWARDED:
+                forwarded += (name, b": ", value, b"\r\n")
+        if rid is None or not _REQUEST_ID.fullmatch(rid):
+            rid = os.urandom(12).hex().encode()
+        rid_header = ((b"x-request-id", rid),)
+
+        if self._keys and not self.authorized(auth):
+            await send_error(send, 401, "Invalid or missing API key: send 'Authorization: Bearer KEY'.", "invalid_api_key",
+                             headers=(*rid_header, (b"www-authenticate", b"Bearer")))
+            return
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = -1
+            if declared > self._max_body:
+                await self._too_large(send, rid_header)
+                return
+        try:
+            body = await self._read_body(receive)
+        except _ClientGone:
+            return
+        if body is None:
+            await self._too_large(send, rid_header)
+            return
+
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            await send_error(send, 400, "The request body is not valid JSON.", "invalid_json", headers=rid_header)
+            return
+        if not isinstance(data, dict):
+            await send_error(send, 400, "The request body must be a JSON object.", "invalid_body", headers=rid_header)
+            return
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            what = "missing" if model is None else ("empty" if model == "" else f"a {type(model).__name__}, not a string")
+            await send_error(send, 400, f"'model' must be a non-empty string (it is {what}).", "invalid_model", "model", rid_header)
+            return
+        canonical = self.routes.get(model)
+        if canonical is None:
+            await send_error(send, 404, f"The model '{shorten(model)}' does not exist. GET /v1/models lists the models.",
+                             "model_not_found", "model", rid_header)
+            return
+        if canonical != model:
+            data["model"] = canonical
+            body = json.dumps(data).encode()
+
+        path = scope["path"].encode()
+        if scope.get("query_string"):
+            path += b"?" + scope["query_string"]
+        head = b"".join((b"POST ", path, b" HTTP/1.1\r\ncontent-length: ", str(len(body)).encode(),
+                         b"\r\nx-request-id: ", rid, b"\r\n", *forwarded))
+        await self._forward(canonical, head, body, rid_header, receive, send, t0)
+
+    def authorized(self, header: bytes | None) -> bool:
+        """Constant-time check of `Authorization: Bearer KEY` against every configured key."""
+        if header is None or header[:7].lower() != b"bearer ":
+            return False
+        token = header[7:].strip()
+        ok = False
+        for key in self._keys:
+            ok |= hmac.compare_digest(token, key)
+        return ok
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None past max_body_bytes (a chunked body has no declared size)."""
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        body = message.get("body", b"")
+        if not message.get("more_body", False):
+            return body if len(body) <= self._max_body else None
+        parts = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                return None
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _too_large(self, send: Send, rid_header: tuple) -> None:
+        await send_error(send, 413, f"The request body is larger than the router's limit of {self._max_body} bytes.",
+                         "request_too_large", headers=(*rid_header, (b"connection", b"close")))
+
+    # ------------------------------------------------------------------ forwarding
+    async def _forward(self, model: str, head: bytes, body: bytes, rid_header: tuple, receive: Receive, send: Send, t0: float) -> None:
+        lifecycle = self.lifecycle
+        assert lifecycle is not None, "the data plane needs the lifecycle"
+        from kvctl.router.lifecycle import Unavailable
+
+        ex = _Exchange(asyncio.current_task())
+        watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(ex.client_left)
+        status = 0
+        reason: str | None = None
+        ttft: float | None = None
+        exclude: tuple[str, ...] = ()
+        try:
+            for attempt in (0, 1):
+                try:
+                    inst = await lifecycle.acquire(model, exclude)
+                except Unavailable as exc:
+                    status, reason = exc.status, exc.code
+                    headers = rid_header + (((b"retry-after", str(exc.retry_after).encode()),) if exc.retry_after is not None else ())
+                    await send_error(send, exc.status, exc.message, exc.code, headers=headers)
+                    return
+                try:
+                    status, ttft, reason = await self._exchange(inst, head, body, rid_header, send, ex, t0)
+                    return
+                except ConnectFailed as exc:
+                    lifecycle.report_connect_failure(inst)
+                    if attempt == 0 and self.replicas[model] > 1:
+                        exclude = (inst.name,)
+                        continue
+                    status, reason = 502, exc.reason
+                    await send_error(send, 502, f"Model '{model}': engine {inst.name} is unreachable: {exc}", "engine_unreachable", headers=rid_header)
+                    return
+                finally:
+                    lifecycle.release(inst)
+        except asyncio.CancelledError:
+            if not ex.gone:
+                raise
+            status, reason = 499, "client_disconnected"  # nginx's code for "client closed request"
+        finally:
+            ex.finished = True  # the watcher ends by itself: receive() returns once the response is complete
+            self._account(model, status, reason, time.monotonic() - t0, ttft)
+
+    async def _exchange(self, inst: Instance, head: bytes, body: bytes, rid_header: tuple, send: Send, ex: _Exchange,
+                        t0: float) -> tuple[int, float | None, str | None]:
+        """One request to one instance. Returns (status sent, ttft, failure reason or None)."""
+        pool = self._pools.get(inst.name)
+        if pool is None:
+            pool = self._pools[inst.name] = Pool(inst.host, inst.port, self._connect_timeout)
+        request = b"".join((head, pool.host_header, body))
+        conn = await pool.get()
+        try:
+            conn.send(request)
+            try:
+                await conn.read_head(self._first_byte_timeout)
+            except UpstreamClosed:
+                if not (conn.reused and not conn.received):
+                    raise
+                # The engine closed an idle keep-alive connection as we wrote to it: nothing was
+                # processed, so the request goes again on a fresh connection.
+                conn.abort()
+                conn = await pool.connect()
+                conn.send(request)
+                await conn.read_head(self._first_byte_timeout)
+        except UpstreamTimeout:
+            conn.abort()
+            await send_error(send, 504, f"Model '{inst.model}': engine {inst.name} sent no response within "
+                             f"{self._first_byte_timeout:g}s.", "upstream_timeout", headers=rid_header)
+            return 504, None, "first_byte_timeout"
+        except UpstreamError as exc:
+            conn.abort()
+            await send_error(send, 502, f"Model '{inst.model}': engine {inst.name} failed before answering: {exc}",
+                             "engine_failed", headers=rid_header)
+            return 502, None, exc.reason
+        except BaseException:
+            conn.abort()
+            raise
+        return await self._relay(conn, inst, rid_header, send, ex, t0)
+
+    async def _relay(self, conn: Connection, inst: Instance, rid_header: tuple, send: Send, ex: _Exchange,
+                     t0: float) -> tuple[int, float | None, str | None]:
+        status = conn.status
+        headers = list(rid_header)
+        sse = False
+        for name, value in conn.headers:
+            name = name.lower()
+            if name in _NOT_RETURNED:
+                continue
+            if name == b"content-type" and value.startswith(b"text/event-stream"):
+                sse = True
+            headers.append((name, value))
+        if sse:
+            headers.append((b"x-accel-buffering", b"no"))
+        ttft = None
+        timeout = self._idle_timeout
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            while True:
+                data = await conn.read(timeout)
+                if conn.complete:
+                    ex.finished = True
+                    await send({"type": "http.response.body", "body": data, "more_body": False})
+                    break
+                if data:
+                    if ttft is None and sse:
+                        ttft = time.monotonic() - t0
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+        except (UpstreamClosed, UpstreamTimeout) as exc:
+            conn.abort()
+            timed_out = isinstance(exc, UpstreamTimeout)
+            if not sse:
+                raise ResponseCut(f"{inst.name}: {exc}") from None
+            message = (f"Model '{inst.model}': engine {inst.name} sent nothing for {timeout:g}s" if timed_out
+                       else f"Model '{inst.model}': engine {inst.name} broke the stream: {exc}")
+            code = "stream_timeout" if timed_out else "engine_disconnected"
+            ex.finished = True
+            await send({"type": "http.response.body", "body": sse_error_event(message, code), "more_body": False})
+            return status, ttft, code
+        except BaseException:
+            conn.abort()
+            raise
+        conn.finish()
+        return status, ttft, (f"engine_{status}" if status >= 400 else None)
+
+    # ------------------------------------------------------------------ accounting
+    def _account(self, model: str, status: int, reason: str | None, latency: float, ttft: float | None) -> None:
+        ok = reason is None
+        self.traffic.record(model, ok, latency, ttft)
+        metrics = self.metrics
+        key = (model, status)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = metrics.requests_total.labels(model, str(status))
+        counter.inc()  # type: ignore[attr-defined]
+        metrics.request_latency_seconds.labels(model).observe(latency)
+        if ttft is not None:
+            metrics.ttft_seconds.labels(model).observe(ttft)
+        if not ok:
+            metrics.errors_total.labels(model, reason).inc()
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
