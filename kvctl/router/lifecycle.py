@@ -117,6 +117,7 @@ class _Slot:
     cancellable: bool = False  # draining for an automatic sleep: an arrival cancels it
     cancel_requested: bool = False
     engine_call: bool = False  # the engine's sleep call is under way
+    wake_failures: int = 0  # consecutive; a replica whose wake failed is tried last
 
     @property
     def memory(self) -> float:
@@ -312,7 +313,7 @@ class Lifecycle:
                 return ActionResult(model, True, f"model {model} is awake", self.model_state(model), 200)
             task = self._wakes.get(model)
             if task is None:
-                asleep = [slot for slot in slots if slot.state is S.ASLEEP]
+                asleep = self._asleep(slots)
                 if asleep:
                     task = self._start_wake(asleep[0])
                 elif all(slot.state is S.DOWN for slot in slots):
@@ -419,7 +420,7 @@ class Lifecycle:
                     return True
         if model in self._wakes or any(slot.state in (S.WAKING, S.STARTING) or slot.cancel_requested for slot in slots):
             return False
-        asleep = [slot for slot in slots if slot.state is S.ASLEEP]
+        asleep = self._asleep(slots)
         if asleep:
             if self._sm.wakeup_on_request:
                 self._start_wake(asleep[0])
@@ -431,6 +432,11 @@ class Lifecycle:
         retry = max(1, math.ceil(self._config.router.health_check_interval_seconds))
         self._fail_waiters(model, Unavailable(503, "model_unavailable", f"model {model}: no healthy instance (all down)", retry))
         return False
+
+    @staticmethod
+    def _asleep(slots: list[_Slot]) -> list[_Slot]:
+        """Asleep replicas in the order to wake them: config order, failed wakes last."""
+        return sorted((slot for slot in slots if slot.state is S.ASLEEP), key=lambda slot: slot.wake_failures)
 
     def _fail_waiters(self, model: str, error: Unavailable) -> None:
         queue = self._queues[model]
@@ -488,11 +494,13 @@ class Lifecycle:
             self._dispatch(model)
             return ActionResult(model, False, f"instance {inst.name} went {slot.state.value} while waking", self.model_state(model), 503)
         if error is None or sleeping is False:
+            slot.wake_failures = 0
             self._set_state(slot, S.AWAKE)
             self._count_wake(model, "ok", time.monotonic() - started)
             self._dispatch(model)
             return ActionResult(model, True, f"model {model} is awake", self.model_state(model), 200)
         timed_out = isinstance(error, EngineTimeout)
+        slot.wake_failures += 1
         self._set_state(slot, S.ASLEEP)
         self._count_wake(model, "timeout" if timed_out else "failed", time.monotonic() - started)
         log.warning("instance %s: wake failed: %s", inst.name, error)
