@@ -452,11 +452,11 @@ def render(result: dict[str, Any]) -> Group:
         f"{result['duration_seconds']:.1f}s"
     )
     table = Table(title=title, title_justify="left")
-    table.add_column("model")
-    for column in ("ok", "failed", "req/s", "out tok/s"):
-        table.add_column(column, justify="right")
+    table.add_column("model", overflow="fold")
+    for column in ("ok", "failed", "req/s", "tok/s"):
+        table.add_column(column, justify="right", no_wrap=True)
     for column in ("TTFT ms", "ITL ms", "E2E ms"):
-        table.add_column(f"{column}\np50/p90/p99", justify="right", no_wrap=True)
+        table.add_column(f"{column}\np50 / p90 / p99", justify="right")
     rows = list(result["models"].items())
     if len(rows) > 1:
         rows.append(("[bold]overall[/]", result["overall"]))
@@ -477,7 +477,7 @@ def render(result: dict[str, Any]) -> Group:
 
 
 def _triple(dist: dict[str, float | None]) -> str:
-    return "/".join(_ms(dist[f"p{q}"]) for q in PERCENTILES)
+    return " / ".join(_ms(dist[f"p{q}"]) for q in PERCENTILES)
 
 
 def _ms(value: float | None) -> str:
