@@ -575,7 +575,9 @@ def _path(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
     text = _nonempty_string(reader, value, pos)
     if text is _INVALID:
         return _INVALID
-    return (reader.file.parent / Path(text).expanduser()).resolve()
+    # abspath, not resolve(): a venv's bin/python is a symlink, and following it would
+    # run the base interpreter outside the venv.
+    return Path(os.path.abspath(reader.file.parent / Path(text).expanduser()))
 
 
 def _string_list(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
