@@ -285,6 +285,36 @@ def wake(
 
 
 @app.command()
+def stats(
+    config_path: ConfigOption = None,
+    as_json: JsonOption = False,
+    live: Annotated[bool, typer.Option("--live", help="Redraw in place every --interval seconds until Ctrl-C.")] = False,
+    window: Annotated[float, typer.Option(help="Seconds over which rates and latency percentiles are computed.")] = 60.0,
+    interval: Annotated[float, typer.Option(help="Seconds between redraws with --live.")] = 2.0,
+) -> None:
+    """Per-model state, in-flight, queue, request rate, success, latency, idle time and memory."""
+    from kvctl import stats as stats_mod
+
+    if window <= 0 or interval <= 0:
+        raise UsageError("--window and --interval must be positive")
+    if live and as_json:
+        raise UsageError("--live and --json do not go together")
+    config = _load(config_path)
+    with RouterClient(config, timeout=min(10.0, max(2.0, interval))) as client:
+        if live:
+            try:
+                stats_mod.live(client, config, window, interval, out)
+            except KeyboardInterrupt:
+                pass  # Ctrl-C is how --live ends
+            return
+        snapshot = stats_mod.gather(client, config, window)
+    if as_json:
+        out.print_json(json.dumps(snapshot))
+    else:
+        out.print(stats_mod.render(snapshot))
+
+
+@app.command()
 def bench(
     config_path: ConfigOption = None,
     url: Annotated[Optional[str], typer.Option("--url", help="Any OpenAI-compatible base URL (with or without /v1) instead of the config's router.")] = None,

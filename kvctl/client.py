@@ -34,7 +34,8 @@ class RouterClient:
 
     def __init__(self, config: Config, *, url: str | None = None, timeout: float = 10.0) -> None:
         self.url = (url or config.router.url).rstrip("/")
-        token = os.environ.get("KVCTL_ADMIN_TOKEN") or config.router.admin_token
+        # Without an admin token, an api key still opens the read-only routes (stats, status).
+        token = os.environ.get("KVCTL_ADMIN_TOKEN") or config.router.admin_token or next(iter(config.router.api_keys), None)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
