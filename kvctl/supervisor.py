@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import subprocess
@@ -54,9 +55,9 @@ class Supervisor:
 
     def __init__(self, paths: RunPaths) -> None:
         self.paths = paths
-        transport = SupervisorTransport(None, None, serverurl=f"unix://{paths.socket}")
+        self._transport = SupervisorTransport(None, None, serverurl=f"unix://{paths.socket}")
         # The host part is ignored by the unix transport.
-        self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=self._transport)
 
     def _call(self, method: str, *args: Any) -> Any:
         target: Any = self._proxy
@@ -66,7 +67,9 @@ class Supervisor:
             return target(*args)
         except xmlrpc.client.Fault as fault:
             raise SupervisorError(f"supervisord: {method}: {fault.faultString}") from None
-        except (OSError, xmlrpc.client.ProtocolError) as exc:
+        except (OSError, xmlrpc.client.ProtocolError, http.client.HTTPException) as exc:
+            # A failed call leaves the cached connection half-used ("Request-sent"): drop it.
+            self._transport.close()
             raise NotRunningError(f"supervisord is not running for {self.paths.run_dir} ({exc.__class__.__name__})") from None
 
     # -- state
