@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -195,3 +200,38 @@ def test_memory_budget_never_more_than_two_of_three_awake(router: Callable[..., 
     assert len(awake) > 10 and max(awake) <= 2
     states = r.get("/models").json()["models"]
     assert sorted(states[m]["state"] for m in ("m1", "m2", "m3")) == ["asleep", "awake", "awake"]
+
+
+def test_router_sigkilled_and_restarted_by_supervisord_keeps_sleep_states() -> None:
+    base = Path(tempfile.mkdtemp(prefix="kvlc"))  # short: supervisord's unix socket path is length-limited
+    config = write_config(base, [sim_instance("v1"), sim_instance("s1", dialect="sglang"), sim_instance("a1")])
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*KVCTL, *args, "-c", str(config.path)], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+    try:
+        up = run("up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        r = Router(config)
+        for model in ("v1", "s1"):
+            assert r.post(f"/models/{model}/sleep").json()["state"] == "asleep"
+        before = {i.name: sim_state(i) for i in config.instances}
+        old_pid = json.loads(run("status", "--json").stdout)["router"]["pid"]
+        os.kill(old_pid, signal.SIGKILL)
+
+        def restarted() -> bool:
+            pid = json.loads(run("status", "--json").stdout)["router"]["pid"]
+            return bool(pid) and pid != old_pid and r.get("/health").status_code == 200
+
+        wait_for(restarted, timeout=60, interval=0.3, what="supervisord to restart the router")
+        wait_for(lambda: r.state("a1") == "awake", what="the restarted router to reconcile")
+        assert {m: r.state(m) for m in ("v1", "s1", "a1")} == {"v1": "asleep", "s1": "asleep", "a1": "awake"}
+        after = {i.name: sim_state(i) for i in config.instances}
+        for name in before:  # reconciling asked; it slept or woke nothing
+            assert (after[name]["sleep_calls"], after[name]["wake_calls"]) == (before[name]["sleep_calls"], before[name]["wake_calls"])
+        response = r.complete("s1")
+        assert response.status_code == 200, response.text
+        assert sim_state(config.instance("s1"))["wake_calls"] == 1
+    finally:
+        run("down", "--timeout", "5")
+        shutil.rmtree(base, ignore_errors=True)
