@@ -468,7 +468,7 @@ class Lifecycle:
     async def _wake(self, slot: _Slot) -> ActionResult:
         model = slot.inst.model
         deadline = time.monotonic() + self._sm.wake_timeout_seconds
-        while not self._make_room(slot):
+        while slot.state is S.ASLEEP and not self._make_room(slot):
             if not await self._wait_change(deadline - time.monotonic()):
                 message = f"model {model} could not be woken within wake_timeout_seconds={self._sm.wake_timeout_seconds:g}: the memory budget is held by busy instances"
                 self._fail_waiters(model, Unavailable(503, "wake_timeout", message, _WAKE_FAILED_RETRY_AFTER))
