@@ -1,0 +1,127 @@
+"""The router under faults: engines killed mid-stream, clients that leave, replicas that die and return."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import httpx
+from conftest import Procs, wait_for
+from test_lifecycle_support import sim_instance, sim_state, write_config
+from test_router_support import cut, open_stream, start_router
+
+from kvctl.config import Instance
+from kvctl.engines import adapter_for
+
+
+def _start(procs: Procs, inst: Instance) -> subprocess.Popen:
+    proc = procs.start(adapter_for(inst).command(inst))
+    wait_for(lambda: httpx.get(inst.url + "/health", timeout=2).status_code == 200, what=f"{inst.name} healthy")
+    return proc
+
+
+def test_engine_killed_mid_stream_ends_the_stream_with_an_error_event(tmp_path: Path, procs: Procs) -> None:
+    config = write_config(tmp_path, [sim_instance("org/m", name="m", tokens_per_second=20)])
+    engine = _start(procs, config.instances[0])
+    base = start_router(procs, config)
+    lines: list[str] = []
+    body = {"model": "org/m", "prompt": "hello", "max_tokens": 1000, "stream": True}
+    # The read timeout bounds the wait: a hang fails the test instead of passing slowly.
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=10) as stream:
+        assert stream.status_code == 200
+        for line in stream.iter_lines():
+            if line:
+                lines.append(line)
+            if len(lines) == 3:
+                os.killpg(engine.pid, signal.SIGKILL)
+    assert lines[0].startswith("data: {") and "[DONE]" not in "".join(lines)
+    last = json.loads(lines[-1].removeprefix("data: "))
+    assert set(last["error"]) == {"message", "type", "code"} and last["error"]["code"] == "engine_disconnected"
+    assert httpx.get(base + "/health").status_code == 200
+    stats = httpx.get(base + "/traffic/stats/org/m").json()["model_stats"]
+    assert stats["failed_requests"] == 1
+
+
+def test_client_disconnect_aborts_the_upstream_request(tmp_path: Path, procs: Procs) -> None:
+    config = write_config(tmp_path, [sim_instance("m", name="m", tokens_per_second=50), sim_instance("slow", name="slow", ttft_ms=30000)])
+    fast, slow = config.instances
+    _start(procs, fast)
+    _start(procs, slow)
+    base = start_router(procs, config)
+    # A stream: the client reads a little, then leaves.
+    sock = open_stream(config.router.port, "m")
+    wait_for(lambda: sim_state(fast)["in_flight"] == 1, what="the stream reached the engine")
+    cut(sock, rst=False)
+    wait_for(lambda: sim_state(fast)["aborted"] == 1 and sim_state(fast)["in_flight"] == 0, what="the engine saw the abort")
+    # A non-streamed request the client gives up on before the answer.
+    try:
+        httpx.post(base + "/v1/completions", json={"model": "slow", "prompt": "x", "max_tokens": 5}, timeout=httpx.Timeout(10, read=0.5))
+        raise AssertionError("the slow engine answered early")
+    except httpx.ReadTimeout:
+        pass
+    wait_for(lambda: sim_state(slow)["aborted"] == 1 and sim_state(slow)["in_flight"] == 0, what="the engine saw the abort")
+    wait_for(lambda: httpx.get(base + "/traffic/stats").json()["traffic_stats"]["slow"]["in_flight"] == 0, what="router in-flight back to 0")
+
+
+def test_streams_cut_mid_flight_do_not_hurt_the_router(tmp_path: Path, procs: Procs) -> None:
+    config = write_config(tmp_path, [sim_instance("m", name="m", tokens_per_second=200)])
+    inst = config.instances[0]
+    _start(procs, inst)
+    base = start_router(procs, config)
+    for _ in range(3):
+        socks = [open_stream(config.router.port, "m") for _ in range(10)]
+        for i, sock in enumerate(socks):
+            cut(sock, rst=bool(i % 2))
+    wait_for(lambda: sim_state(inst)["aborted"] == 30 and sim_state(inst)["in_flight"] == 0, what="30 aborts at the engine")
+    assert httpx.get(base + "/health").status_code == 200
+    wait_for(lambda: httpx.get(base + "/traffic/stats").json()["traffic_stats"]["m"]["in_flight"] == 0, what="router in-flight back to 0")
+    ok = httpx.post(base + "/v1/completions", json={"model": "m", "prompt": "after", "max_tokens": 3})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
+
+
+def _streams(base: str, model: str, count: int, max_tokens: int) -> list[int]:
+    statuses: list[int] = []
+
+    def one() -> None:
+        with httpx.stream("POST", base + "/v1/completions", json={"model": model, "prompt": "p", "max_tokens": max_tokens, "stream": True}, timeout=30) as s:
+            s.read()
+            statuses.append(s.status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
+
+
+def test_replicas_share_load_and_a_dead_one_is_skipped_then_used_again(tmp_path: Path, procs: Procs) -> None:
+    config = write_config(tmp_path, [sim_instance("rep", name="r1", tokens_per_second=25), sim_instance("rep", name="r2", tokens_per_second=25)])
+    r1, r2 = config.instances
+    _start(procs, r1)
+    p2 = _start(procs, r2)
+    base = start_router(procs, config)
+
+    # Six concurrent streams split 3/3 by fewest in-flight.
+    assert _streams(base, "rep", 6, 25) == [200] * 6
+    assert sim_state(r1)["max_in_flight"] == 3 and sim_state(r2)["max_in_flight"] == 3
+
+    # r2 dies: every request still succeeds (a refused connection is retried on r1).
+    os.killpg(p2.pid, signal.SIGKILL)
+    p2.wait()
+    served = sim_state(r1)["requests_served"]
+    for _ in range(6):
+        response = httpx.post(base + "/v1/completions", json={"model": "rep", "prompt": "x", "max_tokens": 1}, timeout=30)
+        assert response.status_code == 200
+    assert sim_state(r1)["requests_served"] == served + 6
+    wait_for(lambda: not next(i for i in httpx.get(base + "/health/all").json()["instances"] if i["name"] == "r2")["healthy"], what="r2 unhealthy")
+
+    # r2 returns: the health probe brings it back and it gets traffic again.
+    _start(procs, r2)
+    wait_for(lambda: next(i for i in httpx.get(base + "/health/all").json()["instances"] if i["name"] == "r2")["state"] == "awake", what="r2 awake again")
+    assert _streams(base, "rep", 4, 25) == [200] * 4
+    assert sim_state(r2)["requests_served"] >= 1
