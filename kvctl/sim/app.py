@@ -9,8 +9,9 @@ the generation and counts as `aborted`.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -73,7 +74,7 @@ class _Engine:
         self.interval = 1.0 / tps if tps > 0 else 0.0
         self.ttft = settings.sim.ttft_ms / 1000.0
         self.created = int(time.time())
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         self.registry.register(_Metrics(self))
 
     def error(self, status: int, message: str, param: str | None = None) -> Response:
@@ -91,7 +92,7 @@ class _Engine:
         if allow_empty and not body.strip():
             return {}
         try:
-            data = protocol.json.loads(body)
+            data = json.loads(body)
         except ValueError as exc:
             raise BadRequest(f"invalid JSON body: {exc}") from None
         if not isinstance(data, dict):
@@ -150,7 +151,7 @@ class _Engine:
             if phase != "stream":
                 state.leave(phase == "running", tokens)
 
-    async def tokens(self, gen: Generation) -> Any:
+    async def tokens(self, gen: Generation) -> AsyncIterator[tuple[str, str | None]]:
         """Yield (text, finish_reason) per token, paced like the engine."""
         state = self.state
         epoch = state.abort_epoch
