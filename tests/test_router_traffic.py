@@ -1,0 +1,74 @@
+"""Traffic statistics: bounded state whatever clients send, windows and percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+from test_lifecycle_support import sim_instance, write_config
+
+from kvctl.router import create_app
+from kvctl.router.traffic import MAX_WINDOW_SECONDS, TrafficMonitor
+
+
+async def _call(app, body: bytes) -> int:
+    """One POST /v1/completions straight into the ASGI app (no sockets: 100k take seconds)."""
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()  # the client stays connected
+        return {}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    await app(scope, receive, send)
+    return sent[0]["status"]
+
+
+def _samples(app) -> int:
+    return sum(len(metric.samples) for metric in app.metrics.registry.collect())
+
+
+async def test_unknown_models_create_no_state(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [sim_instance("org/known", name="known")])
+    app = create_app(config)
+    before = (app.traffic.size(), _samples(app), len(app.proxy._counters), app.lifecycle.queued("org/known"))
+    rng = random.Random(7)
+    alphabet = "abcdefghijklmnopqrstuvwxyz/.%-_ü模"
+    statuses = set()
+    for i in range(100_000):
+        name = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 64)))
+        statuses.add(await _call(app, json.dumps({"model": name, "prompt": "x"}).encode()))
+    assert statuses == {404}
+    assert (app.traffic.size(), _samples(app), len(app.proxy._counters), app.lifecycle.queued("org/known")) == before
+    assert app.traffic.models == ["org/known"]
+
+
+def test_windows_rates_and_percentiles() -> None:
+    monitor = TrafficMonitor(["a"], idle_threshold=300)
+    for i in range(100):
+        monitor.record("a", ok=i % 10 != 0, latency=(i + 1) / 100, ttft=0.01 if i % 2 else None)
+    monitor.record("not-configured", ok=True, latency=1.0)  # ignored
+    stats = monitor.stats("a", window=60)
+    assert stats["total_requests"] == 100 and stats["successful_requests"] == 90 and stats["failed_requests"] == 10
+    assert abs(stats["request_rate"] - 100 / 60) < 1e-9
+    assert abs(stats["avg_response_time"] - 0.505) < 1e-9
+    assert stats["p50_latency"] == 0.51 and stats["p95_latency"] == 0.96
+    assert stats["p50_ttft"] == 0.01 and stats["is_idle"] is False
+    assert monitor.idle_models(0) == ["a"] and monitor.active_models(300) == ["a"]
+    # Memory is bounded: a long run keeps a fixed number of samples.
+    sizes = []
+    for _ in range(3):
+        for _ in range(10_000):
+            monitor.record("a", ok=True, latency=0.1, ttft=0.01)
+        sizes.append(monitor.size())
+    assert sizes == [1 + 2 * 1024] * 3
+    assert monitor.stats("a", window=MAX_WINDOW_SECONDS)["lifetime_total_requests"] == 30_100
