@@ -191,10 +191,15 @@ def test_supervisord_restarts_an_engine_killed_with_sigkill(kvtree: Tree) -> Non
     wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200, timeout=30, what="alpha healthy again")
 
 
-def test_env_values_reach_the_engine_byte_for_byte(kvtree: Tree) -> None:
+def test_env_values_and_args_reach_the_engine_byte_for_byte(kvtree: Tree) -> None:
     tricky = """50% off, "double" and 'single' quotes,comma; semi # hash \\ back"""
     kvtree.write(
-        sim_instance("alpha", free_port(), extra="    engine_env:\n      TRICKY: " + json.dumps(tricky) + "\n      NEWLINE: \"a\\nb\"\n"),
+        sim_instance(
+            "alpha",
+            free_port(),
+            extra="    engine_env:\n      TRICKY: " + json.dumps(tricky) + "\n      NEWLINE: \"a\\nb\"\n"
+            + "    engine_args: ['--served-model-name \"100% real, \\\"quoted\\\"\"']\n",
+        ),
         extra="kvcached:\n  kvcached_gpu_utilization: 0.5\n",
     )
     assert kvtree.kvctl("up").returncode == 0
@@ -204,6 +209,8 @@ def test_env_values_reach_the_engine_byte_for_byte(kvtree: Tree) -> None:
     assert environ[b"NEWLINE"] == b"a\nb"
     assert environ[b"KVCACHED_GPU_UTILIZATION"] == b"0.5"
     assert environ[b"KVCACHED_IPC_NAME"] == b"kvctl_alpha"
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b'100% real, "quoted"' in argv
 
 
 def test_logs_prints_a_program_log_and_rejects_unknown_names(kvtree: Tree) -> None:
