@@ -390,8 +390,12 @@ class _Run:
         deadline = start + self.spec.duration if self.spec.duration is not None else None
         driver = self.open_loop(deadline) if self.spec.rate is not None else self.closed_loop(deadline)
         ticker = asyncio.create_task(self._tick(on_tick, start)) if on_tick else None
+        interrupted = False
         try:
             await driver
+        except asyncio.CancelledError:
+            # Ctrl-C (asyncio.run cancels this task): report what finished instead of nothing.
+            interrupted = True
         finally:
             if ticker:
                 ticker.cancel()
@@ -402,6 +406,7 @@ class _Run:
             overall.merge(tally)
         return {
             "spec": self.spec.describe(),
+            "interrupted": interrupted,
             "duration_seconds": seconds,
             "overall": overall.summary(seconds),
             "models": {model: tally.summary(seconds) for model, tally in self.tallies.items()},

@@ -346,6 +346,9 @@ def bench(
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     out.print(bench_mod.render(result))
+    if result["interrupted"]:
+        err.print("interrupted: the figures cover the requests that finished", markup=False)
+        raise typer.Exit(130)
     overall = result["overall"]
     if overall["failed"] and not allow_errors:
         raise KvctlError(f"{overall['failed']} of {overall['requests']} requests failed (--allow-errors to exit 0 anyway)")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from conftest import ROOT, Procs, free_port, wait_http_ok
+from conftest import ROOT, Procs, free_port, wait_for, wait_http_ok
 from test_lifecycle_support import sim_instance, start_engines, write_config
 from test_router_support import start_router
 
@@ -136,3 +138,22 @@ def test_bench_bad_options_exit_2(tmp_path: Path, args: tuple[str, ...], message
     base = () if "--url" in args else ("--url", "http://127.0.0.1:9")
     result = kvctl("bench", *base, "--model", "m", *args, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_ctrl_c_reports_what_finished(procs: Procs, tmp_path: Path) -> None:
+    port = free_port()
+    procs.start_sim("slow", port, "--ttft-ms", "20")
+    wait_http_ok(f"http://127.0.0.1:{port}/health")
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "COLUMNS": "200"}
+    bench = procs.start([sys.executable, "-m", "kvctl", "bench", "--url", f"http://127.0.0.1:{port}", "--model", "slow", "--duration", "60",
+                         "--json", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/sim/state", timeout=2).json()["requests_served"] >= 5, timeout=30,
+             what="bench to have sent requests")
+    bench.send_signal(signal.SIGINT)
+    stdout, stderr = bench.communicate(timeout=30)
+    assert bench.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    report = json.loads(out.read_text())
+    assert report["interrupted"] is True and report["overall"]["ok"] >= 1
+    assert "slow" in stdout
