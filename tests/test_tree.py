@@ -228,3 +228,33 @@ def test_status_reports_degraded_when_an_engine_is_down(kvtree: Tree) -> None:
     result = kvtree.kvctl("status")
     assert result.returncode == 1
     assert "alpha" in result.stdout and "STOPPED" in result.stdout
+
+
+def test_down_under_load_lets_in_flight_streams_finish(kvtree: Tree) -> None:
+    import threading
+
+    kvtree.write(sim_instance("slow", free_port(), extra="    sim: {tokens_per_second: 20}\n"))
+    assert kvtree.kvctl("up").returncode == 0
+    supervisord_pid = int((kvtree.run_dir / "supervisord.pid").read_text())
+    everything = tree_pids(supervisord_pid)
+    first_chunk = threading.Event()
+    chunks: list[str] = []
+
+    def stream() -> None:
+        body = {"model": "org/slow", "prompt": "count slowly", "max_tokens": 40, "stream": True}
+        with httpx.stream("POST", kvtree.router_url + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line:
+                    chunks.append(line)
+                    first_chunk.set()
+
+    client = threading.Thread(target=stream)
+    client.start()
+    assert first_chunk.wait(30)
+    assert "data: [DONE]" not in chunks  # `down` starts while the stream still runs (~2 s to go)
+    down = kvtree.kvctl("down")
+    client.join(60)
+    assert down.returncode == 0, down.stderr
+    assert chunks[-1] == "data: [DONE]"
+    assert len([c for c in chunks if '"text"' in c]) == 40
+    assert [pid for pid in everything if alive(pid)] == []
