@@ -24,7 +24,8 @@ from kvctl.router.server import check_bind
 
 LIMIT = 65536
 
-# An "engine" that is healthy but drops every generation request without answering.
+# An "engine" that is healthy but fails every generation: "drop" closes without answering,
+# "cut" sends a head and part of the body, then closes.
 _BROKEN_ENGINE = textwrap.dedent("""
     import socket, sys
     srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
@@ -33,6 +34,8 @@ _BROKEN_ENGINE = textwrap.dedent("""
         data = conn.recv(65536)
         if data.startswith(b"GET "):
             conn.sendall(b"HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\nconnection: close\\r\\n\\r\\n{}")
+        elif sys.argv[2] == "cut":
+            conn.sendall(b"HTTP/1.1 200 OK\\r\\ncontent-type: application/json\\r\\ncontent-length: 100\\r\\n\\r\\n{\\"partial")
         conn.close()
 """)
 
@@ -49,11 +52,12 @@ def _shaped(response: httpx.Response, status: int, code: str | None = None) -> d
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config, str]]:
     tmp_path: Path = tmp_path_factory.mktemp("errors")
-    broken_port, dead_port = free_port(), free_port()
+    broken_port, cut_port, dead_port = free_port(), free_port(), free_port()
     instances = [
         sim_instance("good", name="good"),
         sim_instance("slow", name="slow", ttft_ms=5000),
         {"model": "broken", "name": "broken", "engine": "sim", "port": broken_port, "external": True},
+        {"model": "cut", "name": "cut", "engine": "sim", "port": cut_port, "external": True},
         {"model": "dead", "name": "dead", "engine": "sim", "port": dead_port, "external": True},
     ]
     config = write_config(tmp_path, instances, router={"max_body_bytes": LIMIT, "request_timeout_seconds": 1.0},
@@ -62,11 +66,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config, st
     try:
         for inst in config.instances[:2]:
             start_engine(procs, inst)
-        procs.start([sys.executable, "-c", _BROKEN_ENGINE, str(broken_port)])
-        wait_http_ok(f"http://127.0.0.1:{broken_port}/health")
+        for port, mode in ((broken_port, "drop"), (cut_port, "cut")):
+            procs.start([sys.executable, "-c", _BROKEN_ENGINE, str(port), mode])
+            wait_http_ok(f"http://127.0.0.1:{port}/health")
         base = start_router(procs, config, awake=False)
-        wait_for(lambda: all(httpx.get(f"{base}/health/{m}").json()["state"] == "awake" for m in ("good", "slow", "broken")),
-                 what="good, slow and broken awake")
+        wait_for(lambda: all(httpx.get(f"{base}/health/{m}").json()["state"] == "awake" for m in ("good", "slow", "broken", "cut")),
+                 what="good, slow, broken and cut awake")
         yield config, base
     finally:
         procs.stop_all()
@@ -132,6 +137,9 @@ def test_engine_failures_are_502_503_504(stack: tuple[Config, str]) -> None:
     assert "broken" in _shaped(_post(base, body, "/v1/completions"), 502, "engine_failed")["message"]
     slow = _shaped(_post(base, json.dumps({"model": "slow", "prompt": "x", "max_tokens": 2}), "/v1/completions"), 504, "upstream_timeout")
     assert "slow" in slow["message"]
+    # A non-streamed answer cut mid-body: the connection is closed, never a short "complete" body.
+    with pytest.raises(httpx.RemoteProtocolError):
+        _post(base, json.dumps({"model": "cut", "prompt": "x"}), "/v1/completions")
     dead = _post(base, json.dumps({"model": "dead", "prompt": "x"}), "/v1/completions")
     error = _shaped(dead, 503)
     assert "dead" in error["message"] and int(dead.headers["retry-after"]) > 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import os
 import re
 import time
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 from kvctl.config import Config, Instance
 from kvctl.router.asgi import Receive, Scope, Send
 from kvctl.router.errors import send_error, shorten, sse_error_event
+from kvctl.router.lifecycle import Unavailable
 from kvctl.router.upstream import ConnectFailed, Connection, Pool, UpstreamClosed, UpstreamError, UpstreamTimeout
 
 if TYPE_CHECKING:
@@ -186,8 +186,6 @@ class Proxy:
     async def _forward(self, model: str, head: bytes, body: bytes, rid_header: tuple, receive: Receive, send: Send, t0: float) -> None:
         lifecycle = self.lifecycle
         assert lifecycle is not None, "the data plane needs the lifecycle"
-        from kvctl.router.lifecycle import Unavailable
-
         ex = _Exchange(asyncio.current_task())
         watcher = asyncio.ensure_future(receive())
         watcher.add_done_callback(ex.client_left)
@@ -281,13 +279,13 @@ class Proxy:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             while True:
                 data = await conn.read(timeout)
+                if data and ttft is None and sse:
+                    ttft = time.monotonic() - t0
                 if conn.complete:
                     ex.finished = True
                     await send({"type": "http.response.body", "body": data, "more_body": False})
                     break
                 if data:
-                    if ttft is None and sse:
-                        ttft = time.monotonic() - t0
                     await send({"type": "http.response.body", "body": data, "more_body": True})
         except (UpstreamClosed, UpstreamTimeout) as exc:
             conn.abort()
