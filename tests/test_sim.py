@@ -16,7 +16,9 @@ import openai
 import pytest
 
 from kvctl import config as config_mod
+from kvctl.config import SimSettings
 from kvctl.engines import SglangAdapter, VllmAdapter, adapter_for
+from kvctl.sim import Settings, create_app
 
 from conftest import Procs, free_port, wait_for, wait_http_ok
 
@@ -270,6 +272,31 @@ def test_vllm_sleep_abort_ends_running_streams(procs: Procs) -> None:
     assert state["sleep_aborted"] == 1 and state["in_flight"] == 0 and state["sleeping"]
 
 
+def test_vllm_sleep_wait_and_keep_modes(procs: Procs, pool: ThreadPoolExecutor) -> None:
+    url = _start(procs, "--tokens-per-second", "100")
+
+    def stream_started(max_tokens: int) -> Future:
+        body = {"model": MODEL, "prompt": "p", "max_tokens": max_tokens, "stream": True}
+        future = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=30)
+        wait_for(lambda: _state(url)["running"] == 1, 10, what="a running stream")
+        return future
+
+    first = stream_started(30)
+    assert httpx.post(url + "/sleep?mode=wait", timeout=30).status_code == 200
+    assert _state(url)["requests_served"] == 1  # the sleep waited for the stream to finish
+    assert _sse(first.result(timeout=10).text)[-2]["choices"][0]["finish_reason"] == "length"
+    assert httpx.post(url + "/wake_up").status_code == 200
+
+    second = stream_started(200)  # 2 s of tokens: still running when the sleep lands
+    assert httpx.post(url + "/sleep?mode=keep", timeout=30).status_code == 200
+    state = _state(url)
+    assert state["sleeping"] and state["running"] == 1 and not second.done()  # paused, not ended
+    assert httpx.post(url + "/wake_up").status_code == 200
+    events = _sse(second.result(timeout=10).text)
+    assert len(events) == 201 and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert _state(url)["sleep_aborted"] == 0
+
+
 # --------------------------------------------------------------------------- SGLang memory API
 
 
@@ -437,3 +464,11 @@ instances:
     state = _state(inst.url)
     # The SGLang adapter reloads the weights after resuming, as a released SGLang needs.
     assert (state["sleeping"], state["weights_loaded"], state["update_weights_calls"]) == (False, True, 1)
+
+
+async def test_create_app_serves_in_process() -> None:
+    app = create_app(Settings(model=MODEL, port=0, sim=SimSettings(dialect="sglang", tokens_per_second=1000)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim") as client:
+        r = await client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 3, "stream": True})
+        assert r.status_code == 200 and len(_sse(r.text)) == 4
+        assert (await client.get("/sim/state")).json()["requests_served"] == 1
