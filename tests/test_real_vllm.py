@@ -9,6 +9,7 @@ asleep: exactly what the router must gate.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -107,17 +108,19 @@ def test_concurrent_requests_to_a_sleeping_model_wake_it_once(real: Setup) -> No
     wakes = real.wakes()
     results: list[httpx.Response] = []
     threads = [threading.Thread(target=lambda: results.append(real.complete())) for _ in range(10)]
+    started = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
+    print(f"10 concurrent requests to the sleeping model all answered in {time.monotonic() - started:.2f}s")
     assert [r.status_code for r in results] == [200] * 10
     assert all(r.json()["usage"]["completion_tokens"] == 8 for r in results)
     assert real.wakes() == wakes + 1 and real.is_sleeping() is False
 
 
 def test_sleep_waits_for_a_running_stream(real: Setup) -> None:
-    body = {"model": real.model, "prompt": "the", "max_tokens": 150, "ignore_eos": True, "stream": True}
+    body = {"model": real.model, "prompt": "the", "max_tokens": 150, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     chunks: list[str] = []
     first = threading.Event()
 
@@ -134,5 +137,6 @@ def test_sleep_waits_for_a_running_stream(real: Setup) -> None:
     response = httpx.post(f"{real.url}/models/{real.path}/sleep", timeout=300)
     reader.join(timeout=300)
     assert response.status_code == 200, response.text
-    assert chunks[-1] == "data: [DONE]" and len(chunks) >= 150  # the stream ran to its end
+    assert chunks[-1] == "data: [DONE]"
+    assert json.loads(chunks[-2][len("data: "):])["usage"]["completion_tokens"] == 150  # the stream ran to its end
     wait_for(real.is_sleeping, what="vLLM asleep after the stream")
