@@ -332,3 +332,19 @@ async def test_connect_failure_marks_down_and_health_brings_it_back(procs: Procs
     assert (info.value.status, info.value.code) == (503, "model_unavailable") and info.value.retry_after
     start_engine(procs, inst)
     await until(lambda: lc.model_state("m1") == "awake", what="the health loop to bring it back")
+
+
+async def test_one_failed_probe_does_not_mark_an_instance_down(procs: Procs, make: Make) -> None:
+    lc = await make([sim_instance("m1")], router={"health_failure_threshold": 5, "health_check_interval_seconds": 0.1})
+    procs.stop_all()
+    await until(lambda: lc._by_name[_config(lc).instances[0].name].failures >= 1, what="a failed probe")
+    assert lc.model_state("m1") == "awake"  # below the threshold it still serves
+    await until(lambda: lc.model_state("m1") == "down", what="down after the threshold")
+
+
+async def test_engine_sleep_timeout_answers_504_and_stays_awake(make: Make) -> None:
+    lc = await make([sim_instance("m1", hang_on_sleep=True)], sleep_manager={"wake_timeout_seconds": 0.5})
+    result = await lc.sleep_model("m1")
+    assert (result.success, result.status, result.state) == (False, 504, "awake")
+    inst = await lc.acquire("m1")
+    lc.release(inst)
