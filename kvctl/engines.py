@@ -92,7 +92,14 @@ class VllmAdapter(EngineAdapter):
         await self._post(client, inst, "/sleep", params=params, timeout=timeout)
 
     async def wake(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
-        await self._post(client, inst, "/wake_up", timeout=timeout)
+        if inst.sleep.level == 1:
+            await self._post(client, inst, "/wake_up", timeout=timeout)
+            return
+        # Level 2 discarded the weights: wake them alone, reload them from disk, then the KV
+        # cache (vLLM's documented order, so reloading never competes with the cache for memory).
+        await self._post(client, inst, "/wake_up", params={"tags": "weights"}, timeout=timeout)
+        await self._post(client, inst, "/collective_rpc", json={"method": "reload_weights"}, timeout=timeout)
+        await self._post(client, inst, "/wake_up", params={"tags": "kv_cache"}, timeout=timeout)
 
     async def is_sleeping(self, client: httpx.AsyncClient, inst: Instance) -> bool | None:
         try:
