@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -32,7 +34,8 @@ app = typer.Typer(
 config_app = typer.Typer(help="Validate or render the config file.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-out = Console()
+# Piped output gets a wide page rather than rich's 80 columns, so tables stay one line a row.
+out = Console(width=shutil.get_terminal_size((160, 24)).columns)
 err = Console(stderr=True)
 
 ConfigOption = Annotated[
@@ -119,9 +122,11 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
     if not result.running:
         err.print(f"kvctl is not running (no supervisord at {RunPaths(config.run_dir).socket}).", markup=False)
         raise typer.Exit(3)
-    table = Table(title=f"kvctl — {config.path}", title_justify="left")
-    for column in ("name", "model", "engine", "port", "process", "pid", "uptime", "health", "state"):
-        table.add_column(column, justify="right" if column in ("port", "pid", "uptime") else "left")
+    table = Table(title=f"kvctl — {config.path}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    # Long names and models fold; the short columns keep their width, so 80 columns stay legible.
+    widths = {"name": 8, "model": 8, "engine": 6, "port": 5, "process": 7, "pid": 5, "uptime": 6, "health": 7, "state": 8}
+    for column, width in widths.items():
+        table.add_column(column, justify="right" if column in ("port", "pid", "uptime") else "left", no_wrap=width > 8 or column not in ("name", "model"), min_width=width, overflow="fold")
     if result.router is not None:
         table.add_row(ROUTER, "", "", str(config.router.port), result.router.state, str(result.router.pid or ""), _uptime(result.router.uptime), _health(result.router_healthy), "")
     for inst in result.instances:
@@ -162,7 +167,7 @@ def _uptime(seconds: float | None) -> str:
 
 
 def _health(ok: bool) -> str:
-    return "[green]healthy[/]" if ok else "[red]unhealthy[/]"
+    return "[green]ok[/]" if ok else "[red]failing[/]"
 
 
 @app.command()

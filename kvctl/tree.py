@@ -195,7 +195,7 @@ def status(config: Config, router_states: dict[str, str]) -> TreeStatus:
         InstanceStatus(
             name=inst.name,
             model=inst.model,
-            engine=inst.engine if inst.engine != "sim" else f"sim/{inst.sim.dialect}",
+            engine=inst.engine,
             port=inst.port,
             external=inst.external,
             process=(processes or {}).get(inst.name),
