@@ -158,7 +158,7 @@ class Lifecycle:
         healthy = await asyncio.gather(*(self._probe(slot) for slot in self._slots))
         for slot, ok in zip(self._slots, healthy):
             if ok:  # in config order, so the first instances keep their place in the budget
-                await self._came_up(slot)
+                await self._came_up(slot, trust_state_file=True)
         for slot in self._slots:
             self._spawn(self._health_loop(slot))
         if self._sm.auto_sleep_enabled:
@@ -636,7 +636,7 @@ class Lifecycle:
             if await self._probe(slot):
                 slot.failures = 0
                 if slot.state in (S.STARTING, S.DOWN):
-                    await self._came_up(slot)
+                    await self._came_up(slot, trust_state_file=False)
                 continue
             slot.failures += 1
             if slot.failures >= threshold and slot.state not in (S.DOWN, S.STARTING):
@@ -644,14 +644,13 @@ class Lifecycle:
                 self._set_state(slot, S.DOWN)
                 self._dispatch(slot.inst.model)
 
-    async def _came_up(self, slot: _Slot) -> None:
+    async def _came_up(self, slot: _Slot, *, trust_state_file: bool) -> None:
         """Reconcile an instance that answers again with what the engine really is."""
-        at_start = slot.state is S.STARTING
         sleeping = await adapter_for(slot.inst).is_sleeping(self._http, slot.inst)
         if sleeping is None:
-            # The engine cannot tell. At router start, trust the state file; after a crash
-            # the engine restarted, and a fresh engine is awake.
-            sleeping = at_start and self._persisted.get(slot.inst.name) == S.ASLEEP.value
+            # The engine cannot tell. One already running when the router started is as the
+            # state file says; one that (re)started since is a fresh engine, so awake.
+            sleeping = trust_state_file and self._persisted.get(slot.inst.name) == S.ASLEEP.value
         if slot.state not in (S.STARTING, S.DOWN):
             return
         self._set_state(slot, S.ASLEEP if sleeping else S.AWAKE)
