@@ -82,14 +82,16 @@ def programs(config: Config) -> list[Program]:
     """The programs supervisord runs: each launched instance, then the router."""
     paths = RunPaths(config.run_dir)
     out = []
-    for index, inst in enumerate(config.launched):
+    for inst in config.launched:
         out.append(
             Program(
                 name=inst.name,
                 argv=_launcher(paths.env_file(inst.name)) + adapter_for(inst).command(inst),
                 env=dict(inst.env),
                 stopwaitsecs=ENGINE_STOPWAIT_SECONDS,
-                priority=100 + index,
+                # Not the position in the file: adding or removing another instance must not
+                # change this section, or supervisord restarts the engine.
+                priority=100,
             )
         )
     if config.router.enabled:
@@ -97,7 +99,9 @@ def programs(config: Config) -> list[Program]:
             Program(
                 name=ROUTER,
                 argv=[sys.executable, "-m", "kvctl", "router", "-c", str(config.path)],
-                env={},
+                # Everything else reloads in place (SIGHUP); a new listen address needs a restart,
+                # which a changed digest makes supervisord do.
+                env={"KVCTL_ROUTER_LISTEN": f"{config.router.host}:{config.router.port}"},
                 stopwaitsecs=ROUTER_STOPWAIT_SECONDS,
                 priority=10,
             )
