@@ -35,8 +35,10 @@ def serve(config: Config) -> None:
     httptools + the asyncio loop: measured fastest among uvicorn's options that stay up
     when clients cut streams (uvloop crashed there in an earlier design; see benchmarks/)."""
     check_bind(config)
+    from kvctl.router import logs
     from kvctl.router.app import create_app
 
+    logs.configure(config.router.log_level, config.router.log_format, config.router.access_log)
     logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
     uvicorn.run(
         create_app(config),
@@ -45,8 +47,8 @@ def serve(config: Config) -> None:
         http="httptools",
         loop="asyncio",
         lifespan="on",
-        log_level="warning",
-        access_log=False,
+        log_config=None,  # logs.configure() set up every logger; uvicorn's dictConfig would undo it
+        access_log=False,  # kvctl.access logs each request with its model, TTFT and request id
         server_header=False,  # the engine's own headers (Date, Server) pass through
         date_header=False,
         timeout_graceful_shutdown=30,
