@@ -98,6 +98,9 @@ class RouterConfig:
     max_queue_per_model: int = 1024
     health_check_interval_seconds: float = 2.0
     health_failure_threshold: int = 3
+    log_level: str = "info"
+    log_format: str = "text"
+    access_log: bool = True
 
     @property
     def url(self) -> str:
@@ -697,6 +700,9 @@ _ROUTER_FIELDS = {
     "max_queue_per_model": _Field(_integer(0)),
     "health_check_interval_seconds": _Field(_number(positive=True)),
     "health_failure_threshold": _Field(_integer(1)),
+    "log_level": _Field(_choice("debug", "info", "warning", "error")),
+    "log_format": _Field(_choice("text", "json")),
+    "access_log": _Field(_bool),
 }
 _SLEEP_MANAGER_FIELDS = {
     "idle_threshold_seconds": _Field(_number(positive=True)),
