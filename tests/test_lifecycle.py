@@ -86,7 +86,7 @@ async def test_manual_sleep_calls_engine_once_is_idempotent_and_shows_in_status(
     assert list(status["sleeping_models"]) == ["org/m1"]
     assert status["sleeping_models"]["org/m1"]["manual_sleep"] is True
     assert lc.model_state("m2") == "awake"
-    assert metrics.sleeps_total.labels("org/m1", "true")._value.get() == 1
+    assert metrics.sleeps_total.labels("org/m1", "manual")._value.get() == 1
     unknown = await lc.sleep_model("nope")
     assert (unknown.success, unknown.status) == (False, 404)
     assert (await lc.wake_model("nope")).status == 404

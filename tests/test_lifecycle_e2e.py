@@ -112,7 +112,7 @@ def test_kvctl_sleep_is_idempotent_and_every_alias_route_works_with_encoded_slas
         response = r.post(path)
         assert response.status_code == 200, (path, response.text)
         body = response.json()
-        assert body == {"model_name": "org/m1", "success": True, "message": body["message"], "state": expect}, path
+        assert body == {"model_name": "org/m1", "success": True, "message": body["message"], "state": expect, "evicted": []}, path
         sleeps, wakes = sleeps + (expect == "asleep"), wakes + (expect == "awake")
         state = sim_state(inst)
         assert (state["sleep_calls"], state["wake_calls"], state["sleeping"]) == (sleeps, wakes, expect == "asleep"), path

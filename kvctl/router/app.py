@@ -8,27 +8,38 @@ decodes the path), so those routes use `{model:path}`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
+import json
+import logging
 import math
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from kvctl import config as config_mod
+from kvctl import converge
 from kvctl.config import Config
+from kvctl.errors import ConfigError
+from kvctl.router import logs
 from kvctl.router.asgi import Receive, Scope, Send
 from kvctl.router.errors import error_response, shorten
+from kvctl.router.events import EventBus
 from kvctl.router.lifecycle import Lifecycle
 from kvctl.router.metrics import Metrics
 from kvctl.router.proxy import PROXIED_PATHS, Proxy
 from kvctl.router.traffic import MAX_WINDOW_SECONDS, TrafficMonitor
 
 Handler = Callable[[Request], Awaitable[Response]]
+log = logging.getLogger("kvctl.router")
+_EVENTS_KEEPALIVE_SECONDS = 15.0
 
 
 class RouterApp:
@@ -37,8 +48,12 @@ class RouterApp:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.lifecycle = Lifecycle(config, self.metrics)
+        self.events = EventBus()
+        self.lifecycle = Lifecycle(config, self.metrics, self.events)
         self.models = list(config.models())
+        self.digest = _digest(config)  # of the config file the router runs, reported by /health
+        self.refused_digest: str | None = None  # of the last file a reload refused
+        self.shutting_down = asyncio.Event()
         self.traffic = TrafficMonitor(self.models, config.sleep_manager.idle_threshold_seconds,
                                       self.lifecycle.in_flight, self.lifecycle.queued)
         self.proxy = Proxy(config, self.lifecycle, self.traffic, self.metrics)
@@ -55,11 +70,52 @@ class RouterApp:
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         await self.lifecycle.start()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread (tests)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+        router = self.config.router
+        log.info("router listening on %s (config %s, %d instances)", router.url, self.config.path, len(self.config.instances),
+                 extra=logs.fields(url=router.url, config=str(self.config.path)))
         try:
             yield
         finally:
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                loop.remove_signal_handler(signal.SIGHUP)
             await self.lifecycle.close()
             self.proxy.close()
+
+    def begin_shutdown(self) -> None:
+        """The server stops: end the event streams (they would hold the graceful shutdown)."""
+        self.shutting_down.set()
+
+    # ------------------------------------------------------------------ reload
+    def reload(self) -> bool:
+        """Re-read and re-validate the config file and apply it in place (SIGHUP; SPEC §14).
+
+        A file that fails validation changes nothing: the running config stays. Host and
+        port are the listening socket's and need a restart (`kvctl up` does that)."""
+        try:
+            digest = converge.file_digest(self.config.path)
+            config = config_mod.load(self.config.path)
+        except (ConfigError, OSError) as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            self.refused_digest = _digest(self.config)  # the file on disk now, which was refused
+            log.error("reload refused, the running configuration is kept: %s", "; ".join(problems), extra=logs.fields(problems=problems))
+            return False
+        lines = converge.changes(self.config, config)
+        if converge.needs_router_restart(self.config, config):
+            log.warning("reload: router host/port changed; that needs a router restart, which `kvctl up` does")
+        self.lifecycle.reload(config)
+        self.proxy.configure(config)
+        self.models = list(config.models())
+        self.traffic.set_models(self.models, config.sleep_manager.idle_threshold_seconds)
+        router = config.router
+        logs.configure(router.log_level, router.log_format, router.access_log)
+        self.config, self.digest = config, digest
+        for line in lines:
+            log.info("reload: %s", line, extra=logs.fields(change=line))
+        log.info("reload: configuration applied (%s)", f"{len(lines)} change(s)" if lines else "nothing changed", extra=logs.fields(digest=digest))
+        return True
 
     # ------------------------------------------------------------------ auth
     def _credential(self, request: Request) -> bytes | None:
@@ -89,6 +145,11 @@ class RouterApp:
     # ------------------------------------------------------------------ helpers
     def canonical(self, name: str) -> str | None:
         return self.proxy.routes.get(name)
+
+    def model_object(self, name: str, model: str) -> dict:
+        """An entry of GET /v1/models (a model or an alias of one) with its state."""
+        return {"id": name, "object": "model", "created": int(self.started), "owned_by": "kvctl", "root": model,
+                "parent": None if name == model else model, "state": self.lifecycle.model_state(model)}
 
     def model_info(self, model: str) -> dict:
         instances = self.lifecycle.instances(model)
@@ -127,7 +188,8 @@ def _routes(app: RouterApp) -> list[Route]:
         return model
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        # Unauthenticated: nothing here but liveness and which config file content runs (a digest).
+        return JSONResponse({"status": "ok", "config": app.digest, "refused_config": app.refused_digest})
 
     async def health_all(request: Request) -> Response:
         instances = app.lifecycle.instances()
@@ -147,15 +209,50 @@ def _routes(app: RouterApp) -> list[Route]:
         return JSONResponse({"models": {model: app.model_info(model) for model in app.models}})
 
     async def v1_models(request: Request) -> Response:
-        created = int(app.started)
         data = []
         for model in app.models:
-            state = app.lifecycle.model_state(model)
-            data.append({"id": model, "object": "model", "created": created, "owned_by": "kvctl", "root": model, "parent": None, "state": state})
-            for alias, target in app.config.aliases().items():
-                if target == model:
-                    data.append({"id": alias, "object": "model", "created": created, "owned_by": "kvctl", "root": model, "parent": model, "state": state})
+            data.append(app.model_object(model, model))
+            data += [app.model_object(alias, model) for alias, target in app.config.aliases().items() if target == model]
         return JSONResponse({"object": "list", "data": data})
+
+    async def v1_model(request: Request) -> Response:
+        name = request.path_params["model"]
+        model = known(request)
+        if isinstance(model, Response):
+            return model
+        return JSONResponse(app.model_object(name, model))
+
+    async def events(request: Request) -> Response:
+        follow = request.query_params.get("follow", "true").lower()
+        if follow not in ("true", "false", "1", "0"):
+            return error_response(400, f"Query parameter 'follow' must be true or false, got '{shorten(follow, 20)}'.", "invalid_query", "follow")
+        queue = app.events.subscribe() if follow in ("true", "1") else None
+        history = list(app.events.history)  # after subscribing, with no await between: nothing is missed
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                for event in history:
+                    yield _sse(event.as_json())
+                if queue is None:
+                    return
+                stop = asyncio.ensure_future(app.shutting_down.wait())
+                try:
+                    while not app.shutting_down.is_set():
+                        get = asyncio.ensure_future(queue.get())
+                        done, _ = await asyncio.wait({get, stop}, timeout=_EVENTS_KEEPALIVE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                        if get in done:
+                            yield _sse(get.result().as_json())
+                        else:
+                            get.cancel()
+                            if not done:
+                                yield b": keepalive\n\n"
+                finally:
+                    stop.cancel()
+            finally:
+                if queue is not None:
+                    app.events.unsubscribe(queue)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def traffic_stats(request: Request) -> Response:
         window = _seconds(request, "window", 60.0, maximum=MAX_WINDOW_SECONDS)
@@ -209,7 +306,7 @@ def _routes(app: RouterApp) -> list[Route]:
         model = known(request)
         if isinstance(model, Response):
             return model
-        result = await app.lifecycle.sleep_model(model, manual=True)
+        result = await app.lifecycle.sleep_model(model)
         return JSONResponse(result.to_dict(), status_code=result.status)
 
     async def wake(request: Request) -> Response:
@@ -225,6 +322,8 @@ def _routes(app: RouterApp) -> list[Route]:
         Route("/health/{model:path}", read(health_model)),
         Route("/models", read(models)),
         Route("/v1/models", read(v1_models)),
+        Route("/v1/models/{model:path}", read(v1_model)),
+        Route("/events", read(events)),
         Route("/metrics", read(metrics)),
         Route("/traffic/stats", read(traffic_stats)),
         Route("/traffic/stats/model/{model:path}", read(traffic_model)),
@@ -242,6 +341,17 @@ def _routes(app: RouterApp) -> list[Route]:
         Route("/action/sleep/{model:path}", act(sleep), methods=["POST"]),
         Route("/action/wakeup/{model:path}", act(wake), methods=["POST"]),
     ]
+
+
+def _sse(data: dict) -> bytes:
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+def _digest(config: Config) -> str | None:
+    try:
+        return converge.file_digest(config.path)
+    except OSError:
+        return None
 
 
 def _seconds(request: Request, name: str, default: float, *, maximum: float | None = None, allow_zero: bool = False) -> float | Response:

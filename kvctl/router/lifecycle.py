@@ -1,9 +1,10 @@
 """The model lifecycle (SPEC §6): one state machine per instance, wake on request, safe
 sleep, auto-sleep, the memory budget, and reconciling with the engines.
 
-States: ``starting → awake ⇄ draining → asleep → waking → awake``, and ``down``. A state
-changes only in :meth:`Lifecycle._set_state`, which refuses transitions that are not in
-``_TRANSITIONS`` and wakes everything waiting for a change.
+States: ``starting → awake ⇄ draining → asleep → waking → awake``, ``down`` (not healthy)
+and ``failed`` (its crash loop gave up). A state changes only in :meth:`Lifecycle._set_state`,
+which refuses transitions that are not in ``_TRANSITIONS``, logs the change with its cause,
+publishes it as an event and wakes everything waiting for a change.
 
 Concurrency: everything runs on one event loop. Every decision reads the current state
 and acts on it with no ``await`` in between, so the loop itself is the lock and no
@@ -17,13 +18,14 @@ engine answers (the health loop may have marked the instance down meanwhile).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Collection, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -32,17 +34,22 @@ from kvctl.config import Config, Instance
 from kvctl.engines import adapter_for
 from kvctl.errors import EngineError, EngineTimeout
 from kvctl.render import RunPaths
-from kvctl.router import state_file
+from kvctl import procstate
+from kvctl.router import logs, state_file
+from kvctl.router.events import Event, EventBus
 
 if TYPE_CHECKING:
     from kvctl.router.metrics import Metrics
 
-log = logging.getLogger("kvctl.router.lifecycle")
+log = logging.getLogger("kvctl.router")
 
 _PROBE_TIMEOUT_SECONDS = 5.0
 _QUEUE_FULL_RETRY_AFTER = 1
 _WAKE_FAILED_RETRY_AFTER = 5
 _ASLEEP_RETRY_AFTER = 30
+# An instance that is starting or down is probed this often, so a (re)started engine is
+# routed as soon as it answers rather than at the next health interval.
+_FAST_PROBE_SECONDS = 0.25
 
 
 class InstanceState(str, enum.Enum):
@@ -52,24 +59,29 @@ class InstanceState(str, enum.Enum):
     ASLEEP = "asleep"
     WAKING = "waking"
     DOWN = "down"
+    FAILED = "failed"
 
 
 S = InstanceState
+# Every state may go to `starting`: a reload that changed the engine's program restarts it.
 _TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
-    S.STARTING: frozenset({S.AWAKE, S.ASLEEP, S.DOWN}),
-    S.AWAKE: frozenset({S.DRAINING, S.DOWN}),
+    S.STARTING: frozenset({S.AWAKE, S.ASLEEP, S.DOWN, S.FAILED}),
+    S.AWAKE: frozenset({S.DRAINING, S.DOWN, S.STARTING}),
     # draining → awake: the drain timed out, the engine refused, or an arrival cancelled
     # an automatic sleep before the engine call; → waking: it arrived during the call.
-    S.DRAINING: frozenset({S.AWAKE, S.ASLEEP, S.WAKING, S.DOWN}),
-    S.ASLEEP: frozenset({S.WAKING, S.DOWN}),
-    S.WAKING: frozenset({S.AWAKE, S.ASLEEP, S.DOWN}),
-    S.DOWN: frozenset({S.AWAKE, S.ASLEEP}),
+    S.DRAINING: frozenset({S.AWAKE, S.ASLEEP, S.WAKING, S.DOWN, S.STARTING}),
+    S.ASLEEP: frozenset({S.WAKING, S.DOWN, S.STARTING}),
+    S.WAKING: frozenset({S.AWAKE, S.ASLEEP, S.DOWN, S.STARTING}),
+    S.DOWN: frozenset({S.AWAKE, S.ASLEEP, S.FAILED, S.STARTING}),
+    S.FAILED: frozenset({S.AWAKE, S.ASLEEP, S.DOWN, S.STARTING}),
 }
+# Why an instance sleeps (SPEC §15), as /sleep/status and /metrics report it.
+SLEEP_CAUSES = ("manual", "idle", "budget", "policy")
 # States in which an instance holds its GPU memory, for the budget. A starting engine is
 # not counted: at `up`, the ones that do not fit are put to sleep when they become ready.
 _HOLDS_MEMORY = frozenset({S.AWAKE, S.DRAINING, S.WAKING})
 # Aggregate model state: the first of these that any replica is in.
-_MODEL_STATE_ORDER = (S.AWAKE, S.WAKING, S.DRAINING, S.ASLEEP, S.STARTING, S.DOWN)
+_MODEL_STATE_ORDER = (S.AWAKE, S.WAKING, S.DRAINING, S.ASLEEP, S.STARTING, S.DOWN, S.FAILED)
 
 
 class Unavailable(Exception):
@@ -95,9 +107,11 @@ class ActionResult:
     message: str
     state: str
     status: int = 200
+    evicted: list[str] = field(default_factory=list)  # instances put to sleep to make room
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "success": self.success, "message": self.message, "state": self.state}
+        return {"model_name": self.model_name, "success": self.success, "message": self.message, "state": self.state,
+                "evicted": self.evicted}
 
 
 @dataclass(eq=False)
@@ -113,7 +127,9 @@ class _Slot:
     idle_since: float = 0.0  # monotonic: last request finished, or became awake
     woken_at: float | None = None  # monotonic, for min_sleep_duration
     asleep_since: float | None = None  # wall clock
-    manual_sleep: bool = False
+    sleep_cause: str | None = None  # one of SLEEP_CAUSES while asleep
+    failure: str | None = None  # why it is `failed`
+    retiring: bool = False  # removed from the config: drains, then leaves
     cancellable: bool = False  # draining for an automatic sleep: an arrival cancels it
     cancel_requested: bool = False
     engine_call: bool = False  # the engine's sleep call is under way
@@ -122,6 +138,14 @@ class _Slot:
     @property
     def memory(self) -> float:
         return self.inst.memory_gb or 0.0
+
+
+# Instance settings that are router policy; every other field shapes the engine's program.
+_POLICY_FIELDS = frozenset({"aliases", "memory_gb", "sleep", "startup_timeout_seconds"})
+
+
+def _engine_fields(inst: Instance) -> dict[str, Any]:
+    return {f.name: getattr(inst, f.name) for f in fields(inst) if f.name not in _POLICY_FIELDS}
 
 
 @dataclass(eq=False)
@@ -133,22 +157,34 @@ class _Waiter:
 class Lifecycle:
     """Instance states for the router; see the module docstring."""
 
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None, events: EventBus | None = None) -> None:
         self._config = config
         self._sm = config.sleep_manager
         self._metrics = metrics
+        self.events = events or EventBus()
         self._slots = [_Slot(inst) for inst in config.instances]
         self._by_model: dict[str, list[_Slot]] = {}
-        for slot in self._slots:
-            self._by_model.setdefault(slot.inst.model, []).append(slot)
-        self._by_name = {slot.inst.name: slot for slot in self._slots}
-        self._queues: dict[str, deque[_Waiter]] = {model: deque() for model in self._by_model}
+        self._by_name: dict[str, _Slot] = {}
+        self._queues: dict[str, deque[_Waiter]] = {}
+        self._index()
         self._wakes: dict[str, asyncio.Task[ActionResult]] = {}  # single flight per model
+        self._evicted: dict[str, list[str]] = {}  # per model being woken: who was slept for it
         self._changed = asyncio.Event()
+        self._reloaded = asyncio.Event()  # interrupts the auto-sleep loop's wait
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._health_tasks: dict[str, asyncio.Task[Any]] = {}
         self._client: httpx.AsyncClient | None = None
         self._state_path = RunPaths(config.run_dir).router_state
         self._persisted = state_file.read(self._state_path)
+
+    def _index(self) -> None:
+        """Rebuild the lookups from `_slots`; a retiring slot keeps its name (for release) but takes no new requests."""
+        self._by_model = {}
+        for slot in self._slots:
+            if not slot.retiring:
+                self._by_model.setdefault(slot.inst.model, []).append(slot)
+        self._by_name = {slot.inst.name: slot for slot in self._slots}
+        self._queues = {model: self._queues.get(model) or deque() for model in self._by_model}
 
     # ------------------------------------------------------------------ start / stop
 
@@ -160,9 +196,70 @@ class Lifecycle:
             if ok:  # in config order, so the first instances keep their place in the budget
                 await self._came_up(slot, trust_state_file=True)
         for slot in self._slots:
-            self._spawn(self._health_loop(slot))
-        if self._sm.auto_sleep_enabled:
-            self._spawn(self._auto_sleep_loop())
+            log.info("instance %s %s: %s engine at %s, %s", slot.inst.name, slot.inst.model, slot.inst.engine, slot.inst.url, slot.state.value,
+                     extra=logs.fields(instance=slot.inst.name, model=slot.inst.model, engine=slot.inst.engine, url=slot.inst.url, state=slot.state.value))
+            self._start_health_loop(slot)
+        self._spawn(self._auto_sleep_loop())
+
+    def reload(self, config: Config) -> list[str]:
+        """Apply a new config in place (SPEC §14); returns one line per change to an instance.
+
+        Unchanged instances keep their state and counters. An instance whose engine program
+        changed is `starting` again (`kvctl up` restarts it). A removed instance stops
+        taking requests, lets its in-flight ones finish, then leaves; waiters for a model
+        that is gone get 404."""
+        old = {slot.inst.name: slot for slot in self._slots if not slot.retiring}
+        new = {inst.name: inst for inst in config.instances}
+        self._config, self._sm = config, config.sleep_manager
+        changes: list[str] = []
+        slots: list[_Slot] = []
+        for inst in config.instances:
+            slot = old.get(inst.name)
+            if slot is None:
+                slot = _Slot(inst)
+                changes.append(f"instance {inst.name}: added")
+                self._emit(slot, S.STARTING, S.STARTING, "added by reload")
+                self._start_health_loop(slot)
+            elif slot.inst != inst:
+                restarted = _engine_fields(slot.inst) != _engine_fields(inst)
+                slot.inst = inst
+                changes.append(f"instance {inst.name}: {'engine changed' if restarted else 'settings changed'}")
+                if restarted:
+                    slot.failures = 0
+                    self._set_state(slot, S.STARTING, "reload: engine settings changed")
+            slots.append(slot)
+        for name, slot in old.items():
+            if name not in new:
+                slot.retiring = True
+                slots.append(slot)
+                changes.append(f"instance {name}: removed")
+                self._spawn(self._retire(slot))
+        self._slots = slots + [slot for slot in self._slots if slot.retiring and slot not in slots]
+        gone = set(self._by_model) - {inst.model for inst in config.instances}
+        for model in gone:
+            self._fail_waiters(model, Unavailable(404, "model_not_found", f"model {model!r} was removed from the configuration"))
+        self._index()
+        for model in list(self._wakes):
+            if model not in self._by_model:
+                self._wakes.pop(model).cancel()
+        self._reloaded.set()
+        self._reloaded = asyncio.Event()
+        for model in self._by_model:
+            self._dispatch(model)
+        self._notify()
+        return changes
+
+    async def _retire(self, slot: _Slot) -> None:
+        while slot.in_flight > 0:
+            await self._wait_change(3600)
+        task = self._health_tasks.pop(slot.inst.name, None)
+        if task is not None and self._by_name.get(slot.inst.name) is slot:
+            task.cancel()
+        self._slots = [s for s in self._slots if s is not slot]
+        if self._by_name.get(slot.inst.name) is slot:
+            del self._by_name[slot.inst.name]
+        log.info("instance %s %s: removed (drained)", slot.inst.name, slot.inst.model,
+                 extra=logs.fields(instance=slot.inst.name, model=slot.inst.model))
 
     async def close(self) -> None:
         tasks = list(self._tasks)
@@ -171,8 +268,12 @@ class Lifecycle:
         await asyncio.gather(*tasks, return_exceptions=True)
         for model in self._queues:
             self._fail_waiters(model, Unavailable(503, "model_unavailable", f"model {model}: the router is shutting down"))
+
         if self._client is not None:
             await self._client.aclose()
+
+    def _start_health_loop(self, slot: _Slot) -> None:
+        self._health_tasks[slot.inst.name] = self._spawn(self._health_loop(slot))
 
     # ------------------------------------------------------------------ data plane
 
@@ -210,6 +311,8 @@ class Lifecycle:
 
     def release(self, inst: Instance) -> None:
         slot = self._by_name[inst.name]
+        if slot.inst is not inst:  # a reload replaced the name's instance meanwhile: find the one that served
+            slot = next((s for s in self._slots if s.inst is inst), slot)
         if slot.in_flight > 0:
             slot.in_flight -= 1
         slot.idle_since = slot.last_used = time.monotonic()
@@ -218,9 +321,8 @@ class Lifecycle:
     def report_connect_failure(self, inst: Instance) -> None:
         slot = self._by_name[inst.name]
         slot.failures = max(slot.failures, self._config.router.health_failure_threshold)
-        if slot.state not in (S.DOWN, S.STARTING):
-            log.warning("instance %s: connection refused, marked down until a health probe succeeds", inst.name)
-            self._set_state(slot, S.DOWN)
+        if slot.state not in (S.DOWN, S.STARTING, S.FAILED):
+            self._set_state(slot, S.DOWN, "connection refused; down until a health probe succeeds")
             self._dispatch(inst.model)
 
     # ------------------------------------------------------------------ introspection
@@ -246,13 +348,15 @@ class Lifecycle:
                 "engine": slot.inst.engine,
                 "url": slot.inst.url,
                 "state": slot.state.value,
-                "healthy": slot.state is not S.DOWN and slot.failures == 0,
+                "healthy": slot.state not in (S.DOWN, S.FAILED) and slot.failures == 0,
                 "in_flight": slot.in_flight,
                 "memory_gb": slot.inst.memory_gb,
                 "state_since": slot.since,
+                "cause": slot.sleep_cause,
+                "failure": slot.failure,
             }
             for slot in self._slots
-            if model is None or slot.inst.model == model
+            if not slot.retiring and (model is None or slot.inst.model == model)
         ]
 
     def sleep_status(self) -> dict[str, Any]:
@@ -261,7 +365,9 @@ class Lifecycle:
         for model, slots in self._by_model.items():
             if all(slot.state is S.ASLEEP for slot in slots):
                 start = min(slot.asleep_since or now for slot in slots)
-                sleeping[model] = {"sleep_start_time": start, "sleep_duration": now - start, "manual_sleep": any(slot.manual_sleep for slot in slots)}
+                causes = [slot.sleep_cause for slot in slots]
+                cause = next((c for c in SLEEP_CAUSES if c in causes), None)
+                sleeping[model] = {"sleep_start_time": start, "sleep_duration": now - start, "manual_sleep": cause == "manual", "cause": cause}
         return {
             "sleeping_models": sleeping,
             "sleep_candidates": self.sleep_candidates(),
@@ -277,7 +383,7 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ admin actions
 
-    async def sleep_model(self, model: str, *, manual: bool = True) -> ActionResult:
+    async def sleep_model(self, model: str, cause: str = "manual") -> ActionResult:
         slots = self._by_model.get(model)
         if slots is None:
             return ActionResult(model, False, f"unknown model {model!r}", "unknown", 404)
@@ -291,15 +397,15 @@ class Lifecycle:
         if refused:
             return ActionResult(model, False, f"sleep is disabled (sleep.enabled: false) for {', '.join(refused)}", self.model_state(model), 409)
         for slot in targets:
-            self._begin_drain(slot, cancellable=not manual)
-        results = await asyncio.gather(*(self._complete_sleep(slot, manual) for slot in targets))
+            self._begin_drain(slot, cause, cancellable=cause != "manual")
+        results = await asyncio.gather(*(self._complete_sleep(slot, cause, cause) for slot in targets))
         state = self.model_state(model)
         for result in results:
             if not result.success:
                 return ActionResult(model, False, result.message, state, result.status)
-        down = [slot.inst.name for slot in slots if slot.state in (S.DOWN, S.STARTING)]
+        down = [f"{slot.inst.name} ({slot.state.value})" for slot in slots if slot.state in (S.DOWN, S.STARTING, S.FAILED)]
         if down:
-            return ActionResult(model, False, f"model {model}: instance(s) {', '.join(down)} not ready (down or starting)", state, 503)
+            return ActionResult(model, False, f"model {model}: instance(s) {', '.join(down)} not ready", state, 503)
         message = f"model {model} is asleep" if targets else f"model {model} was already asleep"
         return ActionResult(model, True, message, state, 200)
 
@@ -316,12 +422,14 @@ class Lifecycle:
                 asleep = self._asleep(slots)
                 if asleep:
                     task = self._start_wake(asleep[0])
-                elif all(slot.state is S.DOWN for slot in slots):
-                    return ActionResult(model, False, f"model {model}: every instance is down", self.model_state(model), 503)
+                elif all(slot.state in (S.DOWN, S.FAILED) for slot in slots):
+                    return ActionResult(model, False, self._unavailable(model).message, self.model_state(model), 503)
             if task is not None:
                 result = await asyncio.shield(task)
                 if not result.success:
-                    return ActionResult(model, False, result.message, self.model_state(model), result.status)
+                    return ActionResult(model, False, result.message, self.model_state(model), result.status, result.evicted)
+                if any(slot.state is S.AWAKE for slot in slots):
+                    return ActionResult(model, True, result.message, self.model_state(model), 200, result.evicted)
                 continue
             # draining, waking after a cancelled sleep, or starting: wait for it to settle
             if not await self._wait_change(deadline - time.monotonic()):
@@ -329,8 +437,10 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ the state machine
 
-    def _set_state(self, slot: _Slot, new: InstanceState) -> None:
-        """The only place an instance's state changes."""
+    def _set_state(self, slot: _Slot, new: InstanceState, cause: str, duration: float | None = None, *,
+                   sleep_cause: str | None = None, asleep_since: float | None = None) -> None:
+        """The only place an instance's state changes. `cause` says why, in words (logged and
+        published); `duration` is the engine call's, for sleeps and wakes."""
         old = slot.state
         if new is old:
             return
@@ -344,13 +454,27 @@ class Lifecycle:
             if old is S.WAKING:
                 slot.woken_at = now
         if new is S.ASLEEP:
-            slot.asleep_since = slot.since
+            slot.asleep_since = asleep_since or slot.since
+            slot.sleep_cause = sleep_cause
+        elif new is not S.DRAINING:
+            slot.sleep_cause = slot.asleep_since = None
         if new is not S.DRAINING:
             slot.cancellable = slot.cancel_requested = False
-        log.info("instance %s: %s -> %s", slot.inst.name, old.value, new.value)
+        if new is not S.FAILED:
+            slot.failure = None
+        self._emit(slot, old, new, cause, duration)
         if new in (S.AWAKE, S.ASLEEP):
-            self._persist(slot, new)
+            self._persist(slot)
         self._notify()
+
+    def _emit(self, slot: _Slot, old: InstanceState, new: InstanceState, cause: str, duration: float | None = None) -> None:
+        inst = slot.inst
+        took = f" [engine call {duration:.2f}s]" if duration is not None else ""
+        level = logging.WARNING if new in (S.DOWN, S.FAILED) else logging.INFO
+        log.log(level, "%s %s: %s -> %s (%s)%s", inst.name, inst.model, old.value, new.value, cause, took,
+                extra=logs.fields(instance=inst.name, model=inst.model, **{"from": old.value, "to": new.value},
+                                  cause=cause, duration_seconds=duration))
+        self.events.publish(Event(inst.name, inst.model, old.value, new.value, cause, duration))
 
     def _notify(self) -> None:
         self._changed.set()
@@ -367,10 +491,11 @@ class Lifecycle:
             return False
         return True
 
-    def _persist(self, slot: _Slot, state: InstanceState) -> None:
-        if self._persisted.get(slot.inst.name) == state.value:
+    def _persist(self, slot: _Slot) -> None:
+        record = state_file.Record(slot.state.value, slot.sleep_cause, slot.asleep_since)
+        if self._persisted.get(slot.inst.name) == record:
             return
-        self._persisted[slot.inst.name] = state.value
+        self._persisted[slot.inst.name] = record
         try:
             state_file.write(self._state_path, self._persisted)
         except OSError as exc:
@@ -391,7 +516,7 @@ class Lifecycle:
 
     def _dispatch(self, model: str) -> None:
         """Serve queued requests in arrival order; if some remain, make the model come up."""
-        queue = self._queues[model]
+        queue = self._queues.get(model)
         while queue:
             for waiter in list(queue):
                 if waiter.fut.done():
@@ -415,8 +540,7 @@ class Lifecycle:
             if slot.state is S.DRAINING and slot.cancellable and not slot.cancel_requested:
                 slot.cancel_requested = True
                 if not slot.engine_call:
-                    log.info("instance %s: automatic sleep cancelled by a request", slot.inst.name)
-                    self._set_state(slot, S.AWAKE)
+                    self._set_state(slot, S.AWAKE, "automatic sleep cancelled by a request")
                     return True
         if model in self._wakes or any(slot.state in (S.WAKING, S.STARTING) or slot.cancel_requested for slot in slots):
             return False
@@ -429,9 +553,18 @@ class Lifecycle:
             return False
         if any(slot.state is S.DRAINING for slot in slots):
             return False  # a manual sleep: once asleep, the waiters wake it
-        retry = max(1, math.ceil(self._config.router.health_check_interval_seconds))
-        self._fail_waiters(model, Unavailable(503, "model_unavailable", f"model {model}: no healthy instance (all down)", retry))
+        self._fail_waiters(model, self._unavailable(model))
         return False
+
+    def _unavailable(self, model: str) -> Unavailable:
+        """Why no instance of `model` can serve: a failed start names its reason."""
+        failed = [slot for slot in self._by_model[model] if slot.state is S.FAILED]
+        if failed and all(slot.state in (S.FAILED, S.DOWN) for slot in self._by_model[model]):
+            reasons = "; ".join(f"instance {slot.inst.name} failed to start: {slot.failure}" for slot in failed)
+            return Unavailable(503, "model_failed", f"model {model}: {reasons} (fix it, then `kvctl restart NAME` or `kvctl up`)",
+                               _WAKE_FAILED_RETRY_AFTER)
+        retry = max(1, math.ceil(self._config.router.health_check_interval_seconds))
+        return Unavailable(503, "model_unavailable", f"model {model}: no healthy instance (all down)", retry)
 
     @staticmethod
     def _asleep(slots: list[_Slot]) -> list[_Slot]:
@@ -439,7 +572,7 @@ class Lifecycle:
         return sorted((slot for slot in slots if slot.state is S.ASLEEP), key=lambda slot: slot.wake_failures)
 
     def _fail_waiters(self, model: str, error: Unavailable) -> None:
-        queue = self._queues[model]
+        queue = self._queues.get(model, deque())
         while queue:
             waiter = queue.popleft()
             if not waiter.fut.done():
@@ -448,7 +581,7 @@ class Lifecycle:
     def _abandon(self, model: str, waiter: _Waiter) -> None:
         """A waiter gave up (cancelled or timed out): leave the queue, return what it got."""
         try:
-            self._queues[model].remove(waiter)
+            self._queues.get(model, deque()).remove(waiter)
         except ValueError:
             pass
         if not waiter.fut.done():
@@ -458,28 +591,44 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ wake
 
-    def _start_wake(self, slot: _Slot) -> asyncio.Task[ActionResult]:
+    def _start_wake(self, slot: _Slot, cause: str = "request") -> asyncio.Task[ActionResult]:
         model = slot.inst.model
-        task = self._spawn(self._wake(slot))
+        self._evicted[model] = []
+        task = self._spawn(self._wake(slot, cause))
         self._wakes[model] = task
         task.add_done_callback(lambda t: self._wakes.pop(model) if self._wakes.get(model) is t else None)
         return task
 
-    async def _wake(self, slot: _Slot) -> ActionResult:
+    async def _wake(self, slot: _Slot, cause: str) -> ActionResult:
         model = slot.inst.model
         deadline = time.monotonic() + self._sm.wake_timeout_seconds
         while slot.state is S.ASLEEP and not self._make_room(slot):
             if not await self._wait_change(deadline - time.monotonic()):
-                message = f"model {model} could not be woken within wake_timeout_seconds={self._sm.wake_timeout_seconds:g}: the memory budget is held by busy instances"
+                message = (f"model {model} could not be woken within wake_timeout_seconds={self._sm.wake_timeout_seconds:g}: "
+                           f"the memory budget ({self._sm.memory_budget_gb:g} GB) is held by {self._budget_holders(slot)}")
+                log.warning(message, extra=logs.fields(instance=slot.inst.name, model=model))
                 self._fail_waiters(model, Unavailable(503, "wake_timeout", message, _WAKE_FAILED_RETRY_AFTER))
-                return ActionResult(model, False, message, self.model_state(model), 504)
+                return ActionResult(model, False, message, self.model_state(model), 504, self._evicted.pop(model, []))
         if slot.state is not S.ASLEEP:  # it went down (or came back otherwise) meanwhile
             self._dispatch(model)
-            return ActionResult(model, slot.state is S.AWAKE, f"instance {slot.inst.name} is {slot.state.value}", self.model_state(model), 200 if slot.state is S.AWAKE else 503)
-        self._set_state(slot, S.WAKING)
-        return await self._finish_wake(slot, deadline)
+            return ActionResult(model, slot.state is S.AWAKE, f"instance {slot.inst.name} is {slot.state.value}", self.model_state(model),
+                                200 if slot.state is S.AWAKE else 503, self._evicted.pop(model, []))
+        self._set_state(slot, S.WAKING, cause)
+        result = await self._finish_wake(slot, deadline, cause)
+        result.evicted = self._evicted.pop(model, [])
+        return result
 
-    async def _finish_wake(self, slot: _Slot, deadline: float) -> ActionResult:
+    def _budget_holders(self, slot: _Slot) -> str:
+        """Who holds the memory budget and why each cannot be slept, for a wake that waited in vain."""
+        held = []
+        for s in self._slots:
+            if s.state in _HOLDS_MEMORY and s.memory > 0 and s is not slot:
+                why = ("sleep disabled" if not s.inst.sleep.enabled else f"{s.in_flight} in flight" if s.in_flight
+                       else "requests queued" if self._queues.get(s.inst.model) else s.state.value)
+                held.append(f"{s.inst.name} ({s.memory:g} GB, {why})")
+        return ", ".join(held) or "nothing (the instance alone exceeds it)"
+
+    async def _finish_wake(self, slot: _Slot, deadline: float, cause: str) -> ActionResult:
         """The engine part of a wake; the slot is already `waking`."""
         inst, model = slot.inst, slot.inst.model
         adapter = adapter_for(inst)
@@ -490,20 +639,20 @@ class Lifecycle:
         except EngineError as exc:
             error = exc
         sleeping = await adapter.is_sleeping(self._http, inst) if error is not None else False
+        took = time.monotonic() - started
         if slot.state is not S.WAKING:
             self._dispatch(model)
             return ActionResult(model, False, f"instance {inst.name} went {slot.state.value} while waking", self.model_state(model), 503)
         if error is None or sleeping is False:
             slot.wake_failures = 0
-            self._set_state(slot, S.AWAKE)
-            self._count_wake(model, "ok", time.monotonic() - started)
+            self._set_state(slot, S.AWAKE, cause, took)
+            self._count_wake(model, "ok", took)
             self._dispatch(model)
             return ActionResult(model, True, f"model {model} is awake", self.model_state(model), 200)
         timed_out = isinstance(error, EngineTimeout)
         slot.wake_failures += 1
-        self._set_state(slot, S.ASLEEP)
-        self._count_wake(model, "timeout" if timed_out else "failed", time.monotonic() - started)
-        log.warning("instance %s: wake failed: %s", inst.name, error)
+        self._set_state(slot, S.ASLEEP, f"wake failed: {_first_line(error)}", took, sleep_cause=slot.sleep_cause, asleep_since=slot.asleep_since)
+        self._count_wake(model, "timeout" if timed_out else "failed", took)
         code = "wake_timeout" if timed_out else "wake_failed"
         message = f"model {model}: waking instance {inst.name} {'timed out' if timed_out else 'failed'}: {error}"
         self._fail_waiters(model, Unavailable(503, code, message, _WAKE_FAILED_RETRY_AFTER))
@@ -525,7 +674,7 @@ class Lifecycle:
         idle = sorted(
             (s for s in self._slots
              if s.state is S.AWAKE and s.in_flight == 0 and s.memory > 0 and s.inst.sleep.enabled
-             and s.inst.model != slot.inst.model and not self._queues[s.inst.model]),
+             and s.inst.model != slot.inst.model and not self._queues.get(s.inst.model)),
             key=lambda s: s.last_used,
         )
         victims: list[_Slot] = []
@@ -537,9 +686,8 @@ class Lifecycle:
         if short > 1e-9:
             return False  # not enough idle memory yet: wait for requests to finish
         for victim in victims:
-            log.info("memory budget: sleeping %s to make room for %s", victim.inst.name, slot.inst.name)
-            self._begin_drain(victim, cancellable=False)
-            self._spawn(self._complete_sleep(victim, manual=False))
+            self._evicted.setdefault(slot.inst.model, []).append(victim.inst.name)
+            self._sleep_in_background(victim, "budget", f"budget: making room for {slot.inst.model}")
         return False
 
     def _count_wake(self, model: str, result: str, seconds: float) -> None:
@@ -549,26 +697,31 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ sleep
 
-    def _begin_drain(self, slot: _Slot, *, cancellable: bool) -> None:
+    def _begin_drain(self, slot: _Slot, reason: str, *, cancellable: bool) -> None:
         """Stop admitting to `slot` (synchronously, so no other decision sees it awake)."""
-        self._set_state(slot, S.DRAINING)
+        self._set_state(slot, S.DRAINING, reason)
         slot.cancellable = cancellable
 
-    async def _complete_sleep(self, slot: _Slot, manual: bool) -> ActionResult:
-        """Drain, call the engine, confirm, mark asleep. The slot is already `draining`."""
+    def _sleep_in_background(self, slot: _Slot, kind: str, reason: str) -> None:
+        self._begin_drain(slot, reason, cancellable=kind == "idle")
+        self._spawn(self._complete_sleep(slot, kind, reason))
+
+    async def _complete_sleep(self, slot: _Slot, kind: str, reason: str) -> ActionResult:
+        """Drain, call the engine, confirm, mark asleep. The slot is already `draining`.
+        `kind` is the sleep cause (SLEEP_CAUSES); `reason` says it in words."""
         inst, model = slot.inst, slot.inst.model
         deadline = time.monotonic() + self._sm.drain_timeout_seconds
         while slot.in_flight > 0 and slot.state is S.DRAINING:
             if not await self._wait_change(deadline - time.monotonic()):
                 message = f"sleep of {inst.name} aborted: {slot.in_flight} request(s) still in flight after drain_timeout_seconds={self._sm.drain_timeout_seconds:g}"
-                log.warning(message)
-                self._set_state(slot, S.AWAKE)
+                self._set_state(slot, S.AWAKE, f"sleep aborted: {slot.in_flight} request(s) still in flight after the drain timeout")
                 self._dispatch(model)
                 return ActionResult(model, False, message, self.model_state(model), 409)
         if slot.state is not S.DRAINING:
             return ActionResult(model, False, f"sleep of {inst.name} cancelled: instance is {slot.state.value}", self.model_state(model), 409)
         adapter = adapter_for(inst)
         slot.engine_call = True
+        started = time.monotonic()
         error: EngineError | None = None
         try:
             await adapter.sleep(self._http, inst, timeout=self._sm.wake_timeout_seconds)
@@ -578,26 +731,24 @@ class Lifecycle:
             sleeping = await adapter.is_sleeping(self._http, inst)
         finally:
             slot.engine_call = False
+        took = time.monotonic() - started
         if slot.state is not S.DRAINING:
             self._dispatch(model)
             return ActionResult(model, False, f"instance {inst.name} went {slot.state.value} while going to sleep", self.model_state(model), 503)
         if sleeping is False or (error is not None and sleeping is not True):
-            self._set_state(slot, S.AWAKE)
-            self._dispatch(model)
             if error is None:
                 error = EngineError(f"{inst.name}: the engine accepted the sleep call but reports is_sleeping=false")
-            log.warning("instance %s: sleep failed: %s", inst.name, error)
+            self._set_state(slot, S.AWAKE, f"sleep failed: {_first_line(error)}", took)
+            self._dispatch(model)
             return ActionResult(model, False, str(error), self.model_state(model), 504 if isinstance(error, EngineTimeout) else 502)
         if slot.cancel_requested:
             # A request arrived while the engine was going to sleep: wake it straight back.
-            log.info("instance %s: automatic sleep cancelled by a request during the engine call; waking", inst.name)
-            self._set_state(slot, S.WAKING)
-            await self._finish_wake(slot, time.monotonic() + self._sm.wake_timeout_seconds)
+            self._set_state(slot, S.WAKING, "automatic sleep cancelled by a request during the engine call", took)
+            await self._finish_wake(slot, time.monotonic() + self._sm.wake_timeout_seconds, "request")
             return ActionResult(model, False, f"sleep of {inst.name} cancelled by a request", self.model_state(model), 409)
-        self._set_state(slot, S.ASLEEP)
-        slot.manual_sleep = manual
+        self._set_state(slot, S.ASLEEP, reason, took, sleep_cause=kind)
         if self._metrics is not None:
-            self._metrics.sleeps_total.labels(model, "true" if manual else "false").inc()
+            self._metrics.sleeps_total.labels(model, kind).inc()
         self._dispatch(model)
         return ActionResult(model, True, f"instance {inst.name} is asleep", self.model_state(model), 200)
 
@@ -606,18 +757,21 @@ class Lifecycle:
         return [
             slot for slot in self._slots
             if slot.state is S.AWAKE and slot.inst.sleep.enabled and slot.in_flight == 0
-            and not self._queues[slot.inst.model]
+            and not self._queues.get(slot.inst.model)
             and now - slot.idle_since >= self._sm.idle_threshold_seconds
             and (slot.woken_at is None or now - slot.woken_at >= self._sm.min_sleep_duration)
         ]
 
     async def _auto_sleep_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._sm.check_interval_seconds)
+            # A reload ends the wait, so a new interval or a newly enabled auto-sleep applies at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reloaded.wait(), self._sm.check_interval_seconds)
+            if not self._sm.auto_sleep_enabled:
+                continue
+            now = time.monotonic()
             for slot in self._idle_slots():
-                log.info("instance %s: idle for %.0fs, putting it to sleep", slot.inst.name, time.monotonic() - slot.idle_since)
-                self._begin_drain(slot, cancellable=True)
-                self._spawn(self._complete_sleep(slot, manual=False))
+                self._sleep_in_background(slot, "idle", f"idle {now - slot.idle_since:.0f}s")
 
     # ------------------------------------------------------------------ health and truth
 
@@ -630,37 +784,54 @@ class Lifecycle:
         return response.status_code == 200
 
     async def _health_loop(self, slot: _Slot) -> None:
-        threshold = self._config.router.health_failure_threshold
         while True:
-            await asyncio.sleep(self._config.router.health_check_interval_seconds)
+            router = self._config.router
+            fast = slot.state in (S.STARTING, S.DOWN, S.FAILED)
+            await asyncio.sleep(min(_FAST_PROBE_SECONDS, router.health_check_interval_seconds) if fast else router.health_check_interval_seconds)
             if await self._probe(slot):
                 slot.failures = 0
-                if slot.state in (S.STARTING, S.DOWN):
+                if slot.state in (S.STARTING, S.DOWN, S.FAILED):
                     await self._came_up(slot, trust_state_file=False)
                 continue
             slot.failures += 1
-            if slot.failures >= threshold and slot.state not in (S.DOWN, S.STARTING):
-                log.warning("instance %s: %d health probes failed, marked down", slot.inst.name, slot.failures)
-                self._set_state(slot, S.DOWN)
+            if slot.failures >= router.health_failure_threshold and slot.state not in (S.DOWN, S.STARTING, S.FAILED):
+                self._set_state(slot, S.DOWN, f"health: {slot.failures} failed probes")
                 self._dispatch(slot.inst.model)
+            if slot.state in (S.DOWN, S.STARTING):
+                self._check_failed(slot)
+
+    def _check_failed(self, slot: _Slot) -> None:
+        """An engine whose crash loop gave up (the launcher's record) is `failed`, with the reason."""
+        record = procstate.read(self._config.run_dir, slot.inst.name)
+        if record is not None and record.failed:
+            slot.failure = record.reason
+            self._set_state(slot, S.FAILED, f"start failed: {record.reason}")
+            self._dispatch(slot.inst.model)
 
     async def _came_up(self, slot: _Slot, *, trust_state_file: bool) -> None:
         """Reconcile an instance that answers again with what the engine really is."""
         sleeping = await adapter_for(slot.inst).is_sleeping(self._http, slot.inst)
+        persisted = self._persisted.get(slot.inst.name)
+        was_asleep = trust_state_file and persisted is not None and persisted.state == S.ASLEEP.value
         if sleeping is None:
             # The engine cannot tell. One already running when the router started is as the
             # state file says; one that (re)started since is a fresh engine, so awake.
-            sleeping = trust_state_file and self._persisted.get(slot.inst.name) == S.ASLEEP.value
-        if slot.state not in (S.STARTING, S.DOWN):
+            sleeping, cause = was_asleep, "reconciled: state file says asleep" if was_asleep else "engine ready"
+        else:
+            cause = "reconciled: engine reports asleep" if sleeping else "engine ready"
+        if slot.state not in (S.STARTING, S.DOWN, S.FAILED):
             return
-        self._set_state(slot, S.ASLEEP if sleeping else S.AWAKE)
+        if sleeping:
+            # Why and since when it sleeps survive a router restart (the state file), when known.
+            known = persisted if persisted is not None and persisted.state == S.ASLEEP.value else None
+            self._set_state(slot, S.ASLEEP, cause, sleep_cause=known.cause if known else None, asleep_since=known.since if known else None)
+        else:
+            self._set_state(slot, S.AWAKE, cause)
         budget = self._sm.memory_budget_gb
         if slot.state is S.AWAKE and budget is not None and slot.inst.sleep.enabled:
             held = sum(s.memory for s in self._slots if s.state in _HOLDS_MEMORY)
             if held > budget + 1e-9:
-                log.info("memory budget: %s does not fit (%.1f of %.1f GB), putting it to sleep", slot.inst.name, held, budget)
-                self._begin_drain(slot, cancellable=False)
-                self._spawn(self._complete_sleep(slot, manual=False))
+                self._sleep_in_background(slot, "budget", f"budget: does not fit ({held:g} of {budget:g} GB awake)")
         self._dispatch(slot.inst.model)
 
     # ------------------------------------------------------------------ helpers
@@ -681,3 +852,8 @@ class Lifecycle:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("lifecycle task failed", exc_info=task.exception())
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).splitlines()
+    return lines[0][:300] if lines else type(error).__name__

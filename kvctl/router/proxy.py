@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import re
 import time
 from typing import TYPE_CHECKING
 
 from kvctl.config import Config, Instance
+from kvctl.router import logs
 from kvctl.router.asgi import Receive, Scope, Send
 from kvctl.router.errors import send_error, shorten, sse_error_event
 from kvctl.router.lifecycle import Unavailable
@@ -63,22 +65,31 @@ class _Exchange:
 
 class Proxy:
     def __init__(self, config: Config, lifecycle: Lifecycle | None, traffic: TrafficMonitor, metrics: Metrics) -> None:
-        router = config.router
-        self.config = config
         self.lifecycle = lifecycle
         self.traffic = traffic
         self.metrics = metrics
-        self.routes: dict[str, str] = {model: model for model in config.models()}
+        self._pools: dict[str, Pool] = {}
+        self._counters: dict[tuple[str, int], object] = {}
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Take the settings of a (re)loaded config; requests under way keep what they started with."""
+        router = config.router
+        self.config = config
+        routes: dict[str, str] = {model: model for model in config.models()}
         for alias, model in config.aliases().items():
-            self.routes.setdefault(alias, model)
+            routes.setdefault(alias, model)
+        self.routes = routes
         self.replicas = {model: len(insts) for model, insts in config.models().items()}
         self._keys = [key.encode() for key in router.api_keys]
         self._max_body = router.max_body_bytes
         self._first_byte_timeout = router.request_timeout_seconds
         self._idle_timeout = router.stream_idle_timeout_seconds
         self._connect_timeout = router.connect_timeout_seconds
-        self._pools: dict[str, Pool] = {}
-        self._counters: dict[tuple[str, int], object] = {}
+        # A pool to an address that no longer exists (instance removed or moved) is dropped.
+        urls = {inst.name: (inst.host, inst.port) for inst in config.instances}
+        for name in [name for name, pool in self._pools.items() if urls.get(name) != (pool.host, pool.port)]:
+            self._pools.pop(name).close()
 
     # ------------------------------------------------------------------ entry point
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,8 +110,8 @@ class Proxy:
         rid_header = ((b"x-request-id", rid),)
 
         if self._keys and not self.authorized(auth):
-            await send_error(send, 401, "Invalid or missing API key: send 'Authorization: Bearer KEY'.", "invalid_api_key",
-                             headers=(*rid_header, (b"www-authenticate", b"Bearer")))
+            await self._reject(send, t0, rid, None, 401, "Invalid or missing API key: send 'Authorization: Bearer KEY'.", "invalid_api_key",
+                               headers=(*rid_header, (b"www-authenticate", b"Bearer")))
             return
         if length is not None:
             try:
@@ -108,33 +119,33 @@ class Proxy:
             except ValueError:
                 declared = -1
             if declared > self._max_body:
-                await self._too_large(send, rid_header)
+                await self._too_large(send, rid_header, t0)
                 return
         try:
             body = await self._read_body(receive)
         except _ClientGone:
             return
         if body is None:
-            await self._too_large(send, rid_header)
+            await self._too_large(send, rid_header, t0)
             return
 
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):
-            await send_error(send, 400, "The request body is not valid JSON.", "invalid_json", headers=rid_header)
+            await self._reject(send, t0, rid, None, 400, "The request body is not valid JSON.", "invalid_json", headers=rid_header)
             return
         if not isinstance(data, dict):
-            await send_error(send, 400, "The request body must be a JSON object.", "invalid_body", headers=rid_header)
+            await self._reject(send, t0, rid, None, 400, "The request body must be a JSON object.", "invalid_body", headers=rid_header)
             return
         model = data.get("model")
         if not isinstance(model, str) or not model:
             what = "missing" if model is None else ("empty" if model == "" else f"a {type(model).__name__}, not a string")
-            await send_error(send, 400, f"'model' must be a non-empty string (it is {what}).", "invalid_model", "model", rid_header)
+            await self._reject(send, t0, rid, None, 400, f"'model' must be a non-empty string (it is {what}).", "invalid_model", "model", rid_header)
             return
         canonical = self.routes.get(model)
         if canonical is None:
-            await send_error(send, 404, f"The model '{shorten(model)}' does not exist. GET /v1/models lists the models.",
-                             "model_not_found", "model", rid_header)
+            await self._reject(send, t0, rid, None, 404, f"The model '{shorten(model)}' does not exist. GET /v1/models lists the models.",
+                               "model_not_found", "model", rid_header)
             return
         if canonical != model:
             data["model"] = canonical
@@ -178,9 +189,15 @@ class Proxy:
             parts.append(chunk)
         return b"".join(parts)
 
-    async def _too_large(self, send: Send, rid_header: tuple) -> None:
-        await send_error(send, 413, f"The request body is larger than the router's limit of {self._max_body} bytes.",
-                         "request_too_large", headers=(*rid_header, (b"connection", b"close")))
+    async def _too_large(self, send: Send, rid_header: tuple, t0: float) -> None:
+        await self._reject(send, t0, rid_header[0][1], None, 413, f"The request body is larger than the router's limit of {self._max_body} bytes.",
+                           "request_too_large", headers=(*rid_header, (b"connection", b"close")))
+
+    async def _reject(self, send: Send, t0: float, rid: bytes, model: str | None, status: int, message: str, code: str,
+                      param: str | None = None, headers: tuple = ()) -> None:
+        """An error of the router's own making, answered and access-logged (not counted as model traffic)."""
+        await send_error(send, status, message, code, param, headers)
+        _access(model, status, time.monotonic() - t0, None, None, rid, code)
 
     # ------------------------------------------------------------------ forwarding
     async def _forward(self, model: str, head: bytes, body: bytes, rid_header: tuple, receive: Receive, send: Send, t0: float) -> None:
@@ -192,6 +209,7 @@ class Proxy:
         status = 0
         reason: str | None = None
         ttft: float | None = None
+        sent: int | None = None
         exclude: tuple[str, ...] = ()
         try:
             for attempt in (0, 1):
@@ -203,7 +221,7 @@ class Proxy:
                     await send_error(send, exc.status, exc.message, exc.code, headers=headers)
                     return
                 try:
-                    status, ttft, reason = await self._exchange(inst, head, body, rid_header, send, ex, t0)
+                    status, ttft, reason, sent = await self._exchange(inst, head, body, rid_header, send, ex, t0)
                     return
                 except ConnectFailed as exc:
                     lifecycle.report_connect_failure(inst)
@@ -221,11 +239,13 @@ class Proxy:
             status, reason = 499, "client_disconnected"  # nginx's code for "client closed request"
         finally:
             ex.finished = True  # the watcher ends by itself: receive() returns once the response is complete
-            self._account(model, status, reason, time.monotonic() - t0, ttft)
+            latency = time.monotonic() - t0
+            self._account(model, status, reason, latency, ttft)
+            _access(model, status, latency, ttft, sent, rid_header[0][1], reason)
 
     async def _exchange(self, inst: Instance, head: bytes, body: bytes, rid_header: tuple, send: Send, ex: _Exchange,
-                        t0: float) -> tuple[int, float | None, str | None]:
-        """One request to one instance. Returns (status sent, ttft, failure reason or None)."""
+                        t0: float) -> tuple[int, float | None, str | None, int | None]:
+        """One request to one instance. Returns (status sent, ttft, failure reason or None, body bytes sent)."""
         pool = self._pools.get(inst.name)
         if pool is None:
             pool = self._pools[inst.name] = Pool(inst.host, inst.port, self._connect_timeout)
@@ -248,19 +268,19 @@ class Proxy:
             conn.abort()
             await send_error(send, 504, f"Model '{inst.model}': engine {inst.name} sent no response within "
                              f"{self._first_byte_timeout:g}s.", "upstream_timeout", headers=rid_header)
-            return 504, None, "first_byte_timeout"
+            return 504, None, "first_byte_timeout", None
         except UpstreamError as exc:
             conn.abort()
             await send_error(send, 502, f"Model '{inst.model}': engine {inst.name} failed before answering: {exc}",
                              "engine_failed", headers=rid_header)
-            return 502, None, exc.reason
+            return 502, None, exc.reason, None
         except BaseException:
             conn.abort()
             raise
         return await self._relay(conn, inst, rid_header, send, ex, t0)
 
     async def _relay(self, conn: Connection, inst: Instance, rid_header: tuple, send: Send, ex: _Exchange,
-                     t0: float) -> tuple[int, float | None, str | None]:
+                     t0: float) -> tuple[int, float | None, str | None, int]:
         status = conn.status
         headers = list(rid_header)
         sse = False
@@ -274,6 +294,7 @@ class Proxy:
         if sse:
             headers.append((b"x-accel-buffering", b"no"))
         ttft = None
+        sent = 0
         timeout = self._idle_timeout
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -281,6 +302,7 @@ class Proxy:
                 data = await conn.read(timeout)
                 if data and ttft is None and sse:
                     ttft = time.monotonic() - t0
+                sent += len(data)
                 if conn.complete:
                     ex.finished = True
                     await send({"type": "http.response.body", "body": data, "more_body": False})
@@ -297,12 +319,12 @@ class Proxy:
             code = "stream_timeout" if timed_out else "engine_disconnected"
             ex.finished = True
             await send({"type": "http.response.body", "body": sse_error_event(message, code), "more_body": False})
-            return status, ttft, code
+            return status, ttft, code, sent
         except BaseException:
             conn.abort()
             raise
         conn.finish()
-        return status, ttft, (f"engine_{status}" if status >= 400 else None)
+        return status, ttft, (f"engine_{status}" if status >= 400 else None), sent
 
     # ------------------------------------------------------------------ accounting
     def _account(self, model: str, status: int, reason: str | None, latency: float, ttft: float | None) -> None:
@@ -321,6 +343,20 @@ class Proxy:
             metrics.errors_total.labels(model, reason).inc()
 
     def close(self) -> None:
-        for pool in self._pools.values():
+        for pool in list(self._pools.values()):
             pool.close()
         self._pools.clear()
+
+
+def _access(model: str | None, status: int, latency: float, ttft: float | None, sent: int | None, rid: bytes, reason: str | None) -> None:
+    """One access-log line per finished request (SPEC §11): 5xx at warning, the rest at info."""
+    log = logs.access_log
+    level = logging.WARNING if status >= 500 else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    request_id = rid.decode("ascii", "replace")
+    ttft_text = f"{ttft * 1000:.0f}ms" if ttft is not None else "-"
+    log.log(level, "%s %d %.0fms ttft=%s bytes=%s id=%s%s", model or "-", status, latency * 1000, ttft_text,
+            "-" if sent is None else sent, request_id, f" ({reason})" if reason else "",
+            extra=logs.fields(model=model, status=status, latency_seconds=round(latency, 6),
+                              ttft_seconds=None if ttft is None else round(ttft, 6), bytes=sent, request_id=request_id, reason=reason))

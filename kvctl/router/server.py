@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import socket
+from collections.abc import Callable
 
 import uvicorn
 
@@ -40,8 +42,9 @@ def serve(config: Config) -> None:
 
     logs.configure(config.router.log_level, config.router.log_format, config.router.access_log)
     logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
-    uvicorn.run(
-        create_app(config),
+    app = create_app(config)
+    server = _Server(uvicorn.Config(
+        app,
         host=config.router.host,
         port=config.router.port,
         http="httptools",
@@ -52,4 +55,18 @@ def serve(config: Config) -> None:
         server_header=False,  # the engine's own headers (Date, Server) pass through
         date_header=False,
         timeout_graceful_shutdown=30,
-    )
+    ))
+    server.on_shutdown = app.begin_shutdown
+    server.run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the app when shutdown begins: open-ended responses (event
+    streams) end then instead of holding the graceful-shutdown timeout."""
+
+    on_shutdown: Callable[[], None] | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+        await super().shutdown(sockets)

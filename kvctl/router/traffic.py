@@ -86,6 +86,12 @@ class TrafficMonitor:
         self._in_flight = in_flight
         self._queued = queued
 
+    def set_models(self, models: Iterable[str], idle_threshold: float) -> None:
+        """A reload: new models start empty, removed ones are dropped, the rest keep their history."""
+        now = time.time()
+        self._models = {model: self._models.get(model) or _ModelTraffic(now) for model in models}
+        self.idle_threshold = idle_threshold
+
     def __contains__(self, model: str) -> bool:
         return model in self._models
 
