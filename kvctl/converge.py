@@ -47,8 +47,9 @@ def instance_change(old: Instance, new: Instance) -> str:
     return ", ".join("engine_args" if name == "args" else name for name in names)
 
 
-def changes(old: Config, new: Config) -> list[str]:
-    """One line per change: router and sleep_manager settings, instances added/removed/changed."""
+def changes(old: Config, new: Config, restarted: frozenset[str] = frozenset()) -> list[str]:
+    """One line per change: router and sleep_manager settings, instances added/removed/changed
+    (`restarted` names the programs supervisord restarted for it)."""
     lines = _field_changes("router", old.router, new.router) + _field_changes("sleep_manager", old.sleep_manager, new.sleep_manager)
     if old.launch_delay_seconds != new.launch_delay_seconds:
         lines.append(f"launch_delay_seconds changed ({old.launch_delay_seconds:g} -> {new.launch_delay_seconds:g})")
@@ -58,7 +59,8 @@ def changes(old: Config, new: Config) -> list[str]:
         if name not in before:
             lines.append(f"instance {name}: added")
         elif before[name] != inst:
-            lines.append(f"instance {name}: changed ({instance_change(before[name], inst)})")
+            what = "restarted" if name in restarted else "updated"
+            lines.append(f"instance {name}: {what} ({instance_change(before[name], inst)} changed)")
     lines += [f"instance {name}: removed" for name in before if name not in after]
     return lines
 

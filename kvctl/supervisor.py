@@ -137,6 +137,10 @@ class Supervisor:
             if "ALREADY_STARTED" not in str(exc):
                 raise
 
+    def signal(self, name: str, signame: str) -> None:
+        """Send a signal (e.g. "HUP") to a program's process."""
+        self._call("supervisor.signalProcess", name, signame)
+
     def stop(self, name: str, timeout: float) -> None:
         """SIGTERM (to the process group), then SIGKILL if still alive after `timeout`."""
         self._stop_quietly(name, wait=False)
