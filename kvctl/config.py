@@ -56,6 +56,8 @@ class SimSettings:
     hang_on_sleep: bool = False
     hang_on_wake: bool = False
     seed: int = 0
+    spawn_children: int = 0  # idle child processes, as vLLM starts EngineCore and workers
+    memory_gb: float | None = None  # --memory-gb; None: the instance's memory_gb
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class Instance:
     memory_gb: float | None = None
     sleep: SleepSettings = SleepSettings()
     startup_timeout_seconds: float = 900.0
+    startretries: int = 3  # failed starts in a row before the instance stays `failed`
     sim: SimSettings = SimSettings()
     external: bool = False
     add_host_flag: bool = False  # host/port came from kvctl keys, so kvctl passes the flags
@@ -99,8 +102,14 @@ class RouterConfig:
     health_check_interval_seconds: float = 2.0
     health_failure_threshold: int = 3
     log_level: str = "info"
-    log_format: str = "text"
+    log_format: str = "text"  # text | json
     access_log: bool = True
+    # Client-side limits (SPEC §16); none of them applies to the engine's side.
+    max_header_bytes: int = 65536
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    keepalive_timeout_seconds: float = 5.0
+    max_connections: int = 10000
 
     @property
     def url(self) -> str:
@@ -136,6 +145,9 @@ class Config:
     instances: tuple[Instance, ...]
     launch_delay_seconds: float = 0.0
     warnings: tuple[str, ...] = ()
+    # Environment variables referenced as ${VAR} in router.api_keys / router.admin_token:
+    # secrets of the router that engines must not inherit.
+    secret_env: tuple[str, ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -294,6 +306,7 @@ class _Reader:
             instances=tuple(inst for inst, _ in placed),
             launch_delay_seconds=top.get("launch_delay_seconds", 0.0),
             warnings=tuple(self.warnings),
+            secret_env=_secret_env(data),
         )
 
     def instance(self, node: Any, pos: tuple[int, int], index: int, kvcached_env: dict[str, str], sm: SleepManagerConfig) -> Instance | None:
@@ -378,6 +391,7 @@ class _Reader:
             memory_gb=raw.get("memory_gb"),
             sleep=sleep,
             startup_timeout_seconds=raw.get("startup_timeout_seconds", 900.0),
+            startretries=raw.get("startretries", 3),
             sim=SimSettings(**raw.get("sim", {})),
             external=external,
             add_host_flag=arg_host is None,
@@ -455,6 +469,17 @@ def _pos_of(node: Any, key: str, default: tuple[int, int]) -> tuple[int, int]:
     if isinstance(node, CommentedMap) and key in node:
         return node.lc.key(key)
     return default
+
+
+def _secret_env(data: Any) -> tuple[str, ...]:
+    """Names of the variables that router.api_keys and router.admin_token take from the environment."""
+    router = data.get("router") if isinstance(data, CommentedMap) else None
+    if not isinstance(router, CommentedMap):
+        return ()
+    keys = router.get("api_keys")
+    values = [*(keys if isinstance(keys, CommentedSeq) else ()), router.get("admin_token")]
+    names = (name for value in values if isinstance(value, str) for name in _VAR.findall(value))
+    return tuple(dict.fromkeys(names))
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:
@@ -703,6 +728,11 @@ _ROUTER_FIELDS = {
     "log_level": _Field(_choice("debug", "info", "warning", "error")),
     "log_format": _Field(_choice("text", "json")),
     "access_log": _Field(_bool),
+    "max_header_bytes": _Field(_integer(1024)),  # a request line and a few headers must fit
+    "header_timeout_seconds": _Field(_number(positive=True)),
+    "body_timeout_seconds": _Field(_number(positive=True)),
+    "keepalive_timeout_seconds": _Field(_number(positive=True)),
+    "max_connections": _Field(_integer(1)),
 }
 _SLEEP_MANAGER_FIELDS = {
     "idle_threshold_seconds": _Field(_number(positive=True)),
@@ -733,6 +763,8 @@ _SIM_FIELDS = {
     "hang_on_sleep": _Field(_bool),
     "hang_on_wake": _Field(_bool),
     "seed": _Field(_integer(0)),
+    "spawn_children": _Field(_integer(0)),
+    "memory_gb": _Field(_number(positive=True, optional=True)),
 }
 _INSTANCE_FIELDS = {
     "name": _Field(_nonempty_string),
@@ -750,6 +782,7 @@ _INSTANCE_FIELDS = {
     "memory_gb": _Field(_number(positive=True, optional=True)),
     "sleep": _Field(_section("sleep", _SLEEP_FIELDS)),
     "startup_timeout_seconds": _Field(_number(positive=True)),
+    "startretries": _Field(_integer(0)),
     "sim": _Field(_section("sim", _SIM_FIELDS)),
     "external": _Field(_bool),
 }

@@ -166,8 +166,11 @@ class SimAdapter(EngineAdapter):
         ):
             if value:
                 argv += [flag, str(value)]
-        if inst.memory_gb is not None:
-            argv += ["--memory-gb", str(inst.memory_gb)]
+        memory_gb = sim.memory_gb if sim.memory_gb is not None else inst.memory_gb
+        if memory_gb is not None:
+            argv += ["--memory-gb", str(memory_gb)]
+        if sim.spawn_children:
+            argv += ["--spawn-children", str(sim.spawn_children)]
         if sim.crash_after is not None:
             argv += ["--crash-after", str(sim.crash_after)]
         if sim.hang_on_sleep:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from kvctl import config as config_mod
+from kvctl.engines import adapter_for
+from kvctl.errors import ConfigError
 
 from conftest import ROOT
 
@@ -144,3 +147,126 @@ def test_kvcached_block_env_lists_and_mappings(tmp_path: Path) -> None:
     assert inst.env["KVCACHED_GPU_UTILIZATION"] == "0.9"
     assert inst.env["ENABLE_KVCACHED"] == "true" and inst.env["B"] == "x=y"
     assert inst.host == "127.0.0.2" and inst.args == ("--max-model-len", "256", "--host", "127.0.0.2")
+
+
+# --------------------------------------------------------------------------- in-process checks
+
+FILE = Path("/kvctl-test/kvctl.yaml")  # parse() reads no file: a path for the messages only
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config_mod.parse(text, FILE)
+    return info.value.problems
+
+
+def only_problem(text: str) -> tuple[str, str]:
+    """The single problem of `text` as ("LINE:COL", message)."""
+    found = problems(text)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{FILE}:"), found
+    where, message = found[0][len(f"{FILE}:"):].split(": ", 1)
+    return where, message
+
+
+def test_new_router_and_instance_keys_have_their_defaults() -> None:
+    config = config_mod.parse("instances:\n" + GOOD_INSTANCE, FILE)
+    router, inst = config.router, config.instances[0]
+    assert (router.log_level, router.log_format, router.access_log) == ("info", "text", True)
+    assert (router.max_header_bytes, router.max_connections) == (65536, 10000)
+    assert (router.header_timeout_seconds, router.body_timeout_seconds, router.keepalive_timeout_seconds) == (10.0, 30.0, 5.0)
+    assert inst.startretries == 3 and inst.sim.spawn_children == 0 and inst.sim.memory_gb is None
+    assert config.secret_env == ()
+
+
+def test_new_keys_are_read() -> None:
+    config = config_mod.parse(
+        "router:\n  log_level: debug\n  log_format: json\n  access_log: false\n  max_header_bytes: 8192\n"
+        "  header_timeout_seconds: 2.5\n  body_timeout_seconds: 4\n  keepalive_timeout_seconds: 1\n  max_connections: 50\n"
+        "instances:\n" + GOOD_INSTANCE + "    startretries: 0\n    sim: {spawn_children: 2, memory_gb: 3.5}\n",
+        FILE,
+    )
+    router, inst = config.router, config.instances[0]
+    assert (router.log_level, router.log_format, router.access_log) == ("debug", "json", False)
+    assert (router.max_header_bytes, router.max_connections) == (8192, 50)
+    assert (router.header_timeout_seconds, router.body_timeout_seconds, router.keepalive_timeout_seconds) == (2.5, 4.0, 1.0)
+    assert inst.startretries == 0 and inst.sim.spawn_children == 2 and inst.sim.memory_gb == 3.5
+
+
+NEW_KEYS_BROKEN = [
+    ("router:\n  log_level: loud\n", "2:14", "must be one of debug, info, warning, error"),
+    ("router:\n  log_format: xml\n", "2:15", "must be one of text, json"),
+    ("router:\n  access_log: 1\n", "2:15", "expected true or false"),
+    ("router:\n  max_header_bytes: 10\n", "2:21", "at least 1024"),
+    ("router:\n  header_timeout_seconds: 0\n", "2:27", "greater than 0"),
+    ("router:\n  body_timeout_seconds: soon\n", "2:25", "expected a number"),
+    ("router:\n  keepalive_timeout_seconds: -1\n", "2:30", "greater than 0"),
+    ("router:\n  max_connections: 0\n", "2:20", "at least 1"),
+    ("instances:\n" + GOOD_INSTANCE + "    startretries: -1\n", "6:19", "at least 0"),
+    ("instances:\n" + GOOD_INSTANCE + "    sim: {spawn_children: 1.5}\n", "6:27", "expected an integer"),
+    ("instances:\n" + GOOD_INSTANCE + "    sim: {memory_gb: 0}\n", "6:22", "greater than 0"),
+]
+
+
+@pytest.mark.parametrize("text, where, fragment", NEW_KEYS_BROKEN)
+def test_new_keys_are_validated(text: str, where: str, fragment: str) -> None:
+    if "instances:" not in text:
+        text += "instances:\n" + GOOD_INSTANCE
+    found_where, message = only_problem(text)
+    assert (found_where, fragment in message) == (where, True), message
+
+
+def _sim_flags() -> list[argparse.Action]:
+    """Every option of `python -m kvctl.sim` that the `sim:` block should carry."""
+    from kvctl.sim.__main__ import _parser
+
+    return [a for a in _parser()._actions if a.option_strings and a.dest not in {"help", "model", "host", "port"}]
+
+
+def test_sim_block_accepts_every_sim_flag_and_the_adapter_passes_it() -> None:
+    from kvctl.sim.__main__ import _parser
+
+    lines, expected = [], {}
+    for action in _sim_flags():
+        if action.const is True:  # store_true
+            value: object = True
+        elif action.choices:
+            value = list(action.choices)[-1]
+        else:
+            value = 3 if action.type is int else 0.5
+        lines.append(f"      {action.dest}: {str(value).lower() if value is True else value}\n")
+        expected[action.dest] = value
+    inst = config_mod.parse("instances:\n" + GOOD_INSTANCE + "    sim:\n" + "".join(lines), FILE).instances[0]
+    argv = adapter_for(inst).command(inst)
+    assert argv[1:3] == ["-m", "kvctl.sim"]
+    parsed, unknown = _parser().parse_known_args(argv[3:])
+    assert unknown == []
+    assert {dest: getattr(parsed, dest) for dest in expected} == expected
+
+
+def test_sim_spawn_children_only_when_set_and_memory_gb_from_sim_or_instance() -> None:
+    def argv(extra: str) -> list[str]:
+        inst = config_mod.parse("instances:\n" + GOOD_INSTANCE + extra, FILE).instances[0]
+        return adapter_for(inst).command(inst)
+
+    plain = argv("")
+    assert "--spawn-children" not in plain and "--memory-gb" not in plain
+    assert "--spawn-children" not in argv("    sim: {spawn_children: 0}\n")
+    spawning = argv("    sim: {spawn_children: 2}\n")
+    assert spawning[spawning.index("--spawn-children") + 1] == "2"
+    from_instance = argv("    memory_gb: 7\n")
+    assert from_instance[from_instance.index("--memory-gb") + 1] == "7.0"
+    from_sim = argv("    memory_gb: 7\n    sim: {memory_gb: 2}\n")
+    assert from_sim[from_sim.index("--memory-gb") + 1] == "2.0"
+
+
+def test_secret_env_names_the_variables_of_api_keys_and_admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("KVCTL_T_KEY1", "KVCTL_T_KEY2", "KVCTL_T_ADMIN", "KVCTL_T_MODEL"):
+        monkeypatch.setenv(name, "s3cret-" + name.lower())
+    config = config_mod.parse(
+        "router:\n  api_keys: ['${KVCTL_T_KEY1}', 'literal-key', 'x-${KVCTL_T_KEY2}']\n  admin_token: ${KVCTL_T_ADMIN}\n"
+        "instances:\n  - model: ${KVCTL_T_MODEL}\n    engine: sim\n    port: 12001\n",
+        FILE,
+    )
+    assert config.secret_env == ("KVCTL_T_KEY1", "KVCTL_T_KEY2", "KVCTL_T_ADMIN")
+    assert config.router.api_keys == ("s3cret-kvctl_t_key1", "literal-key", "x-s3cret-kvctl_t_key2")
