@@ -29,6 +29,8 @@ ENGINES = {"vllm": "vllm", "sglang": "sglang", "sgl": "sglang", "sim": "sim"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VAR = re.compile(r"\$\{([^}]*)\}")
+_IPC_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_IPC_NAME = 64  # kvcached cuts KVCACHED_IPC_NAME there
 _RESERVED_NAMES = {"router", "supervisord", "supervisor"}
 # AF_UNIX paths are limited to 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 100
@@ -168,11 +170,21 @@ class Config:
         """Alias -> the model it stands for."""
         return {alias: inst.model for inst in self.instances for alias in inst.aliases}
 
+    def kvcached_ipc_name(self, inst: Instance) -> str:
+        """The instance's KVCACHED_IPC_NAME (its /dev/shm segment name, unique per instance)."""
+        return kvcached_ipc_name(inst.name)
+
     def instance(self, name: str) -> Instance:
         for inst in self.instances:
             if inst.name == name:
                 return inst
         raise KeyError(name)
+
+
+def kvcached_ipc_name(name: str) -> str:
+    """`kvctl_` + the instance name as kvcached would sanitise it (every character but letters,
+    digits, '_' and '-' becomes '-', at most 64), so kvcached uses it unchanged."""
+    return ("kvctl_" + _IPC_UNSAFE.sub("-", name))[:_MAX_IPC_NAME]
 
 
 def is_loopback(host: str) -> bool:
@@ -284,7 +296,7 @@ class _Reader:
         kvcached_env: dict[str, str] = top.get("kvcached", {})
         run_dir = self.file.parent / top.get("run_dir", ".kvctl")
         raw_instances = data.get("instances") if isinstance(data, CommentedMap) else None
-        placed: list[tuple[Instance, tuple[int, int]]] = []
+        placed: list[_Placed] = []
         if "instances" not in top and "instances" not in (data or {}):
             self.error(root_pos, "missing key 'instances' (a list of engines to run)")
         elif isinstance(raw_instances, CommentedSeq):
@@ -292,7 +304,7 @@ class _Reader:
                 item_pos = raw_instances.lc.item(index)
                 inst = self.instance(item, item_pos, index, kvcached_env, sleep_manager)
                 if inst is not None:
-                    placed.append((inst, item_pos))
+                    placed.append((inst, item_pos, item))
             if not raw_instances:
                 self.error(data.lc.value("instances"), "'instances' is empty: configure at least one engine")
         elif "instances" in data:
@@ -303,7 +315,7 @@ class _Reader:
             run_dir=run_dir,
             router=router,
             sleep_manager=sleep_manager,
-            instances=tuple(inst for inst, _ in placed),
+            instances=tuple(inst for inst, _, _ in placed),
             launch_delay_seconds=top.get("launch_delay_seconds", 0.0),
             warnings=tuple(self.warnings),
             secret_env=_secret_env(data),
@@ -363,7 +375,7 @@ class _Reader:
         env = dict(kvcached_env)
         env.update(raw.get("kvcached_env", {}))
         env.update(raw.get("engine_env", {}))
-        ipc = f"kvctl_{name}"
+        ipc = kvcached_ipc_name(name)
         if env.get("KVCACHED_IPC_NAME", ipc) != ipc:
             self.warn(at("kvcached_env") if "kvcached_env" in node else pos,
                       f"{where}: KVCACHED_IPC_NAME={env['KVCACHED_IPC_NAME']} replaced by {ipc} (it must be unique per instance)")
@@ -425,16 +437,24 @@ class _Reader:
             return str(python)
         return sys.executable
 
-    def cross_checks(self, data: Any, placed: list[tuple[Instance, tuple[int, int]]], router: RouterConfig, run_dir: Path) -> None:
+    def cross_checks(self, data: Any, placed: list[_Placed], router: RouterConfig, run_dir: Path) -> None:
         """Problems that need more than one instance: duplicates and port clashes."""
         names: set[str] = set()
         ports: dict[int, str] = {}
-        models = {inst.model for inst, _ in placed}
+        models = {inst.model for inst, _, _ in placed}
         aliases: dict[str, str] = {}
         router_pos = _pos_of(data, "router", (0, 0))
-        for inst, pos in placed:
+        ipc_names: dict[str, str] = {}
+        for inst, pos, node in placed:
             if inst.name in names:
                 self.error(pos, f"duplicate instance name '{inst.name}' (give each replica its own 'name:')")
+            else:
+                ipc = kvcached_ipc_name(inst.name)
+                if ipc in ipc_names:
+                    self.error(_pos_of(node, "name", _pos_of(node, "model", pos)),
+                               f"instance '{inst.name}': its kvcached IPC name '{ipc}' is also that of instance '{ipc_names[ipc]}' "
+                               "(only letters, digits, '_' and '-' count, at most 64); rename one")
+                ipc_names.setdefault(ipc, inst.name)
             names.add(inst.name)
             if inst.port in ports and not inst.external:
                 self.error(pos, f"instance '{inst.name}': port {inst.port} is already used by instance '{ports[inst.port]}'")
@@ -457,6 +477,7 @@ class _Reader:
 
 
 _INVALID = object()
+_Placed = tuple[Instance, tuple[int, int], CommentedMap]  # an instance, its list item's position, its node
 
 
 def _kind(value: Any) -> str:
@@ -812,6 +833,7 @@ __all__ = [
     "SleepSettings",
     "env_digest",
     "is_loopback",
+    "kvcached_ipc_name",
     "load",
     "parse",
     "resolve_path",

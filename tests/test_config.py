@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -270,3 +271,32 @@ def test_secret_env_names_the_variables_of_api_keys_and_admin_token(monkeypatch:
     )
     assert config.secret_env == ("KVCTL_T_KEY1", "KVCTL_T_KEY2", "KVCTL_T_ADMIN")
     assert config.router.api_keys == ("s3cret-kvctl_t_key1", "literal-key", "x-s3cret-kvctl_t_key2")
+
+
+def test_kvcached_ipc_name_survives_kvcached_sanitising_and_is_unique() -> None:
+    config = config_mod.parse(
+        "instances:\n  - name: llama-3.2-1b\n    model: m\n    engine: sim\n    port: 12001\n"
+        "  - name: " + "x" * 64 + "\n    model: n\n    engine: sim\n    port: 12002\n",
+        FILE,
+    )
+    short, long = config.instances
+    assert short.env["KVCACHED_IPC_NAME"] == config.kvcached_ipc_name(short) == "kvctl_llama-3-2-1b"
+    assert long.env["KVCACHED_IPC_NAME"] == "kvctl_" + "x" * 58
+    for inst in config.instances:
+        name = inst.env["KVCACHED_IPC_NAME"]
+        # kvcached keeps letters, digits, '_' and '-' and cuts at 64: it must change nothing.
+        assert re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64] == name
+
+
+def _two(first: str, second: str) -> str:
+    return f"instances:\n  - {first}\n    engine: sim\n    port: 12001\n  - engine: sim\n    port: 12002\n    {second}\n"
+
+
+@pytest.mark.parametrize("text, where", [
+    (_two("name: a.b\n    model: m", "name: a-b\n    model: n"), "8:5"),  # differ only in a character kvcached replaces
+    (_two("name: " + "y" * 60 + "1\n    model: m", "name: " + "y" * 60 + "2\n    model: n"), "8:5"),  # differ beyond 64 characters
+    (_two("name: m.1\n    model: m", "model: org/m-1"), "8:5"),  # a name derived from the model collides too
+])
+def test_colliding_kvcached_ipc_names_are_an_error_at_the_second_name(text: str, where: str) -> None:
+    found_where, message = only_problem(text)
+    assert found_where == where and "kvcached IPC name" in message, message
