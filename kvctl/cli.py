@@ -47,10 +47,13 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 _STATE_STYLE = {"awake": "green", "asleep": "blue", "waking": "yellow", "draining": "yellow", "starting": "yellow", "down": "red"}
 
 
-def _load(path: Path | None) -> Config:
+def _load(path: Path | None, *, warn: bool = False) -> Config:
+    """Load the config; `warn` prints its engine-flag warnings (only `config check`, `up` and
+    the router's own log want them, not every status or stats call)."""
     config = config_mod.load(path)
-    for warning in config.warnings:
-        err.print(warning, markup=False, highlight=False)
+    if warn:
+        for warning in config.warnings:
+            err.print(warning, markup=False, highlight=False, soft_wrap=True)
     return config
 
 
@@ -66,10 +69,10 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 @app.command()
 def up(
     config_path: ConfigOption = None,
-    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once programs are started, without waiting for health.")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once the router answers /health, without waiting for the engines.")] = False,
 ) -> None:
-    """Validate, render, start supervisord (or apply a changed config) and wait until healthy."""
-    config = _load(config_path)
+    """Make the running system match the file: start it, or apply every change (only changed engines restart)."""
+    config = _load(config_path, warn=True)
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     tasks: dict[str, Any] = {}
@@ -89,14 +92,26 @@ def up(
                 err.print(exc.log_tail, markup=False, highlight=False)
                 err.rule()
             raise
-    changes = [f"{label}: {', '.join(names)}" for label, names in (("added", result.added), ("changed", result.changed), ("removed", result.removed)) if names and not result.started_supervisord]
+        except KeyboardInterrupt:
+            progress.stop()
+            err.print(f"interrupted: what was started keeps running; `kvctl status -c {config.path}` shows it, "
+                      f"`kvctl down -c {config.path}` stops it.", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+    for line in result.changes:
+        out.print(line, markup=False, highlight=False)
     if result.started_supervisord:
-        summary = "started"
-    elif not result.started:
-        summary = "already up; nothing changed"
+        summary = "kvctl started."
+    elif result.changes or result.started:
+        summary = "kvctl updated."
     else:
-        summary = "updated"
-    out.print(f"kvctl {summary}" + (f" ({'; '.join(changes)})" if changes else "") + f". Router: {config.router.url}/v1" if config.router.enabled else "")
+        summary = "kvctl already up; nothing changed."
+    out.print(summary + (f" Router: {config.router.url}/v1" if config.router.enabled else ""), markup=False, highlight=False)
+
+
+@app.command()
+def reload(config_path: ConfigOption = None) -> None:
+    """The same as `kvctl up`: apply the file to the running system (the router reloads in place)."""
+    up(config_path)
 
 
 @app.command()
@@ -225,7 +240,7 @@ def _follow(path: Path) -> None:
 @config_app.command("check")
 def config_check(config_path: ConfigOption = None) -> None:
     """Validate the config file: every problem as FILE:LINE:COL, exit 2 on errors."""
-    config = _load(config_path)
+    config = _load(config_path, warn=True)
     render_text(config)  # proves the rendered supervisord.conf round-trips
     models = config.models()
     out.print(f"{config.path}: ok ({len(config.instances)} instances, {len(models)} models, {len(config.warnings)} warnings)", markup=False, highlight=False)
@@ -245,7 +260,7 @@ def router(config_path: ConfigOption = None) -> None:
     """Run the router in the foreground (what supervisord runs; also a stand-alone router)."""
     from kvctl.router import serve
 
-    serve(_load(config_path))
+    serve(_load(config_path, warn=True))
 
 
 def _model_action(action: str, model: str | None, all_models: bool, config_path: Path | None) -> None:

@@ -71,6 +71,11 @@ class RunPaths:
     def router_state(self) -> Path:
         return self.run_dir / "router-state.json"
 
+    @property
+    def applied_config(self) -> Path:
+        """A copy of the config file `kvctl up` applied last, to tell what changed since."""
+        return self.run_dir / "applied-config.yaml"
+
     def log(self, program: str) -> Path:
         return self.logs / f"{program}.log"
 

@@ -12,15 +12,19 @@ from dataclasses import dataclass
 
 import httpx
 
-from kvctl import render
+from kvctl import config as config_mod
+from kvctl import converge, procstate, render
+from kvctl.client import RouterClient
 from kvctl.config import Config, Instance
 from kvctl.engines import adapter_for
-from kvctl.errors import NotRunningError, StartupError
+from kvctl.errors import KvctlError, NotRunningError, StartupError
 from kvctl.render import ROUTER, RunPaths
 from kvctl.supervisor import FAILED_STATES, RUNNING_STATES, ProcessInfo, Supervisor
 
 ROUTER_STARTUP_TIMEOUT_SECONDS = 60.0
 LOG_TAIL_LINES = 30
+# Router instance states in which `up` counts an instance ready.
+READY_STATES = frozenset({"awake", "asleep"})
 
 # Called with (program name, what it is doing now, finished?) so a caller can show progress.
 Reporter = Callable[[str, str, bool], None]
@@ -29,9 +33,7 @@ Reporter = Callable[[str, str, bool], None]
 @dataclass(frozen=True)
 class UpResult:
     started_supervisord: bool
-    added: list[str]
-    changed: list[str]
-    removed: list[str]
+    changes: list[str]  # one line per change to the running system (SPEC §14)
     started: list[str]  # programs that were not running and were started
 
 
@@ -51,17 +53,35 @@ def probe(url: str, timeout: float = 2.0) -> bool:
 
 
 def up(config: Config, report: Reporter, *, wait: bool = True) -> UpResult:
-    """Render, start or update supervisord, start what is not running, wait for health."""
+    """Make the running tree match the file (SPEC §14): render, start or update supervisord,
+    reload the router in place, start what is not running, and (unless `wait` is False)
+    return only when the router reports every launched instance ready."""
+    paths = RunPaths(config.run_dir)
+    previous = _applied(config)
     render.write(config)
     sup = supervisor_for(config)
     started_supervisord = not sup.is_running()
+    changes: list[str] = []
     if started_supervisord:
         report("supervisord", "starting", False)
         sup.start_daemon()
-        added, changed, removed = [p.name for p in render.programs(config)], [], []
         report("supervisord", "running", True)
     else:
         added, changed, removed = sup.apply_config()
+        if previous is not None:
+            changes = converge.changes(previous, config, restarted=frozenset(changed))
+        else:  # no record of what ran before: say what supervisord saw
+            changes = [f"instance {n}: added" for n in added if n != ROUTER] + [f"instance {n}: restarted" for n in changed if n != ROUTER]
+            changes += [f"instance {n}: removed" for n in removed if n != ROUTER]
+        if ROUTER in changed:
+            changes.append("router: restarted (its host or port changed)")
+        elif ROUTER in added:
+            changes.append("router: added")
+        elif ROUTER in removed:
+            changes.append("router: removed")
+        elif config.router.enabled and previous != config and sup.process(ROUTER).state in RUNNING_STATES:
+            _reload_router(config, sup, report)
+    render.write_private(paths.applied_config, config.path.read_text(encoding="utf-8"))
     processes = sup.processes()
     # The router first: clients get a clear 503 rather than a refused connection while engines load.
     order = [ROUTER] if ROUTER in processes else []
@@ -74,11 +94,80 @@ def up(config: Config, report: Reporter, *, wait: bool = True) -> UpResult:
             report(name, f"launch delay {config.launch_delay_seconds:g}s", False)
             time.sleep(config.launch_delay_seconds)
         report(name, "starting", False)
+        if name != ROUTER:
+            procstate.reset(config.run_dir, name)  # a new start gets its full retries
         sup.start(name)
         started.append(name)
     if wait:
         _wait_healthy(config, sup, report)
-    return UpResult(started_supervisord, added, changed, removed, started)
+        _wait_router_ready(config, report)
+    elif config.router.enabled:
+        _wait(config.router.url + "/health", ROUTER_STARTUP_TIMEOUT_SECONDS, "the router to answer /health")
+        report(ROUTER, "answering", True)
+    return UpResult(started_supervisord, changes, started)
+
+
+def _applied(config: Config) -> Config | None:
+    """The config `up` applied last (RUN_DIR keeps a copy), to say what changed since."""
+    try:
+        text = RunPaths(config.run_dir).applied_config.read_text(encoding="utf-8")
+        return config_mod.parse(text, config.path)
+    except (OSError, KvctlError):
+        return None
+
+
+def _reload_router(config: Config, sup: Supervisor, report: Reporter) -> None:
+    """SIGHUP the router and wait until it runs this file's content (or says it refused it)."""
+    digest = converge.file_digest(config.path)
+    report(ROUTER, "reloading", False)
+    sup.signal(ROUTER, "HUP")
+    deadline = time.monotonic() + ROUTER_STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(config.router.url + "/health", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            health = {}
+        if health.get("config") == digest:
+            report(ROUTER, "reloaded", True)
+            return
+        if health.get("refused_config") == digest:
+            raise KvctlError(f"the router refused {config.path} and keeps its previous configuration; see `kvctl logs router`")
+        time.sleep(0.05)
+    raise KvctlError(f"the router did not reload {config.path} within {ROUTER_STARTUP_TIMEOUT_SECONDS:g}s; see `kvctl logs router`")
+
+
+def _wait(url: str, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe(url):
+        if time.monotonic() > deadline:
+            raise StartupError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _wait_router_ready(config: Config, report: Reporter) -> None:
+    """Until the router itself has every launched instance ready (awake, or asleep where the
+    budget put it), so the next command (`kvctl sleep M`) finds it so."""
+    if not config.router.enabled:
+        return
+    deadline = time.monotonic() + max((inst.startup_timeout_seconds for inst in config.launched), default=0) + ROUTER_STARTUP_TIMEOUT_SECONDS
+    pending = {inst.name for inst in config.launched}
+    with RouterClient(config, timeout=5) as client:
+        while pending:
+            try:
+                states = {i["name"]: i for i in client.get("/health/all").get("instances", [])}
+            except KvctlError:
+                states = {}
+            for name in sorted(pending):
+                info = states.get(name, {})
+                if info.get("state") in READY_STATES:
+                    report(name, f"ready ({info['state']})", True)
+                    pending.discard(name)
+                elif info.get("state") == "failed":
+                    raise StartupError(f"{name} failed to start: {info.get('failure')}", supervisor_for(config).tail(name, LOG_TAIL_LINES))
+            if pending and time.monotonic() > deadline:
+                raise StartupError(f"the router does not report {', '.join(sorted(pending))} ready")
+            if pending:
+                time.sleep(0.05)
 
 
 def _wait_healthy(config: Config, sup: Supervisor, report: Reporter) -> None:
