@@ -310,6 +310,7 @@ class _Reader:
         elif "instances" in data:
             self.error(data.lc.value("instances"), f"'instances' must be a list, got {_kind(raw_instances)}")
         self.cross_checks(data, placed, router, run_dir)
+        self.budget_checks(placed, sleep_manager)
         return Config(
             path=self.file,
             run_dir=run_dir,
@@ -474,6 +475,25 @@ class _Reader:
                 self.error(router_pos, f"router binds non-loopback host '{router.host}' with no api_keys; set router.api_keys or router.allow_unauthenticated: true")
         if len(str(run_dir / "supervisor.sock")) > _MAX_SOCKET_PATH:
             self.error(_pos_of(data, "run_dir", (0, 0)), f"run_dir '{run_dir}' is too long for a unix socket path; choose a shorter run_dir")
+
+
+    def budget_checks(self, placed: list[_Placed], sm: SleepManagerConfig) -> None:
+        """Refuse what can never fit memory_budget_gb, instead of requests waiting for it forever."""
+        budget = sm.memory_budget_gb
+        if budget is None:
+            return
+        pinned = 0.0
+        for inst, pos, node in placed:
+            if inst.memory_gb is None:
+                continue
+            at = _pos_of(node, "memory_gb", pos)
+            if inst.memory_gb > budget:
+                self.error(at, f"instance '{inst.name}': memory_gb {inst.memory_gb:g} exceeds sleep_manager.memory_budget_gb {budget:g}: it could never be awake")
+            elif not inst.sleep.enabled:
+                pinned += inst.memory_gb
+                if pinned > budget and pinned - inst.memory_gb <= budget:
+                    self.error(at, f"instance '{inst.name}': instances that never sleep (sleep.enabled: false) need {pinned:g} GB together "
+                                   f"with this one, more than sleep_manager.memory_budget_gb {budget:g}")
 
 
 _INVALID = object()

@@ -300,3 +300,33 @@ def _two(first: str, second: str) -> str:
 def test_colliding_kvcached_ipc_names_are_an_error_at_the_second_name(text: str, where: str) -> None:
     found_where, message = only_problem(text)
     assert found_where == where and "kvcached IPC name" in message, message
+
+
+def _budget(budget: float, *instances: str) -> str:
+    text = f"sleep_manager:\n  memory_budget_gb: {budget}\ninstances:\n"
+    for index, extra in enumerate(instances):
+        text += f"  - name: i{index}\n    model: m{index}\n    engine: sim\n    port: {12001 + index}\n    {extra}\n"
+    return text
+
+
+def test_an_instance_larger_than_the_memory_budget_is_refused_at_its_memory_gb() -> None:
+    where, message = only_problem(_budget(20, "memory_gb: 10", "memory_gb: 30"))
+    assert where == "13:5" and "memory_gb 30 exceeds sleep_manager.memory_budget_gb 20" in message
+    config_mod.parse(_budget(20, "memory_gb: 20", "memory_gb: 20"), FILE)  # each fits alone: fine
+
+
+def test_pinned_instances_over_the_budget_together_are_refused_at_the_one_that_tips_it() -> None:
+    pinned = "sleep: {enabled: false}\n    memory_gb: 8"
+    where, message = only_problem(_budget(20, pinned, "memory_gb: 15", pinned, pinned))
+    # 8 + 8 fit; the third pinned one (line 26) makes 24 > 20; the sleeping one (15) does not count.
+    assert where == "26:5" and "need 24 GB together" in message, message
+    config_mod.parse(_budget(20, pinned, "memory_gb: 15", pinned), FILE)
+    config_mod.parse(_budget(20, "memory_gb: 15", "memory_gb: 15"), FILE)  # sleepers take turns
+
+
+def test_impossible_budget_through_the_cli_exits_2_with_file_line_col(tmp_path: Path) -> None:
+    path = tmp_path / "kvctl.yaml"
+    path.write_text(_budget(20, "memory_gb: 30"))
+    result = kvctl("config", "check", "-c", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [f"{path}:8:5: instance 'i0': memory_gb 30 exceeds sleep_manager.memory_budget_gb 20: it could never be awake"]
