@@ -29,7 +29,7 @@ app = typer.Typer(
     help="Run several LLM engines on shared GPUs as one OpenAI-compatible service.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
 )
 config_app = typer.Typer(help="Validate or render the config file.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -57,8 +57,19 @@ def _load(path: Path | None, *, warn: bool = False) -> Config:
     return config
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"kvctl {version('kvctl')}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors (also KVCTL_DEBUG=1).")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors (also KVCTL_DEBUG=1).")] = False,
+    _show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print kvctl's version and exit.")] = False,
+) -> None:
     if debug:
         os.environ["KVCTL_DEBUG"] = "1"
 

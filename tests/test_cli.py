@@ -34,3 +34,27 @@ def test_engine_flag_warnings_only_from_config_check(tmp_path: Path) -> None:
         result = kvctl(*command, "-c", str(config))
         assert result.returncode != 0  # nothing runs: each fails in its own way...
         assert "enable-memory-saver" not in result.stderr, (command, result.stderr)  # ...but none repeats the warning
+
+
+# --------------------------------------------------------------------------- version, help, completion
+
+
+def test_version_help_and_shell_completion() -> None:
+    from importlib.metadata import version
+
+    result = kvctl("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"kvctl {version('kvctl')}"
+    assistance = kvctl("--help", columns=80)
+    assert assistance.returncode == 0, assistance.stderr
+    for option in ("--version", "--install-completion", "--show-completion", "--debug"):
+        assert option in assistance.stdout
+    for command in ("up", "down", "status", "sleep", "wake", "stats", "bench", "logs", "config"):
+        assert f"│ {command} " in assistance.stdout, command
+    # What the installed completion script runs on <TAB>: kvctl answers with the candidates.
+    env = {**os.environ, "_KVCTL_COMPLETE": "complete_bash", "COMP_WORDS": "kvctl st", "COMP_CWORD": "1"}
+    completed = subprocess.run(KVCTL, capture_output=True, text=True, env=env, timeout=30)
+    assert completed.returncode == 0 and completed.stdout.split() == ["status", "stats"]
+    env.update(COMP_WORDS="kvctl stats --wi", COMP_CWORD="2")
+    assert subprocess.run(KVCTL, capture_output=True, text=True, env=env, timeout=30).stdout.split() == ["--window"]
+    script = kvctl("--show-completion", "bash")
+    assert script.returncode == 0 and "_KVCTL_COMPLETE=complete_bash" in script.stdout
