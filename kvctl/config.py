@@ -218,18 +218,51 @@ def parse(text: str, file: Path) -> Config:
     try:
         data = YAML(typ="rt").load(text)
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = exc.problem or exc.context or "invalid YAML"
-        if "duplicate key" in str(problem):
-            problem = problem.split(" with value")[0]
-        raise ConfigError([f"{file}:{line}:{col}: YAML syntax error: {problem}"]) from None
+        (line, col), problem = _yaml_problem(exc, text)
+        raise ConfigError([f"{file}:{line + 1}:{col + 1}: {problem}"]) from None
     reader = _Reader(file)
     config = reader.config(data)
     if reader.problems:
         raise ConfigError(reader.problems)
     assert config is not None
     return config
+
+
+def _yaml_problem(exc: MarkedYAMLError, text: str) -> tuple[tuple[int, int], str]:
+    """ruamel's error as a position and a message in words (indentation mistakes named as such)."""
+    mark = exc.problem_mark or exc.context_mark
+    line, col = (mark.line, mark.column) if mark else (0, 0)
+    problem = str(exc.problem or exc.context or "invalid YAML")
+    lines = text.splitlines()
+    here = lines[line] if line < len(lines) else ""
+    key = _KEY_LINE.match(here)
+    # A key indented differently from its neighbours: ruamel sees a scalar continued by a
+    # stray ':' (deeper) or a block that ends where none can (shallower).
+    if key and (problem.startswith("expected <block end>") and col == key.start(2)
+                or problem == "mapping values are not allowed here" and col == key.end(3)):
+        return (line, key.start(3)), _misaligned(lines, line, key)
+    if problem == "mapping values are not allowed here":
+        return (line, col), "YAML syntax error: ': ' inside a value (quote the value)"
+    if problem == "could not find expected ':'" and exc.context_mark:
+        return (exc.context_mark.line, exc.context_mark.column), "YAML syntax error: a line in a mapping without 'key: value' (missing ':'?)"
+    if "'\\t'" in problem:
+        return (line, col), "YAML syntax error: a tab character; YAML indents with spaces only"
+    if "duplicate key" in problem:
+        problem = problem.split(" with value")[0]
+    return (line, col), f"YAML syntax error: {_clip(problem)}"
+
+
+# `  - key: value`: group 1 the indentation, 2 the item/key start, 3 the key.
+_KEY_LINE = re.compile(r"^( *)((?:- +)*)([^\s#:-][^#:]*?) *:(?:\s|$)")
+
+
+def _misaligned(lines: list[str], line: int, key: re.Match[str]) -> str:
+    own = f"bad indentation: '{_clip(key.group(3), 40)}' (column {key.start(3) + 1})"
+    for above in range(line - 1, -1, -1):
+        prev = _KEY_LINE.match(lines[above])
+        if prev:
+            return f"{own} is not aligned with '{_clip(prev.group(3), 40)}' (column {prev.start(3) + 1}) on line {above + 1}"
+    return f"{own} does not match the indentation of the lines above"
 
 
 # --------------------------------------------------------------------------- reading
@@ -248,10 +281,12 @@ class _Reader:
         self.file = file
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        self.key: str | None = None  # the key whose value is being converted; messages start with it
 
     # -- reporting
     def error(self, pos: tuple[int, int], message: str) -> None:
-        self.problems.append(f"{self.file}:{pos[0] + 1}:{pos[1] + 1}: {message}")
+        prefix = f"{self.key}: " if self.key else ""
+        self.problems.append(f"{self.file}:{pos[0] + 1}:{pos[1] + 1}: {prefix}{message}")
 
     def warn(self, pos: tuple[int, int], message: str) -> None:
         self.warnings.append(f"{self.file}:{pos[0] + 1}:{pos[1] + 1}: warning: {message}")
@@ -262,9 +297,15 @@ class _Reader:
         if node is None:
             return {}
         if not isinstance(node, CommentedMap):
-            self.error(pos, f"{where} must be a mapping, got {_kind(node)}")
+            self.error(pos, f"expected a mapping, got {_kind(node)}" if self.key else f"{where} must be a mapping, got {_kind(node)}")
             return {}
-        aliases = aliases or {}
+        outer, self.key = self.key, None
+        try:
+            return self._fields(node, where, fields, aliases or {})
+        finally:
+            self.key = outer
+
+    def _fields(self, node: CommentedMap, where: str, fields: dict[str, _Field], aliases: dict[str, str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         seen_by: dict[str, str] = {}
         for key in node:
@@ -279,7 +320,9 @@ class _Reader:
                 continue
             seen_by[name] = key
             spec = fields[name]
+            self.key = key
             value = spec.convert(self, node[key], node.lc.value(key))
+            self.key = None
             if value is not _INVALID:
                 out[spec.attr or name] = value
         return out
@@ -444,7 +487,8 @@ class _Reader:
         ports: dict[int, str] = {}
         models = {inst.model for inst, _, _ in placed}
         aliases: dict[str, str] = {}
-        router_pos = _pos_of(data, "router", (0, 0))
+        router_node = data.get("router") if isinstance(data, CommentedMap) else None
+        router_pos = _pos_of(router_node, "router_host", _pos_of(data, "router", (0, 0)))
         ipc_names: dict[str, str] = {}
         for inst, pos, node in placed:
             if inst.name in names:
@@ -458,10 +502,10 @@ class _Reader:
                 ipc_names.setdefault(ipc, inst.name)
             names.add(inst.name)
             if inst.port in ports and not inst.external:
-                self.error(pos, f"instance '{inst.name}': port {inst.port} is already used by instance '{ports[inst.port]}'")
+                self.error(_port_pos(node, pos), f"instance '{inst.name}': port {inst.port} is already used by instance '{ports[inst.port]}'")
             ports.setdefault(inst.port, inst.name)
             if router.enabled and inst.port == router.port:
-                self.error(pos, f"instance '{inst.name}': port {inst.port} is the router's port")
+                self.error(_port_pos(node, pos), f"instance '{inst.name}': port {inst.port} is the router's port")
             for alias in inst.aliases:
                 if alias in models:
                     self.error(pos, f"instance '{inst.name}': alias '{alias}' is also a model name")
@@ -510,6 +554,29 @@ def _pos_of(node: Any, key: str, default: tuple[int, int]) -> tuple[int, int]:
     if isinstance(node, CommentedMap) and key in node:
         return node.lc.key(key)
     return default
+
+
+def _port_pos(node: CommentedMap, default: tuple[int, int]) -> tuple[int, int]:
+    """Where an instance sets its port: the `port:` key, else the engine_args item holding --port."""
+    if "port" in node:
+        return node.lc.key("port")
+    for key in ("engine_args", "args"):
+        args = node.get(key)
+        if isinstance(args, CommentedSeq):
+            holding = [i for i, item in enumerate(args) if isinstance(item, str) and _PORT_FLAG.search(item)]
+            if holding:
+                return args.lc.item(holding[-1])
+        if key in node:
+            return node.lc.value(key)
+    return default
+
+
+_PORT_FLAG = re.compile(r"(?:^|\s)--port(?:=|\s|$)")
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """At most `limit` characters of a user's text in a message."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _secret_env(data: Any) -> tuple[str, ...]:
@@ -739,7 +806,7 @@ def _kvcached(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
     if value is None:
         return {}
     if not isinstance(value, CommentedMap):
-        reader.error(pos, f"'kvcached' must be a mapping, got {_kind(value)}")
+        reader.error(pos, f"expected a mapping, got {_kind(value)}")
         return _INVALID
     env = _env(reader, value, pos)
     return {key.upper(): val for key, val in env.items()}

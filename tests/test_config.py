@@ -42,8 +42,8 @@ BROKEN = [
     ("missing-model", "instances:\n  - engine: sim\n    port: 12001\n", "2:5", "missing required key 'model'"),
     ("unknown-engine", "instances:\n  - model: m\n    engine: vllmm\n    port: 12001\n", "3:13", "did you mean 'vllm'"),
     ("duplicate-name", "instances:\n" + GOOD_INSTANCE + GOOD_INSTANCE.replace("12001", "12002"), "6:5", "duplicate instance name 'a'"),
-    ("duplicate-port", "instances:\n" + GOOD_INSTANCE + GOOD_INSTANCE.replace("name: a", "name: b"), "6:5", "port 12001 is already used"),
-    ("router-port-clash", "router:\n  router_port: 12001\ninstances:\n" + GOOD_INSTANCE, "4:5", "is the router's port"),
+    ("duplicate-port", "instances:\n" + GOOD_INSTANCE + GOOD_INSTANCE.replace("name: a", "name: b"), "9:5", "port 12001 is already used"),
+    ("router-port-clash", "router:\n  router_port: 12001\ninstances:\n" + GOOD_INSTANCE, "7:5", "is the router's port"),
     ("unsafe-name", "instances:\n  - name: 'bad name;rm'\n    model: m\n    engine: sim\n    port: 12001\n", "2:11", "not safe as a process name"),
     ("reserved-name", "instances:\n  - name: router\n    model: m\n    engine: sim\n    port: 12001\n", "2:11", "reserved"),
     ("unset-var", "instances:\n  - model: ${KVCTL_TEST_SURELY_UNSET}\n    engine: sim\n    port: 12001\n", "2:12", "KVCTL_TEST_SURELY_UNSET' is not set"),
@@ -51,7 +51,7 @@ BROKEN = [
     ("port-in-args-bad", "instances:\n  - model: m\n    engine: sim\n    engine_args: ['--port=http']\n", "4:18", "is not a port number"),
     ("port-out-of-range", "instances:\n  - model: m\n    engine: sim\n    port: 70000\n", "4:11", "between 1 and 65535"),
     ("env-not-key-value", "instances:\n  - model: m\n    engine: sim\n    port: 12001\n    engine_env: ['NOEQUALS']\n", "5:18", "expected 'KEY=VALUE'"),
-    ("non-loopback-no-keys", "router:\n  router_host: 0.0.0.0\ninstances:\n" + GOOD_INSTANCE, "1:1", "non-loopback"),
+    ("non-loopback-no-keys", "router:\n  router_host: 0.0.0.0\ninstances:\n" + GOOD_INSTANCE, "2:3", "non-loopback"),
     ("duplicate-yaml-key", "instances:\n" + GOOD_INSTANCE + "    port: 12002\n", "6:5", "duplicate key"),
     ("empty-file", "", "1:1", "empty"),
     ("instances-not-list", "instances: 3\n", "1:12", "must be a list"),
@@ -330,3 +330,33 @@ def test_impossible_budget_through_the_cli_exits_2_with_file_line_col(tmp_path: 
     result = kvctl("config", "check", "-c", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [f"{path}:8:5: instance 'i0': memory_gb 30 exceeds sleep_manager.memory_budget_gb 20: it could never be awake"]
+
+
+LOCATED = [
+    # (id, text, "LINE:COL", the message exactly or its start)
+    ("type-error-names-the-key", "router:\n  router_port: '8080'\ninstances:\n" + GOOD_INSTANCE, "2:16", "router_port: expected an integer, got a string"),
+    ("nested-type-error-names-the-key", "instances:\n" + GOOD_INSTANCE + "    sleep: {level: 3}\n", "6:20", "level: must be one of 1, 2, got 3"),
+    ("list-item-type-error-names-the-key", "router:\n  api_keys: [1]\ninstances:\n" + GOOD_INSTANCE, "2:14", "api_keys: expected a string, got an integer"),
+    ("section-not-a-mapping", "router: 8080\ninstances:\n" + GOOD_INSTANCE, "1:9", "router: expected a mapping, got an integer"),
+    ("duplicate-port-in-engine-args", "instances:\n" + GOOD_INSTANCE + "  - model: b\n    engine: sim\n    engine_args: ['--max-model-len 8', '--port 12001']\n",
+     "8:40", "instance 'b': port 12001 is already used by instance 'a'"),
+    ("router-port-in-engine-args-string", "router:\n  router_port: 12001\ninstances:\n  - model: b\n    engine: sim\n    engine_args: --port=12001\n",
+     "6:18", "instance 'b': port 12001 is the router's port"),
+    ("indent-deeper", "router:\n  router_port: 8080\n   router_host: x\ninstances:\n" + GOOD_INSTANCE, "3:4",
+     "bad indentation: 'router_host' (column 4) is not aligned with 'router_port' (column 3) on line 2"),
+    ("indent-shallower", "router:\n  router_port: 8080\n router_host: x\ninstances:\n" + GOOD_INSTANCE, "3:2",
+     "bad indentation: 'router_host' (column 2) is not aligned with 'router_port' (column 3) on line 2"),
+    ("indent-in-list-item", "instances:\n  - model: m\n    engine: sim\n      port: 1\n", "4:7",
+     "bad indentation: 'port' (column 7) is not aligned with 'engine' (column 5) on line 3"),
+    ("indent-at-list-dash", "instances:\n  - model: m\n    engine: sim\n  port: 1\n", "4:3",
+     "bad indentation: 'port' (column 3) is not aligned with 'engine' (column 5) on line 3"),
+    ("colon-in-value", "instances:\n  - model: a: b\n", "2:13", "YAML syntax error: ': ' inside a value (quote the value)"),
+    ("missing-colon", "router:\n  router_port: 1\n  oops\ninstances: []\n", "3:3", "YAML syntax error: a line in a mapping without 'key: value'"),
+    ("tab", "instances:\n\t- model: m\n", "2:1", "YAML syntax error: a tab character; YAML indents with spaces only"),
+]
+
+
+@pytest.mark.parametrize("text, where, message", [case[1:] for case in LOCATED], ids=[case[0] for case in LOCATED])
+def test_errors_point_at_the_offending_key_and_say_what_is_wrong(text: str, where: str, message: str) -> None:
+    found_where, found = only_problem(text)
+    assert found_where == where and found.startswith(message), found
