@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
 
 from kvctl.config import Config
 from kvctl.errors import UsageError
+from kvctl.router import overload
+from kvctl.router.protocol import ClientLimits, protocol_for
+
+log = logging.getLogger("kvctl.router")
 
 
 class _QuietCuts(logging.Filter):
@@ -42,12 +48,15 @@ def serve(config: Config) -> None:
 
     logs.configure(config.router.log_level, config.router.log_format, config.router.access_log)
     logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
+    _raise_fd_limit(config)
     app = create_app(config)
+    limits = ClientLimits(config.router)
     server = _Server(uvicorn.Config(
         app,
         host=config.router.host,
         port=config.router.port,
-        http="httptools",
+        http=protocol_for(limits),  # uvicorn's httptools protocol with the client limits
+        ws="none",
         loop="asyncio",
         lifespan="on",
         log_config=None,  # logs.configure() set up every logger; uvicorn's dictConfig would undo it
@@ -55,6 +64,7 @@ def serve(config: Config) -> None:
         server_header=False,  # the engine's own headers (Date, Server) pass through
         date_header=False,
         timeout_graceful_shutdown=30,
+        timeout_keep_alive=limits.keepalive_timeout,  # type: ignore[arg-type]  # a float works
     ))
     server.on_shutdown = app.begin_shutdown
     server.run()
@@ -70,3 +80,29 @@ class _Server(uvicorn.Server):
         if self.on_shutdown is not None:
             self.on_shutdown()
         await super().shutdown(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(overload.AcceptShedder())
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A second SIGTERM/SIGINT while draining (`kvctl down` when its --timeout ends): cut
+        # what is still in flight now, so that streams end with the router_shutdown error
+        # event rather than be killed mid-write.
+        if self.should_exit and getattr(self, "_loop", None) is not None:
+            self._loop.call_soon_threadsafe(self._cut)
+        super().handle_exit(sig, frame)
+
+    def _cut(self) -> None:
+        for task in list(self.server_state.tasks):
+            task.cancel()
+
+
+def _raise_fd_limit(config: Config) -> None:
+    soft, _ = overload.raise_fd_limit()
+    streams = overload.stream_capacity(soft)
+    log.info("file descriptor limit %d: room for about %d concurrent streams", soft, streams)
+    if streams < config.router.max_connections:
+        log.warning("the file descriptor limit (%d) allows about %d concurrent streams, fewer than router.max_connections (%d); "
+                    "beyond that clients get 503 router_overloaded", soft, streams, config.router.max_connections)

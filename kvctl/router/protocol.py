@@ -1,0 +1,242 @@
+"""uvicorn's httptools protocol with the client limits of SPEC §16.
+
+uvicorn bounds neither the size of a request head nor the time a client takes to send it
+or its body: a header that never ends grew the router by 100 MB, and slowloris clients
+held connections forever. This subclass adds, per connection:
+
+* `max_header_bytes` for the request line and headers (431), and at most `MAX_HEADERS`
+  header lines (431); bytes of a head that has not ended count too, so an unterminated
+  header is cut after about `max_header_bytes` (plus one read);
+* `header_timeout_seconds` from the connection's start, or a request's first byte, to the
+  end of its headers (408, or a plain close if nothing arrived);
+* `body_timeout_seconds` without a byte of a request body still expected (408);
+* `keepalive_timeout_seconds` for an idle connection between requests (uvicorn's timer);
+* `max_connections`: a connection beyond it gets 503 `router_overloaded` with Retry-After.
+
+None of them runs while a response is being sent: a long stream and a slow engine's first
+token keep only the proxy's own timeouts. The hot path stays cheap: a request whose head
+and body arrive in one read arms no timer at all. Refusals are OpenAI-shaped JSON; the
+connection then closes after a short linger that discards what the client still sends, so
+that the client reads the answer rather than a reset.
+
+HTTP/1.0 clients get responses without a length as a body that ends when the connection
+closes (uvicorn would send chunked encoding, which HTTP/1.0 does not have).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+
+from kvctl.config import RouterConfig
+from kvctl.router import overload
+from kvctl.router.errors import error_object
+
+MAX_HEADERS = 100
+# After a refusal, what the client still sends is read and dropped for this long (or until
+# it closes): closing with unread data would reset the connection and lose the answer.
+_LINGER_SECONDS = 2.0
+
+
+class ClientLimits:
+    """The limits every connection applies, from the router's config."""
+
+    __slots__ = ("max_header_bytes", "header_timeout", "body_timeout", "keepalive_timeout", "max_connections")
+
+    def __init__(self, router: RouterConfig) -> None:
+        self.max_header_bytes = router.max_header_bytes
+        self.header_timeout = router.header_timeout_seconds
+        self.body_timeout = router.body_timeout_seconds
+        self.keepalive_timeout = router.keepalive_timeout_seconds
+        self.max_connections = router.max_connections
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing a request that was refused."""
+
+
+class LimitedProtocol(HttpToolsProtocol):
+    limits: ClientLimits  # set on the subclass protocol_for() makes
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = self.limits.keepalive_timeout
+        self._in_head = True  # between a request's first byte (or the connection's start) and its headers' end
+        self._head_bytes = 0  # bytes received while the head is incomplete
+        self._head_size = 0  # request target and header lines parsed so far
+        self._head_count = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_pending = False  # headers done, body not complete
+        self._body_seen = 0.0
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._overloaded = False
+        self._refused = False
+
+    # ---------------------------------------------------------------- connection
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._overloaded = len(self.connections) >= self.limits.max_connections
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered; dropping what still arrives until the connection closes
+        if self._in_head:
+            self._head_bytes += len(data)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # the router speaks plain HTTP/1.1: an Upgrade request is answered as one
+        except httptools.HttpParserError:
+            if not self._refused:  # else a limit stopped the parser and has answered
+                self._refuse(400, "invalid_http", "The request is not valid HTTP/1.1.")
+            return
+        if self._in_head:
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._too_large()
+            elif self._head_timer is None:
+                self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_expired)
+        elif self._body_pending and self._body_timer is None:
+            self._body_seen = self.loop.time()
+            self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_expired)
+
+    # ---------------------------------------------------------------- parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_size = self._head_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        if self._head_size > self.limits.max_header_bytes:
+            self._too_large()
+            raise _Refused
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        self._head_count += 1
+        if self._head_size > self.limits.max_header_bytes or self._head_count > MAX_HEADERS:
+            self._too_large()
+            raise _Refused
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._overloaded:
+            self._refuse(503, "router_overloaded", overload.message(f"max_connections {self.limits.max_connections}"),
+                         ((b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS),))
+            raise _Refused
+        super().on_headers_complete()
+        self._body_pending = True
+        cycle = self.cycle
+        if self.scope["http_version"] == "1.0" and cycle is not None and cycle.scope is self.scope:
+            cycle.__class__ = _UntilCloseCycle  # before its task first runs: created just now
+
+    def on_body(self, body: bytes) -> None:
+        self._body_seen = self.loop.time()
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._body_pending = False
+        super().on_message_complete()
+
+    # ---------------------------------------------------------------- limits
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self._refused or self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A pipelined head during a response: it is judged once the response is done.
+            self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_expired)
+            return
+        if self._head_bytes == 0:
+            self.transport.close()  # a connection that never sent a byte gets no answer
+            return
+        self._refuse(408, "request_timeout", f"The request line and headers did not arrive within {self.limits.header_timeout:g}s.")
+
+    def _body_expired(self) -> None:
+        self._body_timer = None
+        if not self._body_pending or self._refused or self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # answered already (say 401) without reading the body: no second answer
+            return
+        idle = self.loop.time() - self._body_seen
+        if idle < self.limits.body_timeout:
+            self._body_timer = self.loop.call_later(self.limits.body_timeout - idle, self._body_expired)
+            return
+        self._refuse(408, "request_timeout", f"The request body stalled: no byte for {self.limits.body_timeout:g}s.")
+
+    def _too_large(self) -> None:
+        self._refuse(431, "request_headers_too_large",
+                     f"The request line and headers exceed the router's limit of {self.limits.max_header_bytes} bytes "
+                     f"or {MAX_HEADERS} header lines.")
+
+    def _refuse(self, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        """Answer `status` with an OpenAI-shaped error and close the connection."""
+        if self._refused:
+            return
+        self._refused = True
+        self._in_head = self._body_pending = False
+        self._cancel_timers()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            started = cycle.response_started
+            cycle.disconnected = True  # the app's receive() now returns http.disconnect; its send() does nothing
+            cycle.message_event.set()
+            if started:
+                self.transport.close()  # mid-response there is nothing left to say
+                return
+        body = json.dumps(error_object(status, message, code)).encode()
+        head = [STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n" % len(body)]
+        head += [b"%s: %s\r\n" % header for header in headers]
+        self.transport.write(b"".join((*head, b"\r\n", body)))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.flow.resume_reading()
+        self.loop.call_later(_LINGER_SECONDS, self.transport.close)
+
+    def _cancel_timers(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+
+class _UntilCloseCycle(RequestResponseCycle):
+    """A response to an HTTP/1.0 request: without a declared length its body simply ends
+    when the connection closes (HTTP/1.0 has no chunked encoding)."""
+
+    _until_close = False
+
+    async def send(self, message: Any) -> None:
+        if not self.response_started and message["type"] == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", ())}
+            if b"content-length" not in names and b"transfer-encoding" not in names:
+                self._until_close = True
+                self.chunked_encoding = False
+        elif self._until_close and message["type"] == "http.response.body":
+            self.expected_content_length = len(message.get("body", b""))  # no declared length to count down
+        await super().send(message)
+
+
+def protocol_for(limits: ClientLimits) -> type[LimitedProtocol]:
+    """The protocol class uvicorn instantiates per connection, bound to `limits`."""
+    return type("LimitedProtocol", (LimitedProtocol,), {"limits": limits})

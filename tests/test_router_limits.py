@@ -1,0 +1,239 @@
+"""Client limits (SPEC §16): abusive clients are cut with clear answers, bounded memory, and
+without touching legitimate streams; the router's own exhaustion is its overload, not the engine's.
+
+Abusive clients are raw sockets; legitimate ones use the openai client. The router runs as
+`python -m kvctl router` on sim engines.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import Procs, wait_for, wait_http_ok
+from test_lifecycle_support import sim_instance, sim_state, start_engines, write_config
+
+from kvctl.config import Config
+
+
+@dataclass
+class Router:
+    config: Config
+    proc: subprocess.Popen
+
+    @property
+    def port(self) -> int:
+        return self.config.router.port
+
+    @property
+    def base(self) -> str:
+        return self.config.router.url
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def run_router(procs: Procs, config: Config, **popen: object) -> Router:
+    proc = procs.start([sys.executable, "-m", "kvctl", "router", "-c", str(config.path)], **popen)
+    wait_http_ok(config.router.url + "/health")
+    wait_for(lambda: all(m["state"] == "awake" for m in httpx.get(config.router.url + "/models", timeout=5).json()["models"].values()),
+             what="every model awake")
+    return Router(config, proc)
+
+
+# A slow engine: its first token takes longer than every client limit below, and a stream
+# of STREAM_TOKENS lasts several times longer still.
+SLOW = {"ttft_ms": 1500, "tokens_per_second": 5}
+STREAM_TOKENS = 8
+LIMITS = {"header_timeout_seconds": 1, "body_timeout_seconds": 1, "keepalive_timeout_seconds": 0.5}
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
+    procs = Procs()
+    try:
+        config = write_config(tmp_path_factory.mktemp("limits"), [sim_instance("org/slow", **SLOW)], router=LIMITS)
+        start_engines(procs, config)
+        yield run_router(procs, config)
+    finally:
+        procs.stop_all()
+
+
+def exchange(port: int, payload: bytes, chunk: int = 256 * 1024) -> bytes:
+    """Send `payload` (as much as the router takes) and return what it answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        try:
+            for i in range(0, len(payload), chunk):
+                sock.sendall(payload[i:i + chunk])
+        except OSError:
+            pass  # the router closed on us: its answer, if any, is still readable
+        return read_all(sock)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def error_of(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body)["error"]
+
+
+def stream_text(router: Router, tokens: int = STREAM_TOKENS) -> str:
+    """A legitimate streamed completion through the openai client; the text it got."""
+    stream = router.client().completions.create(model="org/slow", prompt="hello", max_tokens=tokens, stream=True)
+    return "".join(chunk.choices[0].text for chunk in stream)
+
+
+HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+
+
+# ---------------------------------------------------------------------- header size and count
+
+
+def test_an_unterminated_header_is_cut_and_memory_stays_bounded(router: Router) -> None:
+    before = router.rss_mb()
+    socks = []
+    try:
+        for _ in range(4):  # held open together: without a limit each would keep its 8 MB
+            sock = socket.create_connection(("127.0.0.1", router.port), timeout=15)
+            socks.append(sock)
+            try:
+                sock.sendall(HEAD + b"X-Big: " + b"a" * 8_000_000)
+            except OSError:
+                pass
+        grown = router.rss_mb() - before
+        answers = [read_all(sock) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert grown < 10, f"router RSS grew {grown:.1f} MB for 4 unterminated 8 MB headers"
+    assert any(answers)
+    for answer in filter(None, answers):  # an answer, when the client got it before the close, says why
+        status, error = error_of(answer)
+        assert status == 431 and error["code"] == "request_headers_too_large"
+    assert httpx.get(router.base + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("head", [
+    pytest.param(HEAD + b"X-Big: " + b"a" * 8_000_000 + b"\r\n\r\n", id="8MB-header"),
+    pytest.param(HEAD + b"".join(b"X-%d: 1\r\n" % i for i in range(10_000)) + b"\r\n", id="10k-headers"),
+    pytest.param(HEAD + b"Authorization: Bearer " + b"k" * 1_000_000 + b"\r\n\r\n", id="1MB-authorization"),
+    pytest.param(b"POST /v1/completions?" + b"q" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", id="200kB-url"),
+])
+def test_an_oversized_head_gets_431(router: Router, head: bytes) -> None:
+    status, error = error_of(exchange(router.port, head))
+    assert status == 431
+    assert error["code"] == "request_headers_too_large" and error["type"] == "invalid_request_error"
+    assert httpx.get(router.base + "/health").status_code == 200
+
+
+def test_a_head_within_the_limits_is_served(router: Router) -> None:
+    headers = {f"x-extra-{i}": "v" * 500 for i in range(90)}  # 90 headers, ~46 kB: under both limits
+    response = httpx.get(router.base + "/health", headers=headers, timeout=10)
+    assert response.status_code == 200
+
+
+def test_malformed_http_gets_an_openai_shaped_400(router: Router) -> None:
+    status, error = error_of(exchange(router.port, b"NOT HTTP AT ALL\x00\r\n\r\n"))
+    assert status == 400 and error["code"] == "invalid_http"
+
+
+# ---------------------------------------------------------------------- timeouts
+
+
+def _drip(sock: socket.socket, data: bytes, stop: threading.Event) -> None:
+    """A slowloris: one byte every 0.1 s (the head never ends), until told to stop or cut off."""
+    for i in range(len(data)):
+        if stop.wait(0.1):
+            return
+        try:
+            sock.send(data[i:i + 1])
+        except OSError:
+            return
+
+
+def test_slowloris_headers_are_cut_at_the_header_timeout(router: Router) -> None:
+    stop = threading.Event()
+    with socket.create_connection(("127.0.0.1", router.port), timeout=15) as sock:
+        sock.sendall(HEAD)
+        dripper = threading.Thread(target=_drip, args=(sock, b"X-Slow: " + b"s" * 100_000, stop))
+        dripper.start()
+        try:
+            answer = read_all(sock)  # returns when the router closes, long before the drip could end
+        finally:
+            stop.set()
+            dripper.join()
+    status, error = error_of(answer)
+    assert status == 408 and error["code"] == "request_timeout" and "headers" in error["message"]
+
+
+def test_a_connection_that_sends_nothing_is_closed(router: Router) -> None:
+    with socket.create_connection(("127.0.0.1", router.port), timeout=15) as sock:
+        assert read_all(sock) == b""  # closed by the router (the socket timeout would raise)
+
+
+def test_an_idle_keepalive_connection_is_closed(router: Router) -> None:
+    with socket.create_connection(("127.0.0.1", router.port), timeout=15) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'}')  # one answer, then the router closed
+
+
+def test_a_stalled_body_gets_408_while_a_long_stream_completes(router: Router) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        # Longer than every client limit: the first token alone outlasts them.
+        legit = pool.submit(stream_text, router)
+        stalled = exchange(router.port, HEAD + b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\": ")
+        status, error = error_of(stalled)
+        assert status == 408 and error["code"] == "request_timeout" and "body" in error["message"]
+        assert len(legit.result(timeout=30).split()) == STREAM_TOKENS
+
+
+def test_a_slow_engine_keeps_a_keepalive_connection_through_the_openai_client(router: Router) -> None:
+    client = router.client()
+    # Two requests on one pooled connection, each slower than the header, body and keep-alive limits.
+    for _ in range(2):
+        answer = client.completions.create(model="org/slow", prompt="hi", max_tokens=2)
+        assert len(answer.choices[0].text.split()) == 2
+
+
+# ---------------------------------------------------------------------- connection cap
+
+
+def test_connections_beyond_max_connections_get_503_while_the_others_proceed(tmp_path: Path, procs: Procs) -> None:
+    config = write_config(tmp_path, [sim_instance("org/slow", **SLOW)], router={"max_connections": 3})
+    start_engines(procs, config)
+    router = run_router(procs, config)
+    with ThreadPoolExecutor(3) as pool:
+        streams = [pool.submit(stream_text, router) for _ in range(3)]
+        # Asked of the engine: a request to the router would be the refused fourth connection.
+        wait_for(lambda: sim_state(config.instances[0])["in_flight"] == 3, what="3 streams in flight")
+        answer = exchange(router.port, HEAD + b"content-length: 2\r\n\r\n{}")
+        assert b"\r\nretry-after: 1\r\n" in answer.lower()
+        status, error = error_of(answer)
+        assert status == 503 and error["code"] == "router_overloaded" and error["type"] == "server_error"
+        assert all(len(s.result(timeout=30).split()) == STREAM_TOKENS for s in streams)
