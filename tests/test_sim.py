@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -472,3 +475,34 @@ async def test_create_app_serves_in_process() -> None:
         r = await client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 3, "stream": True})
         assert r.status_code == 200 and len(_sse(r.text)) == 4
         assert (await client.get("/sim/state")).json()["requests_served"] == 1
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+def test_spawn_children_outlive_a_killed_parent_and_end_with_a_clean_stop(procs: Procs) -> None:
+    from test_tree import alive, tree_pids
+
+    assert "--spawn-children" in subprocess.run([sys.executable, "-m", "kvctl.sim", "--help"], capture_output=True, text=True, check=True).stdout
+    port, clean_port = free_port(), free_port()
+    killed = procs.start_sim(MODEL, port, "--spawn-children", "2")
+    clean = procs.start_sim(MODEL, clean_port, "--spawn-children", "1")
+    wait_http_ok(f"http://127.0.0.1:{port}/health")
+    wait_http_ok(f"http://127.0.0.1:{clean_port}/health")
+    children = [pid for pid in tree_pids(killed.pid) if pid != killed.pid]
+    try:
+        assert len(children) == 2
+        assert all(b"kvctl.sim-child" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children)
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait(10)
+        assert all(alive(pid) for pid in children)  # orphaned, like vLLM's workers after a kill -9
+
+        clean_children = [pid for pid in tree_pids(clean.pid) if pid != clean.pid]
+        assert len(clean_children) == 1
+        clean.send_signal(signal.SIGTERM)
+        assert clean.wait(10) == -signal.SIGTERM
+        assert not alive(clean_children[0])
+    finally:
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -8,6 +8,8 @@ flags that kvcached configs append (`--enable-sleep-mode`, `--gpu-memory-utiliza
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
 import sys
 import time
 
@@ -36,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--crash-after", type=int, default=None, metavar="N", help="exit after serving N generations")
     p.add_argument("--hang-on-sleep", action="store_true", help="sleep/release calls never return")
     p.add_argument("--hang-on-wake", action="store_true", help="wake/resume calls never return")
+    p.add_argument(
+        "--spawn-children", type=int, default=0, metavar="N",
+        help="start N idle child processes, as vLLM starts its EngineCore and workers; they outlive a killed parent",
+    )
     return p
 
 
@@ -43,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     args, unknown = _parser().parse_known_args(argv)
     if not 0.0 <= args.fail_rate <= 1.0:
         sys.exit("kvctl.sim: --fail-rate must be between 0 and 1")
+    if args.spawn_children < 0:
+        sys.exit("kvctl.sim: --spawn-children must be >= 0")
     if unknown:
         print(f"kvctl.sim: ignoring engine args: {' '.join(unknown)}", file=sys.stderr, flush=True)
     sim = SimSettings(
@@ -57,17 +65,49 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         hang_on_sleep=args.hang_on_sleep,
         hang_on_wake=args.hang_on_wake,
         seed=args.seed,
+        spawn_children=args.spawn_children,
     )
     return Settings(model=args.model, port=args.port, host=args.host, memory_gb=args.memory_gb, sim=sim, engine_args=tuple(unknown))
+
+
+# An idle worker: waits for a signal. It has no pipe to the parent, so nothing tells it when
+# the parent is killed -- like a real engine's workers, it lingers unless someone reaps it.
+_CHILD_CODE = "import signal\nwhile True: signal.pause()"
+
+
+def spawn_children(n: int, model: str) -> list[subprocess.Popen[bytes]]:
+    # Same process group and environment as the engine; the extra argv names them in `ps`.
+    return [subprocess.Popen([sys.executable, "-c", _CHILD_CODE, "kvctl.sim-child", str(i), model], stdin=subprocess.DEVNULL) for i in range(n)]
+
+
+def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
+    """A clean shutdown ends the workers, as vLLM's does; a crash or SIGKILL leaves them."""
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     app = create_app(settings)
-    if settings.sim.load_seconds > 0:
-        time.sleep(settings.sim.load_seconds)  # a real engine binds its port only once loaded
-    print(f"kvctl.sim: serving {settings.model} ({settings.sim.dialect} dialect) on {settings.host}:{settings.port}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, loop="asyncio", http="httptools", access_log=False, log_level="warning", timeout_graceful_shutdown=5)
+    children = spawn_children(settings.sim.spawn_children, settings.model)  # before loading, like vLLM's EngineCore
+
+    def stop(signum: int, _frame: object) -> None:
+        # uvicorn re-raises SIGTERM/SIGINT once it has shut down, with this handler back in place.
+        _stop_children(children)
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    try:
+        if settings.sim.load_seconds > 0:
+            time.sleep(settings.sim.load_seconds)  # a real engine binds its port only once loaded
+        print(f"kvctl.sim: serving {settings.model} ({settings.sim.dialect} dialect) on {settings.host}:{settings.port}", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=settings.host, port=settings.port, loop="asyncio", http="httptools", access_log=False, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        _stop_children(children)
 
 
 if __name__ == "__main__":
