@@ -216,6 +216,7 @@ def test_router_sigkilled_and_restarted_by_supervisord_keeps_sleep_states() -> N
         for model in ("v1", "s1"):
             assert r.post(f"/models/{model}/sleep").json()["state"] == "asleep"
         before = {i.name: sim_state(i) for i in config.instances}
+        slept = r.get("/sleep/status").json()["sleeping_models"]
         old_pid = json.loads(run("status", "--json").stdout)["router"]["pid"]
         os.kill(old_pid, signal.SIGKILL)
 
@@ -226,6 +227,11 @@ def test_router_sigkilled_and_restarted_by_supervisord_keeps_sleep_states() -> N
         wait_for(restarted, timeout=60, interval=0.3, what="supervisord to restart the router")
         wait_for(lambda: r.state("a1") == "awake", what="the restarted router to reconcile")
         assert {m: r.state(m) for m in ("v1", "s1", "a1")} == {"v1": "asleep", "s1": "asleep", "a1": "awake"}
+        # Why and since when they sleep survived the restart (the state file).
+        kept = r.get("/sleep/status").json()["sleeping_models"]
+        for model in ("v1", "s1"):
+            assert kept[model]["cause"] == "manual" and kept[model]["manual_sleep"] is True
+            assert kept[model]["sleep_start_time"] == slept[model]["sleep_start_time"]
         after = {i.name: sim_state(i) for i in config.instances}
         for name in before:  # reconciling asked; it slept or woke nothing
             assert (after[name]["sleep_calls"], after[name]["wake_calls"]) == (before[name]["sleep_calls"], before[name]["wake_calls"])
