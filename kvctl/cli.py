@@ -15,6 +15,7 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kvctl import config as config_mod
 from kvctl import tree
@@ -44,7 +45,7 @@ ConfigOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable; see README).")]
 
-_STATE_STYLE = {"awake": "green", "asleep": "blue", "waking": "yellow", "draining": "yellow", "starting": "yellow", "down": "red"}
+_STATE_STYLE = {"awake": "green", "asleep": "blue", "waking": "yellow", "draining": "yellow", "starting": "yellow", "down": "red", "failed": "bold red"}
 
 
 def _load(path: Path | None, *, warn: bool = False) -> Config:
@@ -243,6 +244,42 @@ def _follow(path: Path) -> None:
             time.sleep(0.25)  # polling a file: no event to wait on without inotify
     finally:
         fh.close()
+
+
+@app.command()
+def events(
+    config_path: ConfigOption = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new state changes until Ctrl-C.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line, as the router's GET /events sends them.")] = False,
+) -> None:
+    """The router's recent state changes (sleeps, wakes, failures), one line each, with their causes."""
+    config = _load(config_path)
+    with RouterClient(config) as client:
+        try:
+            for event in client.events(follow=follow):
+                if as_json:
+                    sys.stdout.write(json.dumps(event) + "\n")
+                    sys.stdout.flush()
+                else:
+                    out.print(_event_line(event), soft_wrap=True)
+        except KeyboardInterrupt:
+            return  # Ctrl-C is how --follow ends
+    if follow:
+        raise KvctlError("the router ended the event stream (stopped or restarted)")
+
+
+def _event_line(event: dict[str, Any]) -> Text:
+    """`TIME INSTANCE MODEL: FROM -> TO (cause) [1.2s]`, the router log's wording."""
+    when = event.get("time")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else "-"
+    to = str(event.get("to"))
+    line = Text(f"{stamp} {event.get('instance')} {event.get('model')}: {event.get('from')} -> ")
+    line.append(to, style=_STATE_STYLE.get(to, ""))
+    line.append(f" ({event.get('cause')})")
+    duration = event.get("duration_seconds")
+    if isinstance(duration, (int, float)):
+        line.append(f" [{duration:.1f}s]")
+    return line
 
 
 # --------------------------------------------------------------------------- config

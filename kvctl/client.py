@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -11,6 +13,7 @@ import httpx
 from kvctl.config import Config
 from kvctl.errors import KvctlError
 
+EVENTS_READ_TIMEOUT_SECONDS = 60.0
 
 class RouterUnreachable(KvctlError):
     """The router did not answer (not running, or not yet listening)."""
@@ -54,6 +57,20 @@ class RouterClient:
     def post(self, path: str, timeout: float | None = None) -> Any:
         return self._request("POST", path, timeout=timeout)
 
+    def events(self, *, follow: bool) -> Iterator[dict[str, Any]]:
+        """The router's state changes from `GET /events` (SSE): its recent history, then, with
+        `follow`, live ones until the router ends the stream."""
+        # The router sends a keepalive every 15 s, so a silent minute means it is gone.
+        timeout = httpx.Timeout(10.0, read=EVENTS_READ_TIMEOUT_SECONDS)
+        try:
+            with self._http.stream("GET", "/events", params={"follow": "true" if follow else "false"}, timeout=timeout) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise RouterRequestError(response.status_code, f"router: GET /events -> {response.status_code}: {_error_message(_json(response), response.text)}")
+                yield from _sse_data(response.iter_lines())
+        except httpx.HTTPError as exc:
+            raise RouterUnreachable(f"router at {self.url}: event stream failed: {exc or type(exc).__name__}") from None
+
     def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         kwargs: dict[str, Any] = {"params": params}
         if timeout is not None:
@@ -62,13 +79,33 @@ class RouterClient:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise RouterUnreachable(f"router at {self.url} is unreachable: {exc or type(exc).__name__}") from None
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
+        body = _json(response)
         if response.status_code >= 400 and not _is_action_result(body):
             raise RouterRequestError(response.status_code, f"router: {method} {path} -> {response.status_code}: {_error_message(body, response.text)}")
         return body
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _sse_data(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a Server-Sent Events stream's `data:` fields (comments skipped)."""
+    data: list[str] = []
+    for line in lines:
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            try:
+                event = json.loads("\n".join(data))
+            except ValueError:
+                raise KvctlError(f"router sent an event that is not JSON: {data[0][:80]!r}") from None
+            data = []
+            if isinstance(event, dict):
+                yield event
 
 
 def _is_action_result(body: Any) -> bool:

@@ -3,14 +3,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
-from conftest import ROOT, free_port
+from conftest import ROOT, Procs, free_port, wait_for
+from test_tree import Tree, kvtree, sim_instance  # noqa: F401 (kvtree is a fixture)
 
 KVCTL = [sys.executable, "-m", "kvctl"]
+ADMIN = "cli-admin-token"
+KEY = "cli-api-key"
+# Every read and action needs a key: the CLI must send the admin token it finds in the config.
+AUTH = f"  api_keys: [{KEY}]\n  admin_token: {ADMIN}\n"
+EVENT_KEYS = {"time", "instance", "model", "from", "to", "cause", "duration_seconds"}
 
 
 def kvctl(*args: str, columns: int = 200, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -48,7 +58,7 @@ def test_version_help_and_shell_completion() -> None:
     assert assistance.returncode == 0, assistance.stderr
     for option in ("--version", "--install-completion", "--show-completion", "--debug"):
         assert option in assistance.stdout
-    for command in ("up", "down", "status", "sleep", "wake", "stats", "bench", "logs", "config"):
+    for command in ("up", "down", "status", "events", "sleep", "wake", "stats", "bench", "logs", "config"):
         assert f"│ {command} " in assistance.stdout, command
     # What the installed completion script runs on <TAB>: kvctl answers with the candidates.
     env = {**os.environ, "_KVCTL_COMPLETE": "complete_bash", "COMP_WORDS": "kvctl st", "COMP_CWORD": "1"}
@@ -58,3 +68,65 @@ def test_version_help_and_shell_completion() -> None:
     assert subprocess.run(KVCTL, capture_output=True, text=True, env=env, timeout=30).stdout.split() == ["--window"]
     script = kvctl("--show-completion", "bash")
     assert script.returncode == 0 and "_KVCTL_COMPLETE=complete_bash" in script.stdout
+
+
+# --------------------------------------------------------------------------- events
+
+
+class Lines:
+    """A subprocess's stdout lines, collected by a thread as they come."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        threading.Thread(target=lambda: self.lines.extend(iter(stdout.readline, "")), daemon=True).start()
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in list(self.lines)]
+
+
+def test_events_prints_history_and_follows_until_ctrl_c(kvtree: Tree, procs: Procs) -> None:
+    kvtree.write(sim_instance("a", free_port()) + sim_instance("b", free_port()), extra=AUTH)
+    assert kvtree.kvctl("up").returncode == 0
+    slept = kvtree.kvctl("sleep", "org/a")
+    assert slept.returncode == 0, slept.stdout + slept.stderr
+
+    text = kvtree.kvctl("events")
+    assert text.returncode == 0, text.stderr
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+    assert re.search(rf"^{stamp} a org/a: awake -> draining \(manual\)$", text.stdout, re.M), text.stdout
+    assert re.search(rf"^{stamp} a org/a: draining -> asleep \(manual\) \[\d+\.\ds\]$", text.stdout, re.M), text.stdout
+    assert re.search(rf"^{stamp} b org/b: \w+ -> awake \(", text.stdout, re.M), text.stdout  # b's start-up
+
+    as_json = kvtree.kvctl("events", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    history = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert all(set(e) == EVENT_KEYS for e in history)
+    last_a = [e for e in history if e["instance"] == "a"][-1]
+    assert (last_a["model"], last_a["from"], last_a["to"], last_a["cause"]) == ("org/a", "draining", "asleep", "manual")
+    assert isinstance(last_a["duration_seconds"], float)
+
+    # -f: the history, then live changes, until Ctrl-C (exit 0).
+    env = {k: v for k, v in os.environ.items() if k != "KVCTL_ADMIN_TOKEN"}
+    follower = procs.start([*KVCTL, "events", "-f", "--json", "-c", str(kvtree.config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = Lines(follower)
+    wait_for(lambda: len(lines.lines) >= len(history), timeout=20, what="the replayed history")
+    assert lines.events()[:len(history)] == history
+    woke = kvtree.kvctl("wake", "org/a")
+    assert woke.returncode == 0, woke.stdout + woke.stderr
+    wait_for(lambda: any((e["instance"], e["from"], e["to"]) == ("a", "waking", "awake") for e in lines.events()), timeout=20, what="a's wake, live")
+    assert follower.poll() is None  # still following
+    follower.send_signal(signal.SIGINT)
+    assert follower.wait(timeout=20) == 0
+    assert follower.stderr is not None and follower.stderr.read() == ""
+
+
+def test_events_errors(kvtree: Tree) -> None:
+    kvtree.write(sim_instance("a", free_port()), extra=AUTH)
+    down = kvtree.kvctl("events", "-f")
+    assert down.returncode == 1 and down.stderr.startswith("error: router at") and "Traceback" not in down.stderr
+    assert kvtree.kvctl("up").returncode == 0
+    kvtree.write(sim_instance("a", free_port()), extra=f"  api_keys: [{KEY}]\n  admin_token: wrong\n")  # the CLI now sends a wrong token
+    refused = kvtree.kvctl("events")
+    assert refused.returncode == 1 and "401" in refused.stderr and ADMIN not in refused.stderr and "wrong" not in refused.stderr
