@@ -180,3 +180,31 @@ def test_router_log_and_events_tell_every_state_change_with_its_cause(kvtree: Tr
     assert ("draining", "asleep", "manual") in changes and ("waking", "awake", "request") in changes and ("draining", "asleep", "idle") in changes
     assert all(set(e) >= {"time", "instance", "model", "from", "to", "cause", "duration_seconds"} for e in events)
     assert httpx.get(kvtree.router_url + "/events?follow=false").status_code == 401
+
+
+def test_up_restarts_only_what_needs_it(kvtree: Tree) -> None:
+    ports = {name: free_port() for name in "ab"}
+    a, b = (sim_instance(name, ports[name]) for name in "ab")
+    kvtree.write(a + b)
+    assert kvtree.kvctl("up").returncode == 0
+    pids, router_pid = kvtree.pids(), kvtree.status()["router"]["pid"]
+
+    # An engine setting: that engine restarts, and is routed as soon as `up` returns.
+    kvtree.write(sim_instance("a", ports["a"], extra="    sim: {ttft_ms: 1}\n") + b)
+    result = kvtree.kvctl("up")
+    assert result.returncode == 0 and "instance a: restarted (sim changed)" in result.stdout, result.stdout + result.stderr
+    after = kvtree.pids()
+    assert after["a"] != pids["a"] and after["b"] == pids["b"]
+    assert kvtree.status()["router"]["pid"] == router_pid
+    assert _chat(kvtree, "org/a")
+
+    # The router's port: only the router restarts, on the new port.
+    old_url = kvtree.router_url
+    kvtree.router_port = free_port()
+    kvtree.write(sim_instance("a", ports["a"], extra="    sim: {ttft_ms: 1}\n") + b)
+    result = kvtree.kvctl("up")
+    assert result.returncode == 0 and "router: restarted (its host or port changed)" in result.stdout, result.stdout + result.stderr
+    assert kvtree.pids() == after
+    assert _chat(kvtree, "org/b")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(old_url + "/health")

@@ -348,3 +348,27 @@ async def test_engine_sleep_timeout_answers_504_and_stays_awake(make: Make) -> N
     assert (result.success, result.status, result.state) == (False, 504, "awake")
     inst = await lc.acquire("m1")
     lc.release(inst)
+
+
+async def test_reload_drains_a_removed_instance_keeps_the_others_and_routes_an_added_one(make: Make, procs: Procs, tmp_path: Path) -> None:
+    kept, removed = sim_instance("kept"), sim_instance("gone")
+    lc = await make([kept, removed])
+    await lc.sleep_model("kept")
+    in_flight = await lc.acquire("gone")  # a request still running when its instance is removed
+    added = sim_instance("new")
+    config = write_config(tmp_path, [kept, added])
+    start_engine(procs, config.instance("new"))
+    changes = lc.reload(config)
+    assert changes == ["instance new: added", "instance gone: removed"]
+    with pytest.raises(Unavailable) as gone:
+        await lc.acquire("gone")
+    assert gone.value.status == 404
+    assert [i["name"] for i in lc.instances()] == ["kept", "new"]
+    assert lc.model_state("kept") == "asleep"  # unchanged instances keep their state
+    lc.release(in_flight)  # the drained instance leaves once its last request is done
+    await until(lambda: "gone" not in lc._by_name, what="the removed instance to leave")
+    inst = await asyncio.wait_for(lc.acquire("new"), 10)  # routed once its engine answers
+    assert inst.name == "new"
+    lc.release(inst)
+    causes = [(e.instance, e.to_state, e.cause) for e in lc.events.history]
+    assert ("new", "awake", "engine ready") in causes and ("kept", "asleep", "manual") in causes
