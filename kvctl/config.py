@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,20 @@ from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.composer import Composer
+from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning
+from ruamel.yaml.events import MappingStartEvent, ScalarEvent, SequenceStartEvent
+from ruamel.yaml.nodes import MappingNode, SequenceNode
 
 from kvctl.errors import ConfigError
 
 DEFAULT_PATH = "kvctl.yaml"
+# Loader limits (docs/config.md): a real kvctl.yaml is a few KiB, a few levels deep.
+MAX_FILE_BYTES = 1024 * 1024
+MAX_LINE_CHARS = 16 * 1024
+MAX_DEPTH = 32
+MAX_VALUES = 100_000
+_MAX_PROBLEMS = 100
 ENGINES = {"vllm": "vllm", "sglang": "sglang", "sgl": "sglang", "sim": "sim"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -206,7 +216,11 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate a config file; raise ConfigError listing every problem."""
     file = resolve_path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        with file.open("rb") as stream:
+            raw = stream.read(MAX_FILE_BYTES + 1)  # never more: the size is checked before parsing
+        if len(raw) > MAX_FILE_BYTES:
+            raise ConfigError([_too_big(file)])
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{file}: no such config file (use -c PATH or set KVCTL_CONFIG)"]) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -215,17 +229,69 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def parse(text: str, file: Path) -> Config:
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError([_too_big(file)])
+    long_line = next((i for i, line in enumerate(text.split("\n")) if len(line) > MAX_LINE_CHARS), None)
+    if long_line is not None:
+        # ruamel scans some long lines (a comment after a value) in quadratic time.
+        raise ConfigError([f"{file}:{long_line + 1}:{MAX_LINE_CHARS + 1}: line {long_line + 1} is longer than {MAX_LINE_CHARS} characters"])
+    yaml = YAML(typ="rt")
+    yaml.Composer = _GuardedComposer
     try:
-        data = YAML(typ="rt").load(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReusedAnchorWarning)  # YAML allows redefining an anchor
+            data = yaml.load(text)
     except MarkedYAMLError as exc:
         (line, col), problem = _yaml_problem(exc, text)
         raise ConfigError([f"{file}:{line + 1}:{col + 1}: {problem}"]) from None
     reader = _Reader(file)
     config = reader.config(data)
     if reader.problems:
-        raise ConfigError(reader.problems)
+        shown = reader.problems[:_MAX_PROBLEMS]
+        if len(reader.problems) > _MAX_PROBLEMS:
+            shown.append(f"{file}: … and {len(reader.problems) - _MAX_PROBLEMS} more problems")
+        raise ConfigError(shown)
     assert config is not None
     return config
+
+
+def _too_big(file: Path) -> str:
+    return f"{file}: the config file is larger than {MAX_FILE_BYTES // 1024} KiB (a kvctl.yaml needs a few KiB)"
+
+
+class _LimitError(MarkedYAMLError):
+    """The file breaks one of the loader's limits (its message needs no "YAML syntax error")."""
+
+
+class _GuardedComposer(Composer):
+    """ruamel's composer, bounded before anything recurses deeply or expands aliases:
+    nesting depth, the number of values with every alias expanded, plain mapping keys."""
+
+    def __init__(self, loader: Any = None) -> None:
+        super().__init__(loader)
+        self._level = 0
+        self._sizes: dict[int, int] = {}  # id(collection node) -> values in it, aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.parser.peek_event()
+        if isinstance(parent, MappingNode) and index is None and not isinstance(event, ScalarEvent):
+            # An alias of a list as a key is unhashable; kvctl never needs a non-scalar key.
+            raise _LimitError(None, None, "a mapping key must be a plain value, not an alias, a list or a mapping", event.start_mark)
+        collection = isinstance(event, (SequenceStartEvent, MappingStartEvent))
+        if collection and self._level >= MAX_DEPTH:
+            raise _LimitError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        self._level += collection
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._level -= collection
+        if collection:
+            children = node.value if isinstance(node, SequenceNode) else [child for pair in node.value for child in pair]
+            size = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+            if size > MAX_VALUES:
+                raise _LimitError(None, None, f"this expands to more than {MAX_VALUES} values (each use of a YAML alias counts)", event.start_mark)
+            self._sizes[id(node)] = size
+        return node
 
 
 def _yaml_problem(exc: MarkedYAMLError, text: str) -> tuple[tuple[int, int], str]:
@@ -233,6 +299,8 @@ def _yaml_problem(exc: MarkedYAMLError, text: str) -> tuple[tuple[int, int], str
     mark = exc.problem_mark or exc.context_mark
     line, col = (mark.line, mark.column) if mark else (0, 0)
     problem = str(exc.problem or exc.context or "invalid YAML")
+    if isinstance(exc, _LimitError):
+        return (line, col), problem
     lines = text.splitlines()
     here = lines[line] if line < len(lines) else ""
     key = _KEY_LINE.match(here)
@@ -249,7 +317,7 @@ def _yaml_problem(exc: MarkedYAMLError, text: str) -> tuple[tuple[int, int], str
         return (line, col), "YAML syntax error: a tab character; YAML indents with spaces only"
     if "duplicate key" in problem:
         problem = problem.split(" with value")[0]
-    return (line, col), f"YAML syntax error: {_clip(problem)}"
+    return (line, col), f"YAML syntax error: {_clip(problem, 120)}"
 
 
 # `  - key: value`: group 1 the indentation, 2 the item/key start, 3 the key.
@@ -313,7 +381,7 @@ class _Reader:
             name = aliases.get(key, key)
             if not isinstance(key, str) or name not in fields:
                 hint = difflib.get_close_matches(str(key), [*fields, *aliases], n=1)
-                self.error(key_pos, f"unknown key '{key}' in {where}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+                self.error(key_pos, f"unknown key '{_clip(str(key))}' in {where}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
                 continue
             if name in seen_by:
                 self.error(key_pos, f"'{key}' and '{seen_by[name]}' in {where} mean the same; give only one")
@@ -386,7 +454,7 @@ class _Reader:
         name = raw.get("name") or model.rstrip("/").rsplit("/", 1)[-1]
         if not _SAFE_NAME.match(name):
             self.error(at("name") if "name" in node else at("model"),
-                       f"{where}: name '{name}' is not safe as a process name (letters, digits, '_', '.', '-'; at most 64; set 'name:')")
+                       f"{where}: name '{_clip(name)}' is not safe as a process name (letters, digits, '_', '.', '-'; at most 64; set 'name:')")
             ok = False
         elif name in _RESERVED_NAMES:
             self.error(at("name") if "name" in node else at("model"), f"{where}: name '{name}' is reserved by kvctl")
@@ -396,7 +464,7 @@ class _Reader:
         arg_host, arg_port = _flag_value(args, "--host"), _flag_value(args, "--port")
         host = raw.get("host") or arg_host or "127.0.0.1"
         if "host" in raw and arg_host is not None and arg_host != raw["host"]:
-            self.error(at("host"), f"{where}: host '{raw['host']}' disagrees with --host {arg_host} in engine_args")
+            self.error(at("host"), f"{where}: host '{_clip(raw['host'])}' disagrees with --host {_clip(arg_host)} in engine_args")
         port = raw.get("port")
         if arg_port is not None:
             try:
@@ -404,7 +472,7 @@ class _Reader:
                 if not 1 <= parsed <= 65535:
                     raise ValueError
             except ValueError:
-                self.error(at("engine_args"), f"{where}: --port '{arg_port}' in engine_args is not a port number")
+                self.error(at("engine_args"), f"{where}: --port '{_clip(arg_port)}' in engine_args is not a port number")
                 ok = False
             else:
                 if port is not None and port != parsed:
@@ -422,7 +490,7 @@ class _Reader:
         ipc = kvcached_ipc_name(name)
         if env.get("KVCACHED_IPC_NAME", ipc) != ipc:
             self.warn(at("kvcached_env") if "kvcached_env" in node else pos,
-                      f"{where}: KVCACHED_IPC_NAME={env['KVCACHED_IPC_NAME']} replaced by {ipc} (it must be unique per instance)")
+                      f"{where}: KVCACHED_IPC_NAME={_clip(env['KVCACHED_IPC_NAME'])} replaced by {ipc} (it must be unique per instance)")
         env["KVCACHED_IPC_NAME"] = ipc
 
         sleep_raw = raw.get("sleep", {})
@@ -467,7 +535,7 @@ class _Reader:
                 return None
             python = venv / "bin" / "python"
             if not external and not os.access(python, os.X_OK):
-                self.error(at("venv_path"), f"{where}: venv_path '{venv}' has no executable bin/python")
+                self.error(at("venv_path"), f"{where}: venv_path '{_clip(str(venv))}' has no executable bin/python")
                 return None
             return str(python)
         if raw.get("using_venv", False):
@@ -476,7 +544,7 @@ class _Reader:
         if "python" in raw:
             python = raw["python"]
             if not external and not os.access(python, os.X_OK):
-                self.error(at("python"), f"{where}: python '{python}' is not an executable file")
+                self.error(at("python"), f"{where}: python '{_clip(str(python))}' is not an executable file")
                 return None
             return str(python)
         return sys.executable
@@ -508,17 +576,17 @@ class _Reader:
                 self.error(_port_pos(node, pos), f"instance '{inst.name}': port {inst.port} is the router's port")
             for alias in inst.aliases:
                 if alias in models:
-                    self.error(pos, f"instance '{inst.name}': alias '{alias}' is also a model name")
+                    self.error(pos, f"instance '{inst.name}': alias '{_clip(alias)}' is also a model name")
                 elif aliases.get(alias, inst.model) != inst.model:
-                    self.error(pos, f"instance '{inst.name}': alias '{alias}' already names model '{aliases[alias]}'")
+                    self.error(pos, f"instance '{inst.name}': alias '{_clip(alias)}' already names model '{_clip(aliases[alias])}'")
                 aliases[alias] = inst.model
         if not router.is_loopback and not router.api_keys:
             if router.allow_unauthenticated:
-                self.warn(router_pos, f"router binds non-loopback host '{router.host}' with no api_keys: anyone who can reach it can use it")
+                self.warn(router_pos, f"router binds non-loopback host '{_clip(router.host)}' with no api_keys: anyone who can reach it can use it")
             else:
-                self.error(router_pos, f"router binds non-loopback host '{router.host}' with no api_keys; set router.api_keys or router.allow_unauthenticated: true")
+                self.error(router_pos, f"router binds non-loopback host '{_clip(router.host)}' with no api_keys; set router.api_keys or router.allow_unauthenticated: true")
         if len(str(run_dir / "supervisor.sock")) > _MAX_SOCKET_PATH:
-            self.error(_pos_of(data, "run_dir", (0, 0)), f"run_dir '{run_dir}' is too long for a unix socket path; choose a shorter run_dir")
+            self.error(_pos_of(data, "run_dir", (0, 0)), f"run_dir '{_clip(str(run_dir))}' is too long for a unix socket path; choose a shorter run_dir")
 
 
     def budget_checks(self, placed: list[_Placed], sm: SleepManagerConfig) -> None:
@@ -579,6 +647,15 @@ def _clip(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def _quote(value: Any) -> str:
+    """A user's value in a message: a short prefix of text, only the kind of anything bigger."""
+    if isinstance(value, str):
+        return repr(_clip(value))
+    if isinstance(value, (bool, int, float)):
+        return repr(value)
+    return _kind(value)
+
+
 def _secret_env(data: Any) -> tuple[str, ...]:
     """Names of the variables that router.api_keys and router.admin_token take from the environment."""
     router = data.get("router") if isinstance(data, CommentedMap) else None
@@ -612,11 +689,11 @@ def _expand(reader: _Reader, value: str, pos: tuple[int, int]) -> str | object:
         nonlocal bad
         name = match.group(1)
         if not _ENV_KEY.match(name):
-            reader.error(pos, f"'${{{name}}}' is not a valid environment variable reference")
+            reader.error(pos, f"'${{{_clip(name)}}}' is not a valid environment variable reference")
             bad = True
             return ""
         if name not in os.environ:
-            reader.error(pos, f"environment variable '{name}' is not set (referenced as ${{{name}}})")
+            reader.error(pos, f"environment variable '{_clip(name)}' is not set")
             bad = True
             return ""
         return os.environ[name]
@@ -692,7 +769,7 @@ def _choice(*choices: Any, optional: bool = False) -> Callable[[_Reader, Any, tu
         if value is None and optional:
             return None
         if value not in choices:
-            reader.error(pos, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+            reader.error(pos, f"must be one of {', '.join(map(str, choices))}, got {_quote(value)}")
             return _INVALID
         return value
 
@@ -701,8 +778,8 @@ def _choice(*choices: Any, optional: bool = False) -> Callable[[_Reader, Any, tu
 
 def _engine(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
     if not isinstance(value, str) or value.lower() not in ENGINES:
-        hint = difflib.get_close_matches(str(value).lower(), list(ENGINES), n=1)
-        reader.error(pos, f"unknown engine {value!r}: use vllm, sglang or sim" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        hint = difflib.get_close_matches(value.lower(), list(ENGINES), n=1) if isinstance(value, str) else []
+        reader.error(pos, f"unknown engine {_quote(value)}: use vllm, sglang or sim" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         return _INVALID
     return value.lower()
 
@@ -748,11 +825,11 @@ def _args(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
         try:
             words = shlex.split(text)
         except ValueError as exc:
-            reader.error(item_pos, f"cannot split engine argument {text!r}: {exc}")
+            reader.error(item_pos, f"cannot split engine argument {_quote(text)}: {exc}")
             continue
         for word in words:
             if "\n" in word or "\r" in word or "\0" in word:
-                reader.error(item_pos, f"engine argument {word!r} contains a newline or NUL")
+                reader.error(item_pos, f"engine argument {_quote(word)} contains a newline or NUL")
             else:
                 out.append(word)
     return out
@@ -779,18 +856,18 @@ def _env(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
         for index, item in enumerate(value):
             item_pos = value.lc.item(index)
             if not isinstance(item, str) or "=" not in item:
-                reader.error(item_pos, f"expected 'KEY=VALUE', got {item!r}")
+                reader.error(item_pos, f"expected 'KEY=VALUE', got {_quote(item)}")
                 continue
             key, _, raw = item.partition("=")
             converted = _env_value(reader, raw, item_pos)
             if not _ENV_KEY.match(key):
-                reader.error(item_pos, f"'{key}' is not a valid environment variable name")
+                reader.error(item_pos, f"'{_clip(str(key))}' is not a valid environment variable name")
             elif converted is not _INVALID:
                 out[key] = converted
     elif isinstance(value, CommentedMap):
         for key in value:
             if not isinstance(key, str) or not _ENV_KEY.match(key):
-                reader.error(value.lc.key(key), f"'{key}' is not a valid environment variable name")
+                reader.error(value.lc.key(key), f"'{_clip(str(key))}' is not a valid environment variable name")
                 continue
             converted = _env_value(reader, value[key], value.lc.value(key))
             if converted is not _INVALID:

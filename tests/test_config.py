@@ -360,3 +360,78 @@ LOCATED = [
 def test_errors_point_at_the_offending_key_and_say_what_is_wrong(text: str, where: str, message: str) -> None:
     found_where, found = only_problem(text)
     assert found_where == where and found.startswith(message), found
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def _laughs(levels: int, indent: str = "") -> str:
+    """The 'billion laughs': each level an anchored list of nine aliases of the one before."""
+    text = f'{indent}l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    for level in range(1, levels):
+        text += f"{indent}l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]\n"
+    return text
+
+
+HOSTILE = [
+    # (id, text, "LINE:COL" or "" for the whole file, a fragment of the one message)
+    ("billion-laughs", _laughs(9) + "instances:\n" + GOOD_INSTANCE, "6:5", "expands to more than 100000 values"),
+    ("billion-laughs-in-kvcached", "kvcached:\n" + _laughs(9, "  ") + "instances:\n" + GOOD_INSTANCE, "7:7", "expands to more than 100000 values"),
+    ("alias-of-a-list-as-key", _laughs(9).replace("l8:", "#") + "kvcached: {*l4 : 1}\n", "6:5", "expands to more than"),
+    ("alias-as-key", "kvcached:\n  a: &i [1]\n  *i : 1\ninstances:\n" + GOOD_INSTANCE, "3:3", "a mapping key must be a plain value"),
+    ("undefined-alias-as-key", "kvcached: {*i: 1}\ninstances:\n" + GOOD_INSTANCE, "1:12", "a mapping key must be a plain value"),
+    ("deep-nesting-one-line", "kvcached: " + "[" * 100_000 + "]" * 100_000 + "\n", "1:16385", "longer than 16384 characters"),
+    ("deep-nesting-lines", "kvcached: " + "[\n" * 100_000 + "]\n" * 100_000, "32:1", "nested deeper than 32 levels"),
+    ("deep-block-mappings", "".join(" " * i + f"k{i}:\n" for i in range(200)), "33:33", "nested deeper than 32 levels"),
+    ("comment-line-1MB", "instances:\n  - model: m  # " + "x" * 1_000_000 + "\n", "2:16385", "longer than 16384 characters"),
+    ("comment-line-2MB", "instances:\n  - model: m  # " + "x" * 2_000_000 + "\n", "", "larger than 1024 KiB"),
+]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("text, where, fragment", [case[1:] for case in HOSTILE], ids=[case[0] for case in HOSTILE])
+def test_hostile_files_are_one_line_errors(text: str, where: str, fragment: str) -> None:
+    found = problems(text)
+    assert len(found) == 1 and "\n" not in found[0], found
+    assert found[0].startswith(f"{FILE}:{where}: " if where else f"{FILE}: ") and fragment in found[0], found[0][:300]
+
+
+@pytest.mark.timeout(10)
+def test_an_alias_bomb_where_a_value_is_expected_is_named_not_expanded() -> None:
+    """7,381 values behind one alias (under the cap) used where kvctl wants a string, list or mapping."""
+    text = "kvcached:\n" + _laughs(4, "  ").replace("  l", "  x_l") + "instances:\n" + GOOD_INSTANCE.replace("name: a", "name: *l3")
+    text += "    engine_env: *l3\n    engine_args: [*l3]\n    aliases: *l3\n"
+    found = problems(text)
+    assert len(found) < 40 and all(len(line) < 200 for line in found), found
+    assert any("name: expected a string, got a list" in line for line in found), found
+    assert any("engine_env: expected 'KEY=VALUE', got a list" in line for line in found), found
+
+
+def test_messages_quote_only_a_short_prefix_of_a_long_value() -> None:
+    long = "v" * 10_000
+    text = (f"router:\n  router_host: {long}\n  log_level: {long}\ninstances:\n  - name: {long}\n    model: m\n    engine: {long}\n"
+            f"    port: {long}\n    engine_env: ['{long}']\n    {long[:1000]}: 1\n")
+    found = problems(text)
+    assert len(found) == 6, found
+    assert all(len(line) < 250 for line in found), [line[:300] for line in found]
+    assert not any("v" * 61 in line for line in found), found
+    assert sum(("v" * 60 + "…") in line for line in found) == 5, found  # all but the port's
+
+
+def test_a_50_MB_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "kvctl.yaml"
+    with path.open("wb") as f:
+        f.truncate(50 * 1024 * 1024)  # sparse: costs no disk
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(path)
+    assert info.value.problems == [f"{path}: the config file is larger than 1024 KiB (a kvctl.yaml needs a few KiB)"]
+    result = kvctl("config", "check", "-c", str(path))
+    assert result.returncode == 2 and result.stderr.splitlines() == info.value.problems, result.stderr
+
+
+def test_billion_laughs_through_the_cli_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "kvctl.yaml"
+    path.write_text(_laughs(9) + "instances:\n" + GOOD_INSTANCE)
+    result = kvctl("config", "check", "-c", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"{path}:6:5: this expands to more than 100000 values (each use of a YAML alias counts)"]
