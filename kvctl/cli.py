@@ -19,7 +19,7 @@ from rich.text import Text
 
 from kvctl import config as config_mod
 from kvctl import tree
-from kvctl.client import RouterClient, model_path
+from kvctl.client import RouterClient, json_object, model_path
 from kvctl.config import Config
 from kvctl.errors import ConfigError, KvctlError, StartupError, UsageError
 from kvctl.render import ROUTER, RunPaths, render_text
@@ -312,21 +312,68 @@ def router(config_path: ConfigOption = None) -> None:
 
 
 def _model_action(action: str, model: str | None, all_models: bool, config_path: Path | None) -> None:
+    """Ask the router to sleep or wake each model, then report where each one ENDED: a later
+    wake may have put an earlier model back to sleep to make room (memory budget)."""
     config = _load(config_path)
     if all_models == (model is not None):
         raise UsageError(f"give a MODEL or --all (not both) to {action}")
-    models = list(config.models()) if all_models else [model]
-    failed = False
+    wanted = "asleep" if action == "sleep" else "awake"
+    results: dict[str, dict[str, Any]] = {}  # canonical model name -> the router's answer
+    evicted_for: dict[str, str] = {}  # instance name -> the model whose wake put it to sleep
     with RouterClient(config, timeout=600) as client:
-        for name in models:
+        for name in list(config.models()) if all_models else [model]:
             assert name is not None
             result = client.post(f"/models/{model_path(name)}/{action}")
-            failed |= not result.get("success", False)
-            colour = _STATE_STYLE.get(str(result.get("state")), "white")
-            mark = "[green]ok[/]" if result.get("success") else "[red]failed[/]"
-            out.print(f"{mark} {name}: [{colour}]{result.get('state')}[/] — {result.get('message', '')}", highlight=False)
+            results[str(result.get("model_name") or name)] = result
+            evicted_for.update({str(inst): str(result.get("model_name") or name) for inst in result.get("evicted") or ()})
+        final = json_object(client.get("/models").get("models"))
+    failed = False
+    for name, result in results.items():
+        info = json_object(final.get(name))
+        state = str(info.get("state", result.get("state")))
+        if state == wanted:
+            out.print(_model_line("ok", name, state), soft_wrap=True)
+            continue
+        failed = True
+        # The router's own words first when the action failed; else why the state changed.
+        message = "" if result.get("success") else str(result.get("message", ""))
+        reason = _evicted(info, evicted_for) or message or _cause(info) or "changed again after the router answered"
+        out.print(_model_line("failed", name, state, f" — {reason}"), soft_wrap=True)
+    for name, info in final.items():
+        reason = _evicted(json_object(info), evicted_for)
+        if name not in results and reason:
+            out.print(_model_line("note", name, str(json_object(info).get("state")), f" ({reason})"), soft_wrap=True)
     if failed:
         raise typer.Exit(1)
+
+
+_MARKS = {"ok": "green", "failed": "red", "note": "yellow"}
+
+
+def _model_line(mark: str, model: str, state: str, tail: str = "") -> Text:
+    return Text.assemble((mark, _MARKS[mark]), f" {model}: ", (state, _STATE_STYLE.get(state, "")), tail)
+
+
+def _instances(info: dict[str, Any]) -> list[dict[str, Any]]:
+    return [i for i in info.get("instances") or () if isinstance(i, dict)]
+
+
+def _evicted(info: dict[str, Any], evicted_for: dict[str, str]) -> str:
+    """'put to sleep to make room for M' when this command's wake of M slept the model."""
+    if info.get("state") == "awake":
+        return ""
+    for inst in _instances(info):
+        if inst.get("name") in evicted_for and inst.get("state") in ("asleep", "draining"):
+            return f"put to sleep to make room for {evicted_for[inst['name']]}"
+    return ""
+
+
+def _cause(info: dict[str, Any]) -> str:
+    """The router's reason for a model's state: why an instance failed, or its sleep cause."""
+    instances = _instances(info)
+    failures = [f"instance {i.get('name')} failed: {i['failure']}" for i in instances if i.get("failure")]
+    causes = sorted({str(i["cause"]) for i in instances if i.get("cause") and i.get("state") == "asleep"})
+    return "; ".join(failures) or (f"sleep cause: {', '.join(causes)}" if causes else "")
 
 
 @app.command()

@@ -85,6 +85,11 @@ class RouterClient:
         return body
 
 
+def json_object(value: Any) -> dict[str, Any]:
+    """`value` when the router sent a JSON object there, else an empty one (tolerant reads)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _json(response: httpx.Response) -> Any:
     try:
         return response.json()

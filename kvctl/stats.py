@@ -18,17 +18,17 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from kvctl.client import RouterClient, RouterRequestError, RouterUnreachable
+from kvctl.client import RouterClient, RouterRequestError, RouterUnreachable, json_object
 from kvctl.config import Config
 
 
 def gather(client: RouterClient, config: Config, window: float) -> dict[str, Any]:
     """One snapshot: {"router", "window_seconds", "auto_sleep_enabled", "idle_threshold_seconds", "models": {model: row}}."""
-    traffic = _dict(client.get("/traffic/stats", window=f"{window:g}").get("traffic_stats"))
-    models = _dict(client.get("/models").get("models"))
-    sleep = _dict(client.get("/sleep/status"))
+    traffic = json_object(client.get("/traffic/stats", window=f"{window:g}").get("traffic_stats"))
+    models = json_object(client.get("/models").get("models"))
+    sleep = json_object(client.get("/sleep/status"))
     candidates = set(sleep.get("sleep_candidates") or ())
-    rows = {model: _row(model, instances, _dict(traffic.get(model)), _dict(models.get(model)), candidates) for model, instances in config.models().items()}
+    rows = {model: _row(model, instances, json_object(traffic.get(model)), json_object(models.get(model)), candidates) for model, instances in config.models().items()}
     return {
         "router": client.url,
         "window_seconds": window,
@@ -66,10 +66,6 @@ def _row(model: str, configured: list[Any], traffic: dict[str, Any], info: dict[
         "sleep_candidate": model in candidates,
         "memory_gb": sum(memory) if declared else None,
     }
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def _ms(seconds: Any) -> float | None:

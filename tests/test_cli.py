@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 from conftest import ROOT, Procs, free_port, wait_for
 from test_tree import Tree, kvtree, sim_instance  # noqa: F401 (kvtree is a fixture)
 
@@ -130,3 +131,53 @@ def test_events_errors(kvtree: Tree) -> None:
     kvtree.write(sim_instance("a", free_port()), extra=f"  api_keys: [{KEY}]\n  admin_token: wrong\n")  # the CLI now sends a wrong token
     refused = kvtree.kvctl("events")
     assert refused.returncode == 1 and "401" in refused.stderr and ADMIN not in refused.stderr and "wrong" not in refused.stderr
+
+
+# --------------------------------------------------------------------------- sleep and wake report the end state
+
+
+def model_states(tree: Tree) -> dict[str, str]:
+    """The router's own answer, to check what the CLI printed against."""
+    models = httpx.get(tree.router_url + "/models", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10).json()["models"]
+    return {m: info["state"] for m, info in models.items()}
+
+
+def test_wake_reports_end_states_and_who_made_room(kvtree: Tree) -> None:
+    # The budget holds one of the two models at a time.
+    gb = "    memory_gb: 6\n"
+    kvtree.write(sim_instance("a", free_port(), extra=gb) + sim_instance("b", free_port(), extra=gb),
+                 extra=AUTH + "sleep_manager:\n  memory_budget_gb: 10\n")
+    assert kvtree.kvctl("up").returncode == 0
+
+    woke = kvtree.kvctl("wake", "org/a")
+    assert woke.returncode == 0, woke.stdout + woke.stderr
+    assert model_states(kvtree) == {"org/a": "awake", "org/b": "asleep"}
+    assert "ok org/a: awake" in woke.stdout.splitlines()
+    if "note" in woke.stdout:  # b was awake before: this wake slept it
+        assert "note org/b: asleep (put to sleep to make room for org/a)" in woke.stdout.splitlines()
+
+    # Waking b now sleeps a: the note says so.
+    woke = kvtree.kvctl("wake", "org/b")
+    assert woke.returncode == 0, woke.stdout + woke.stderr
+    assert woke.stdout.splitlines() == ["ok org/b: awake", "note org/a: asleep (put to sleep to make room for org/b)"]
+
+    # --all cannot keep both awake: a (woken first) ends asleep again, and the CLI says so.
+    everything = kvtree.kvctl("wake", "--all")
+    assert everything.returncode == 1, everything.stdout + everything.stderr
+    assert model_states(kvtree) == {"org/a": "asleep", "org/b": "awake"}
+    assert everything.stdout.splitlines() == ["failed org/a: asleep — put to sleep to make room for org/b", "ok org/b: awake"]
+
+    slept = kvtree.kvctl("sleep", "--all")
+    assert slept.returncode == 0, slept.stdout + slept.stderr
+    assert slept.stdout.splitlines() == ["ok org/a: asleep", "ok org/b: asleep"]
+    assert model_states(kvtree) == {"org/a": "asleep", "org/b": "asleep"}
+
+
+def test_sleep_refused_reports_the_routers_reason(kvtree: Tree) -> None:
+    kvtree.write(sim_instance("a", free_port(), extra="    sleep: {enabled: false}\n") + sim_instance("b", free_port()), extra=AUTH)
+    assert kvtree.kvctl("up").returncode == 0
+    slept = kvtree.kvctl("sleep", "--all")
+    assert slept.returncode == 1
+    lines = slept.stdout.splitlines()
+    assert lines[0].startswith("failed org/a: awake — ") and "sleep.enabled: false" in lines[0]
+    assert lines[1:] == ["ok org/b: asleep"]
