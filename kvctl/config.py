@@ -421,6 +421,7 @@ class _Reader:
         elif "instances" in data:
             self.error(data.lc.value("instances"), f"'instances' must be a list, got {_kind(raw_instances)}")
         self.cross_checks(data, placed, router, run_dir)
+        self.literal_secrets_warning(data)
         self.budget_checks(placed, sleep_manager)
         return Config(
             path=self.file,
@@ -588,6 +589,24 @@ class _Reader:
         if len(str(run_dir / "supervisor.sock")) > _MAX_SOCKET_PATH:
             self.error(_pos_of(data, "run_dir", (0, 0)), f"run_dir '{_clip(str(run_dir))}' is too long for a unix socket path; choose a shorter run_dir")
 
+
+    def literal_secrets_warning(self, data: Any) -> None:
+        """Keys written into a file that others can read are keys others have."""
+        router = data.get("router") if isinstance(data, CommentedMap) else None
+        if not isinstance(router, CommentedMap):
+            return
+        keys = router.get("api_keys")
+        literal = [key for key, values in (("api_keys", keys if isinstance(keys, CommentedSeq) else ()), ("admin_token", [router.get("admin_token")]))
+                   if any(isinstance(v, str) and _VAR.sub("", v).strip() for v in values)]
+        if not literal:
+            return
+        try:
+            mode = self.file.stat().st_mode & 0o777
+        except OSError:
+            return  # parsed from text, not a file
+        if mode & 0o077:
+            self.warn(router.lc.key(literal[0]), f"router.{' and router.'.join(literal)} written in the file, which group/others can read "
+                                                 f"(mode {mode:04o}): chmod 600 {self.file.name}, or use ${{VAR}} to take them from the environment")
 
     def budget_checks(self, placed: list[_Placed], sm: SleepManagerConfig) -> None:
         """Refuse what can never fit memory_budget_gb, instead of requests waiting for it forever."""
@@ -793,16 +812,36 @@ def _path(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
     return Path(os.path.abspath(reader.file.parent / Path(text).expanduser()))
 
 
-def _string_list(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    if not isinstance(value, CommentedSeq):
-        reader.error(pos, f"expected a list of strings, got {_kind(value)}")
+def _list_of(item_convert: Callable[[_Reader, Any, tuple[int, int]], Any]) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
+    def convert(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+        if not isinstance(value, CommentedSeq):
+            reader.error(pos, f"expected a list of strings, got {_kind(value)}")
+            return _INVALID
+        out = []
+        for index, item in enumerate(value):
+            converted = item_convert(reader, item, value.lc.item(index))
+            if converted is not _INVALID:
+                out.append(converted)
+        return tuple(out)
+
+    return convert
+
+
+def _secret(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    """An API key or admin token; messages never show it."""
+    text = _string(reader, value, pos)
+    if text is not _INVALID and (not text or any(ch.isspace() or not ch.isprintable() for ch in text)):
+        # Clients send it as `Authorization: Bearer KEY`: blank or spaced keys can never match.
+        reader.error(pos, "must not be empty or contain spaces or control characters")
         return _INVALID
-    out = []
-    for index, item in enumerate(value):
-        converted = _nonempty_string(reader, item, value.lc.item(index))
-        if converted is not _INVALID:
-            out.append(converted)
-    return tuple(out)
+    return text
+
+
+def _optional_secret(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    return None if value is None else _secret(reader, value, pos)
+
+
+_string_list = _list_of(_nonempty_string)
 
 
 def _args(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
@@ -900,8 +939,8 @@ _ROUTER_FIELDS = {
     "enable_router": _Field(_bool, "enabled"),
     "router_port": _Field(_port, "port"),
     "router_host": _Field(_nonempty_string, "host"),
-    "api_keys": _Field(_string_list),
-    "admin_token": _Field(_optional_string),
+    "api_keys": _Field(_list_of(_secret)),
+    "admin_token": _Field(_optional_secret),
     "allow_unauthenticated": _Field(_bool),
     "request_timeout_seconds": _Field(_number(positive=True)),
     "stream_idle_timeout_seconds": _Field(_number(positive=True)),

@@ -435,3 +435,49 @@ def test_billion_laughs_through_the_cli_is_one_line_and_exit_2(tmp_path: Path) -
     result = kvctl("config", "check", "-c", str(path))
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [f"{path}:6:5: this expands to more than 100000 values (each use of a YAML alias counts)"]
+
+
+# --------------------------------------------------------------------------- secrets
+
+SECRET = "sk-very-secret-9f3a"
+
+
+@pytest.mark.parametrize("value, where", [("[' ']", "2:14"), ("['']", "2:14"), ("['ok-key', 'two words']", "2:24"), ('["tab\\there"]', "2:14")])
+def test_blank_or_spaced_api_keys_are_refused(value: str, where: str) -> None:
+    found_where, message = only_problem(f"router:\n  api_keys: {value}\ninstances:\n" + GOOD_INSTANCE)
+    assert (found_where, message) == (where, "api_keys: must not be empty or contain spaces or control characters")
+
+
+@pytest.mark.parametrize("value", ["''", "'  '", f"'{SECRET} '"])
+def test_blank_or_spaced_admin_token_is_refused_without_showing_it(value: str) -> None:
+    found_where, message = only_problem(f"router:\n  admin_token: {value}\ninstances:\n" + GOOD_INSTANCE)
+    assert found_where == "2:16" and message.startswith("admin_token: must not be empty") and SECRET not in message
+
+
+def test_a_variable_holding_a_blank_key_is_refused_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVCTL_T_BLANK", " ")
+    assert only_problem("router:\n  api_keys: ['${KVCTL_T_BLANK}']\ninstances:\n" + GOOD_INSTANCE)[1].startswith("api_keys: must not be empty")
+
+
+def _secret_file(tmp_path: Path, router: str, mode: int) -> Path:
+    path = tmp_path / "kvctl.yaml"
+    path.write_text(f"router:\n{router}instances:\n" + GOOD_INSTANCE)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("router, key", [(f"  api_keys: ['{SECRET}']\n", "api_keys"), (f"  admin_token: {SECRET}\n", "admin_token")])
+def test_literal_secrets_in_a_file_others_can_read_are_warned_about_without_the_secret(tmp_path: Path, router: str, key: str) -> None:
+    path = _secret_file(tmp_path, router, 0o644)
+    config = config_mod.load(path)
+    assert config.warnings == (f"{path}:2:3: warning: router.{key} written in the file, which group/others can read (mode 0644): "
+                               "chmod 600 kvctl.yaml, or use ${VAR} to take them from the environment",)
+    result = kvctl("config", "check", "-c", str(path))
+    assert result.returncode == 0 and "chmod 600" in result.stderr
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_no_secret_warning_at_mode_600_or_for_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config_mod.load(_secret_file(tmp_path, f"  api_keys: ['{SECRET}']\n  admin_token: {SECRET}x\n", 0o600)).warnings == ()
+    monkeypatch.setenv("KVCTL_T_KEY", SECRET)
+    assert config_mod.load(_secret_file(tmp_path, "  api_keys: ['${KVCTL_T_KEY}']\n  admin_token: ${KVCTL_T_KEY}\n", 0o644)).warnings == ()
