@@ -96,6 +96,21 @@ def read_all(sock: socket.socket) -> bytes:
     return data
 
 
+def read_head_and_body(sock: socket.socket) -> bytes:
+    """One response: its head, and its body when it declares a length (a stream's is not read)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = [int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+    while length and len(body) < length[0] and (chunk := sock.recv(65536)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def error_of(answer: bytes) -> tuple[int, dict]:
     head, _, body = answer.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -237,3 +252,61 @@ def test_connections_beyond_max_connections_get_503_while_the_others_proceed(tmp
         status, error = error_of(answer)
         assert status == 503 and error["code"] == "router_overloaded" and error["type"] == "server_error"
         assert all(len(s.result(timeout=30).split()) == STREAM_TOKENS for s in streams)
+
+
+# ---------------------------------------------------------------------- file descriptors
+
+
+def _low_fd_limit(limit: int):  # noqa: ANN202 - a preexec_fn
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))  # the hard limit too: the router cannot raise it
+    return apply
+
+
+def _open_stream(port: int) -> socket.socket:
+    body = b'{"model": "org/m", "prompt": "hello", "max_tokens": 1000, "stream": true}'
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(HEAD + b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
+
+
+def test_running_out_of_file_descriptors_is_the_routers_overload_not_the_engines(tmp_path: Path, procs: Procs) -> None:
+    # Probes are not what is tested: no probe runs while descriptors are short.
+    config = write_config(tmp_path, [sim_instance("org/m", tokens_per_second=2)], router={"health_check_interval_seconds": 60})
+    start_engines(procs, config)
+    log = tmp_path / "router.log"
+    with log.open("wb") as out:
+        router = run_router(procs, config, preexec_fn=_low_fd_limit(64), stderr=out)
+    socks: list[socket.socket] = []
+    try:
+        # One at a time until the router has no descriptor for the engine connection: that
+        # client is accepted, and its request answered 503.
+        for _ in range(60):  # two descriptors a stream: 64 cannot hold 60
+            socks.append(_open_stream(router.port))
+            answer = read_head_and_body(socks[-1])
+            if not answer.startswith(b"HTTP/1.1 200 "):
+                break
+        assert len(socks) > 1
+        refused = [answer]
+        # Then at once: the router cannot even accept most of them, and still answers each.
+        burst = [_open_stream(router.port) for _ in range(20)]
+        socks += burst
+        refused += [read_head_and_body(sock) for sock in burst]
+        for answer in refused:
+            assert b"\r\nretry-after: 1\r\n" in answer.lower(), answer
+            status, error = error_of(answer)
+            assert status == 503 and error["code"] == "router_overloaded", error
+    finally:
+        for sock in socks:
+            sock.close()
+    # Descriptors back: the engine was never blamed, and serves again at once.
+    text = router.client().completions.create(model="org/m", prompt="hi", max_tokens=2).choices[0].text
+    assert len(text.split()) == 2
+    assert httpx.get(router.base + "/models", timeout=5).json()["models"]["org/m"]["state"] == "awake"
+    lines = log.read_text().splitlines()
+    assert not [line for line in lines if "-> down" in line or "engine_unreachable" in line]
+    for where in ("connecting to an engine", "accepting a client"):  # each once per interval
+        assert len([line for line in lines if f"out of file descriptors ({where}" in line]) == 1, where
+    assert not [line for line in lines if "Traceback" in line or "socket.accept() out of system resource" in line]

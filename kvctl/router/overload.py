@@ -27,9 +27,9 @@ log = logging.getLogger("kvctl.router")
 EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 RETRY_AFTER_SECONDS = 1
 LOG_INTERVAL_SECONDS = 10.0
-# A stream holds two descriptors (client and engine connections); this many stay for the
-# listening socket, logs, the state file, health probes and idle keep-alive connections.
-_FD_RESERVE = 64
+# A stream holds two descriptors (client and engine connections); beyond those open at start,
+# this many stay for the listening socket, health probes and idle keep-alive connections.
+_FD_MARGIN = 32
 
 
 def message(what: str) -> str:
@@ -60,27 +60,31 @@ def raise_fd_limit() -> tuple[int, int]:
 
 
 def stream_capacity(fd_limit: int) -> int:
-    """Concurrent streams that fit in `fd_limit` descriptors."""
-    return max(0, (fd_limit - _FD_RESERVE) // 2)
+    """Concurrent streams that fit in `fd_limit` descriptors, given those open now."""
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 16
+    return max(0, (fd_limit - in_use - _FD_MARGIN) // 2)
 
 
 class _Throttle:
-    """Counts exhaustion events and logs them at most once per interval."""
+    """Counts exhaustion events and logs each kind at most once per interval."""
 
     def __init__(self) -> None:
-        self._last = -LOG_INTERVAL_SECONDS
-        self._count = 0
+        self._last: dict[str, float] = {}
+        self._count: dict[str, int] = {}
 
     def note(self, where: str) -> None:
-        self._count += 1
+        count = self._count[where] = self._count.get(where, 0) + 1
         now = time.monotonic()
-        if now - self._last < LOG_INTERVAL_SECONDS:
+        if now - self._last.get(where, -LOG_INTERVAL_SECONDS) < LOG_INTERVAL_SECONDS:
             return
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         log.warning("out of file descriptors (%s; limit %d): answering 503 router_overloaded; %d time(s) since the last report",
-                    where, limit, self._count)
-        self._last = now
-        self._count = 0
+                    where, limit, count)
+        self._last[where] = now
+        self._count[where] = 0
 
 
 fd_exhausted = _Throttle()

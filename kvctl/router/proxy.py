@@ -17,11 +17,12 @@ import time
 from typing import TYPE_CHECKING
 
 from kvctl.config import Config, Instance
-from kvctl.router import logs
+from kvctl.router import logs, overload
 from kvctl.router.asgi import Receive, Scope, Send
 from kvctl.router.errors import send_error, shorten, sse_error_event
 from kvctl.router.lifecycle import Unavailable
-from kvctl.router.upstream import ConnectFailed, Connection, Pool, UpstreamClosed, UpstreamError, UpstreamTimeout
+from kvctl.router.upstream import (ConnectFailed, Connection, Pool, RouterOverloaded, UpstreamClosed, UpstreamError,
+                                    UpstreamTimeout)
 
 if TYPE_CHECKING:
     from kvctl.router.lifecycle import Lifecycle
@@ -231,6 +232,11 @@ class Proxy:
                     status, reason = 502, exc.reason
                     await send_error(send, 502, f"Model '{model}': engine {inst.name} is unreachable: {exc}", "engine_unreachable", headers=rid_header)
                     return
+                except RouterOverloaded as exc:  # the router's own exhaustion: the engine is not to blame
+                    status, reason = 503, exc.reason
+                    await send_error(send, 503, overload.message(str(exc)), "router_overloaded",
+                                     headers=(*rid_header, (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)))
+                    return
                 finally:
                     lifecycle.release(inst)
         except asyncio.CancelledError:
@@ -269,6 +275,9 @@ class Proxy:
             await send_error(send, 504, f"Model '{inst.model}': engine {inst.name} sent no response within "
                              f"{self._first_byte_timeout:g}s.", "upstream_timeout", headers=rid_header)
             return 504, None, "first_byte_timeout", None
+        except (ConnectFailed, RouterOverloaded):
+            conn.abort()
+            raise  # the reconnect after a stale keep-alive failed: as any failed connect
         except UpstreamError as exc:
             conn.abort()
             await send_error(send, 502, f"Model '{inst.model}': engine {inst.name} failed before answering: {exc}",

@@ -15,6 +15,8 @@ import time
 
 import httptools
 
+from kvctl.router.overload import EXHAUSTED, fd_exhausted
+
 # Engines are uvicorn servers that drop idle keep-alive connections after 5 s; we retire ours
 # earlier so that a request is never written to a connection the engine is closing.
 _IDLE_SECONDS = 4.0
@@ -33,6 +35,12 @@ class ConnectFailed(UpstreamError):
     """No connection could be made (refused, unreachable, timed out): nothing was sent."""
 
     reason = "connect_failed"
+
+
+class RouterOverloaded(UpstreamError):
+    """The router itself is out of file descriptors: not the engine's fault."""
+
+    reason = "router_overloaded"
 
 
 class UpstreamClosed(UpstreamError):
@@ -232,6 +240,9 @@ class Pool:
         except asyncio.TimeoutError:
             raise ConnectFailed(f"connecting to {self.host}:{self.port} timed out after {self.connect_timeout:g}s") from None
         except OSError as exc:
+            if exc.errno in EXHAUSTED:
+                fd_exhausted.note("connecting to an engine")
+                raise RouterOverloaded("out of file descriptors") from None
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
         return conn
 
