@@ -48,9 +48,17 @@ _MAX_SOCKET_PATH = 100
 
 @dataclass(frozen=True)
 class SleepSettings:
+    """An instance's `sleep:` block: how it sleeps, and its own lifecycle policy (SPEC §15)."""
+
     enabled: bool = True
     level: int = 1
     mode: str | None = None  # vLLM only: abort | wait
+    idle_seconds: float | None = None  # its own idle threshold (None: sleep_manager's, when auto-sleep is on)
+    start: str = "awake"  # awake | asleep (loaded, then slept) | stopped (not started by `up`)
+    start_explicit: bool = False  # `start:` written in the file (only then does it pin memory at `up`)
+    stop_after_seconds: float | None = None  # asleep this long -> process stopped
+    priority: int = 0  # under the memory budget, lower priority sleeps first
+    verify: bool = False  # probe after every wake; reload or restart on a mismatch
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,8 @@ class SleepManagerConfig:
     vllm_sleep_level: int = 1
     vllm_sleep_mode: str | None = None
     memory_budget_gb: float | None = None
+    min_awake_seconds: float = 5.0  # a model woken for its queue is not slept for another sooner, while it has work
+    max_swap_wait_seconds: float = 60.0  # no waiting model starves longer, whatever the protection of others
 
 
 @dataclass(frozen=True)
@@ -499,6 +509,12 @@ class _Reader:
             enabled=sleep_raw.get("enabled", True),
             level=sleep_raw.get("level", sm.vllm_sleep_level),
             mode=sleep_raw.get("mode", sm.vllm_sleep_mode),
+            idle_seconds=sleep_raw.get("idle_seconds"),
+            start=sleep_raw.get("start", "awake"),
+            start_explicit="start" in sleep_raw,
+            stop_after_seconds=sleep_raw.get("stop_after_seconds"),
+            priority=sleep_raw.get("priority", 0),
+            verify=sleep_raw.get("verify", False),
         )
         engine_name = ENGINES[engine]
         if not ok or port is None or python is None:
@@ -620,11 +636,12 @@ class _Reader:
             at = _pos_of(node, "memory_gb", pos)
             if inst.memory_gb > budget:
                 self.error(at, f"instance '{inst.name}': memory_gb {inst.memory_gb:g} exceeds sleep_manager.memory_budget_gb {budget:g}: it could never be awake")
-            elif not inst.sleep.enabled:
+            elif not inst.sleep.enabled or (inst.sleep.start_explicit and inst.sleep.start == "awake"):
+                # Pinned: never sleeps, or must be awake after `up` because the file says so.
                 pinned += inst.memory_gb
                 if pinned > budget and pinned - inst.memory_gb <= budget:
-                    self.error(at, f"instance '{inst.name}': instances that never sleep (sleep.enabled: false) need {pinned:g} GB together "
-                                   f"with this one, more than sleep_manager.memory_budget_gb {budget:g}")
+                    self.error(at, f"instance '{inst.name}': instances that never sleep (sleep.enabled: false) or start awake (start: awake) "
+                                   f"need {pinned:g} GB together with this one, more than sleep_manager.memory_budget_gb {budget:g}")
 
 
 _INVALID = object()
@@ -969,11 +986,18 @@ _SLEEP_MANAGER_FIELDS = {
     "vllm_sleep_level": _Field(_choice(1, 2)),
     "vllm_sleep_mode": _Field(_choice("abort", "wait", optional=True)),
     "memory_budget_gb": _Field(_number(positive=True, optional=True)),
+    "min_awake_seconds": _Field(_number()),
+    "max_swap_wait_seconds": _Field(_number(positive=True)),
 }
 _SLEEP_FIELDS = {
     "enabled": _Field(_bool),
     "level": _Field(_choice(1, 2)),
     "mode": _Field(_choice("abort", "wait", optional=True)),
+    "idle_seconds": _Field(_number(positive=True, optional=True)),
+    "start": _Field(_choice("awake", "asleep", "stopped")),
+    "stop_after_seconds": _Field(_number(positive=True, optional=True)),
+    "priority": _Field(_integer(-1000, 1000)),
+    "verify": _Field(_bool),
 }
 _SIM_FIELDS = {
     "dialect": _Field(_choice("vllm", "sglang")),
