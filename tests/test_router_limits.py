@@ -8,6 +8,7 @@ Abusive clients are raw sockets; legitimate ones use the openai client. The rout
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -310,3 +311,31 @@ def test_running_out_of_file_descriptors_is_the_routers_overload_not_the_engines
     for where in ("connecting to an engine", "accepting a client"):  # each once per interval
         assert len([line for line in lines if f"out of file descriptors ({where}" in line]) == 1, where
     assert not [line for line in lines if "Traceback" in line or "socket.accept() out of system resource" in line]
+
+
+# ---------------------------------------------------------------------- shutdown
+
+
+def test_a_second_sigterm_ends_streams_with_an_error_event_and_the_router_exits(tmp_path: Path, procs: Procs) -> None:
+    config = write_config(tmp_path, [sim_instance("org/m", tokens_per_second=5), sim_instance("org/late", ttft_ms=60000)])
+    start_engines(procs, config)
+    router = run_router(procs, config)
+    late_engine = config.instances[1]
+    with ThreadPoolExecutor(1) as pool:
+        # A request still waiting for its engine's first byte when the router is told to stop.
+        late = pool.submit(httpx.post, router.base + "/v1/completions", json={"model": "org/late", "prompt": "x"}, timeout=30)
+        body = {"model": "org/m", "prompt": "hello", "max_tokens": 1000, "stream": True}
+        with httpx.stream("POST", router.base + "/v1/completions", json=body, timeout=10) as stream:
+            lines = (line for line in stream.iter_lines() if line)
+            assert next(lines).startswith("data: {")
+            wait_for(lambda: sim_state(late_engine)["in_flight"] == 1, what="the late request reached its engine")
+            router.proc.send_signal(signal.SIGTERM)  # `kvctl down`: in-flight requests may finish...
+            assert next(lines).startswith("data: {") and next(lines).startswith("data: {")
+            router.proc.send_signal(signal.SIGTERM)  # ...until its --timeout ends: cut them now
+            rest = list(lines)
+        answer = late.result(timeout=30)
+    assert "data: [DONE]" not in rest
+    error = json.loads(rest[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "router_shutdown" and error["type"] == "server_error"
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "router_shutdown"
+    router.proc.wait(timeout=10)

@@ -36,6 +36,8 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"
 _NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-request-id", b"expect"}
 _NOT_RETURNED = _HOP_BY_HOP | {b"x-request-id"}
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+_SHUTDOWN_CODE = "router_shutdown"
+_SHUTDOWN_MESSAGE = "The router is shutting down and cut this request; retry once it is back."
 
 
 class ResponseCut(Exception):
@@ -240,9 +242,13 @@ class Proxy:
                 finally:
                     lifecycle.release(inst)
         except asyncio.CancelledError:
-            if not ex.gone:
-                raise
-            status, reason = 499, "client_disconnected"  # nginx's code for "client closed request"
+            if ex.gone:
+                status, reason = 499, "client_disconnected"  # nginx's code for "client closed request"
+            else:  # the server stops and cut the request before its answer began (see _relay)
+                ex.finished = True
+                status, reason = 503, _SHUTDOWN_CODE
+                await send_error(send, 503, _SHUTDOWN_MESSAGE, _SHUTDOWN_CODE,
+                                 headers=(*rid_header, (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)))
         finally:
             ex.finished = True  # the watcher ends by itself: receive() returns once the response is complete
             latency = time.monotonic() - t0
@@ -329,6 +335,17 @@ class Proxy:
             ex.finished = True
             await send({"type": "http.response.body", "body": sse_error_event(message, code), "more_body": False})
             return status, ttft, code, sent
+        except asyncio.CancelledError:
+            conn.abort()
+            if ex.gone:
+                raise
+            # The server stops and its grace ran out (uvicorn's graceful-shutdown timeout, or a
+            # second SIGTERM from `kvctl down --timeout`): a stream says so before it ends.
+            if not sse:
+                raise ResponseCut(f"{inst.name}: {_SHUTDOWN_MESSAGE}") from None
+            ex.finished = True
+            await send({"type": "http.response.body", "body": sse_error_event(_SHUTDOWN_MESSAGE, _SHUTDOWN_CODE), "more_body": False})
+            return status, ttft, _SHUTDOWN_CODE, sent
         except BaseException:
             conn.abort()
             raise
