@@ -379,15 +379,15 @@ class _Reader:
             return {}
         outer, self.key = self.key, None
         try:
-            return self._fields(node, where, fields, aliases or {})
+            return self._fields(node, pos, where, fields, aliases or {})
         finally:
             self.key = outer
 
-    def _fields(self, node: CommentedMap, where: str, fields: dict[str, _Field], aliases: dict[str, str]) -> dict[str, Any]:
+    def _fields(self, node: CommentedMap, pos: tuple[int, int], where: str, fields: dict[str, _Field], aliases: dict[str, str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         seen_by: dict[str, str] = {}
         for key in node:
-            key_pos = node.lc.key(key)
+            key_pos = _key_pos(node, key, pos)
             name = aliases.get(key, key)
             if not isinstance(key, str) or name not in fields:
                 hint = difflib.get_close_matches(str(key), [*fields, *aliases], n=1)
@@ -399,7 +399,7 @@ class _Reader:
             seen_by[name] = key
             spec = fields[name]
             self.key = key
-            value = spec.convert(self, node[key], node.lc.value(key))
+            value = spec.convert(self, node[key], _value_pos(node, key, key_pos))
             self.key = None
             if value is not _INVALID:
                 out[spec.attr or name] = value
@@ -427,9 +427,9 @@ class _Reader:
                 if inst is not None:
                     placed.append((inst, item_pos, item))
             if not raw_instances:
-                self.error(data.lc.value("instances"), "'instances' is empty: configure at least one engine")
+                self.error(_value_pos(data, "instances", root_pos), "'instances' is empty: configure at least one engine")
         elif "instances" in data:
-            self.error(data.lc.value("instances"), f"'instances' must be a list, got {_kind(raw_instances)}")
+            self.error(_value_pos(data, "instances", root_pos), f"'instances' must be a list, got {_kind(raw_instances)}")
         self.cross_checks(data, placed, router, run_dir)
         self.literal_secrets_warning(data)
         self.budget_checks(placed, sleep_manager)
@@ -451,7 +451,7 @@ class _Reader:
             return None
 
         def at(key: str) -> tuple[int, int]:
-            return node.lc.value(key) if key in node else pos
+            return _value_pos(node, key, pos)
 
         ok = True
         for key in ("model", "engine"):
@@ -621,7 +621,7 @@ class _Reader:
         except OSError:
             return  # parsed from text, not a file
         if mode & 0o077:
-            self.warn(router.lc.key(literal[0]), f"router.{' and router.'.join(literal)} written in the file, which group/others can read "
+            self.warn(_key_pos(router, literal[0], (0, 0)), f"router.{' and router.'.join(literal)} written in the file, which group/others can read "
                                                  f"(mode {mode:04o}): chmod 600 {self.file.name}, or use ${{VAR}} to take them from the environment")
 
     def budget_checks(self, placed: list[_Placed], sm: SleepManagerConfig) -> None:
@@ -655,15 +655,24 @@ def _kind(value: Any) -> str:
 
 
 def _pos_of(node: Any, key: str, default: tuple[int, int]) -> tuple[int, int]:
-    if isinstance(node, CommentedMap) and key in node:
-        return node.lc.key(key)
-    return default
+    return _key_pos(node, key, default) if isinstance(node, CommentedMap) else default
+
+
+def _key_pos(node: CommentedMap, key: Any, default: tuple[int, int]) -> tuple[int, int]:
+    """Where `key` is written in `node`; `default` when it is not (e.g. it came with a `<<:` merge)."""
+    place = node.lc.data.get(key)
+    return (place[0], place[1]) if place else default
+
+
+def _value_pos(node: CommentedMap, key: Any, default: tuple[int, int]) -> tuple[int, int]:
+    place = node.lc.data.get(key)
+    return (place[2], place[3]) if place else default
 
 
 def _port_pos(node: CommentedMap, default: tuple[int, int]) -> tuple[int, int]:
     """Where an instance sets its port: the `port:` key, else the engine_args item holding --port."""
     if "port" in node:
-        return node.lc.key("port")
+        return _key_pos(node, "port", default)
     for key in ("engine_args", "args"):
         args = node.get(key)
         if isinstance(args, CommentedSeq):
@@ -671,7 +680,7 @@ def _port_pos(node: CommentedMap, default: tuple[int, int]) -> tuple[int, int]:
             if holding:
                 return args.lc.item(holding[-1])
         if key in node:
-            return node.lc.value(key)
+            return _value_pos(node, key, default)
     return default
 
 
@@ -923,9 +932,9 @@ def _env(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
     elif isinstance(value, CommentedMap):
         for key in value:
             if not isinstance(key, str) or not _ENV_KEY.match(key):
-                reader.error(value.lc.key(key), f"'{_clip(str(key))}' is not a valid environment variable name")
+                reader.error(_key_pos(value, key, pos), f"'{_clip(str(key))}' is not a valid environment variable name")
                 continue
-            converted = _env_value(reader, value[key], value.lc.value(key))
+            converted = _env_value(reader, value[key], _value_pos(value, key, pos))
             if converted is not _INVALID:
                 out[key] = converted
     elif value is not None:

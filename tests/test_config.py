@@ -481,3 +481,12 @@ def test_no_secret_warning_at_mode_600_or_for_variables(tmp_path: Path, monkeypa
     assert config_mod.load(_secret_file(tmp_path, f"  api_keys: ['{SECRET}']\n  admin_token: {SECRET}x\n", 0o600)).warnings == ()
     monkeypatch.setenv("KVCTL_T_KEY", SECRET)
     assert config_mod.load(_secret_file(tmp_path, "  api_keys: ['${KVCTL_T_KEY}']\n  admin_token: ${KVCTL_T_KEY}\n", 0o644)).warnings == ()
+
+
+def test_anchors_and_merge_keys_work_and_errors_in_merged_keys_point_at_the_instance() -> None:
+    shared = "  - &first\n    name: a\n    model: m\n    engine: sim\n    port: 12001\n    sim: {ttft_ms: 5}\n"
+    config = config_mod.parse("instances:\n" + shared + "  - <<: *first\n    name: b\n    port: 12002\n", FILE)
+    assert [(i.name, i.engine, i.port, i.sim.ttft_ms) for i in config.instances] == [("a", "sim", 12001, 5.0), ("b", "sim", 12002, 5.0)]
+    bad = "instances:\n" + shared.replace("engine: sim", "engine: vllmm") + "  - <<: *first\n    name: b\n    port: 12002\n"
+    found = problems(bad)
+    assert len(found) == 2 and found[0].startswith(f"{FILE}:5:13: engine: unknown engine") and found[1].startswith(f"{FILE}:8:5: engine: unknown engine"), found
