@@ -490,3 +490,19 @@ def test_anchors_and_merge_keys_work_and_errors_in_merged_keys_point_at_the_inst
     bad = "instances:\n" + shared.replace("engine: sim", "engine: vllmm") + "  - <<: *first\n    name: b\n    port: 12002\n"
     found = problems(bad)
     assert len(found) == 2 and found[0].startswith(f"{FILE}:5:13: engine: unknown engine") and found[1].startswith(f"{FILE}:8:5: engine: unknown engine"), found
+
+
+def test_docs_config_md_lists_every_key_and_stays_inside_the_repository() -> None:
+    doc = (ROOT / "docs" / "config.md").read_text()
+    tables = {
+        "## Top level": config_mod._TOP_FIELDS, "## router": config_mod._ROUTER_FIELDS, "## sleep_manager": config_mod._SLEEP_MANAGER_FIELDS,
+        "## instances": config_mod._INSTANCE_FIELDS, "### sleep": config_mod._SLEEP_FIELDS, "### sim": config_mod._SIM_FIELDS,
+    }
+    for heading, fields in tables.items():
+        section = doc.split(heading + "\n", 1)[1].split("\n#", 1)[0]
+        documented = set(re.findall(r"^\| `(\w+)`", section, re.MULTILINE))
+        assert documented == set(fields), (heading, documented ^ set(fields))
+    links = re.findall(r"\]\(([^)]+)\)", doc)
+    assert all(link.startswith("#") for link in links), links
+    readme = (ROOT / "README.md").read_text()
+    assert "(docs/config.md)" in readme and "../shared" not in readme + doc
