@@ -139,6 +139,19 @@ def down(
 
 
 @app.command()
+def restart(
+    name: Annotated[str, typer.Argument(help="Instance name, or 'router'.")],
+    config_path: ConfigOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish before it is killed.")] = 30.0,
+) -> None:
+    """Restart one program, also one that gave up (`failed`); wait until healthy or failed."""
+    config = _load(config_path)
+    with err.status(f"restarting {name}") as spinner:
+        tree.restart(config, name, timeout, lambda program, what, done: spinner.update(f"{program}: {what}"))
+    out.print(f"{name} restarted and healthy.", markup=False, highlight=False)
+
+
+@app.command()
 def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Programs, health and model states. Exit 0 healthy, 1 degraded, 3 not running."""
     config = _load(config_path)

@@ -10,9 +10,9 @@ and the result is parsed back with supervisor's own parser to prove it round-tri
 
 from __future__ import annotations
 
-import json
 import os
 import platform
+import resource
 import shlex
 import sys
 from dataclasses import dataclass
@@ -23,10 +23,14 @@ import jinja2
 from kvctl.config import Config, env_digest
 from kvctl.engines import adapter_for
 from kvctl.errors import ConfigError
+from kvctl.launch import GAVE_UP_EXIT, LaunchSpec
+from kvctl.reaper import marker
 
 ROUTER = "router"
 ROUTER_STOPWAIT_SECONDS = 60
 ENGINE_STOPWAIT_SECONDS = 30
+# supervisord closes fds up to `minfds` in every child it spawns: a higher value costs each start.
+MAX_MINFDS = 65536
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class Program:
     env: dict[str, str]
     stopwaitsecs: int
     priority: int
+    marker: str  # KVCTL_INSTANCE, inherited by the whole process tree (kvctl.reaper)
+    launch: LaunchSpec | None = None  # engines: what kvctl.launch reads from the env file
     autostart: bool = False  # `kvctl up` starts programs itself, in order, with the launch delay
 
     @property
@@ -88,6 +94,16 @@ def programs(config: Config) -> list[Program]:
     paths = RunPaths(config.run_dir)
     out = []
     for inst in config.launched:
+        launch = LaunchSpec(
+            run_dir=str(config.run_dir),
+            name=inst.name,
+            env=dict(inst.env),
+            unset=tuple(config.secret_env),
+            health_url=inst.url + adapter_for(inst).health_path,
+            startup_timeout_seconds=inst.startup_timeout_seconds,
+            startretries=inst.startretries,
+            log=str(paths.log(inst.name)),
+        )
         out.append(
             Program(
                 name=inst.name,
@@ -97,6 +113,8 @@ def programs(config: Config) -> list[Program]:
                 # Not the position in the file: adding or removing another instance must not
                 # change this section, or supervisord restarts the engine.
                 priority=100,
+                marker=marker(config.run_dir, inst.name),
+                launch=launch,
             )
         )
     if config.router.enabled:
@@ -109,6 +127,7 @@ def programs(config: Config) -> list[Program]:
                 env={"KVCTL_ROUTER_LISTEN": f"{config.router.host}:{config.router.port}"},
                 stopwaitsecs=ROUTER_STOPWAIT_SECONDS,
                 priority=10,
+                marker=marker(config.run_dir, ROUTER),
             )
         )
     return out
@@ -152,9 +171,17 @@ def render_text(config: Config) -> str:
         logs_dir=paths.logs,
         base_dir=config.base_dir,
         programs=progs,
+        minfds=_minfds(),
+        gave_up_exit=GAVE_UP_EXIT,
     )
     _verify(text, progs, config)
     return text
+
+
+def _minfds() -> int:
+    """supervisord raises its soft fd limit to this; above the hard limit it would not start."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return MAX_MINFDS if hard == resource.RLIM_INFINITY else min(hard, MAX_MINFDS)
 
 
 def _verify(text: str, progs: list[Program], config: Config) -> None:
@@ -186,8 +213,8 @@ def write(config: Config) -> Path:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
     for program in programs(config):
-        if program.name != ROUTER:
-            write_private(paths.env_file(program.name), json.dumps({"env": program.env}, indent=2, sort_keys=True) + "\n")
+        if program.launch is not None:
+            write_private(paths.env_file(program.name), program.launch.to_json())
     write_private(paths.conf, text)
     return paths.conf
 

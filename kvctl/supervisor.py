@@ -142,12 +142,13 @@ class Supervisor:
         self._call("supervisor.signalProcess", name, signame)
 
     def stop(self, name: str, timeout: float) -> None:
-        """SIGTERM (to the process group), then SIGKILL if still alive after `timeout`."""
+        """SIGTERM, then SIGKILL to the process group if still alive after `timeout`."""
         self._stop_quietly(name, wait=False)
         deadline = time.monotonic() + timeout
-        while self.process(name).state not in STOPPED_STATES:
+        while (info := self.process(name)).state not in STOPPED_STATES:
             if time.monotonic() > deadline:
-                self._call("supervisor.signalProcess", name, "KILL")
+                if info.pid:
+                    _kill_group(info.pid)  # an engine's launcher and the engine with it
                 deadline = time.monotonic() + 10
             time.sleep(0.05)
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import httpx
 
 from kvctl import config as config_mod
-from kvctl import converge, procstate, render
+from kvctl import converge, procstate, reaper, render
 from kvctl.client import RouterClient
 from kvctl.config import Config, Instance
 from kvctl.engines import adapter_for
-from kvctl.errors import KvctlError, NotRunningError, StartupError
+from kvctl.errors import KvctlError, NotRunningError, StartupError, UsageError
+from kvctl.launch import backoff
 from kvctl.render import ROUTER, RunPaths
 from kvctl.supervisor import FAILED_STATES, RUNNING_STATES, ProcessInfo, Supervisor
 
@@ -198,25 +199,75 @@ def _startup_failure(sup: Supervisor, name: str, message: str) -> StartupError:
 
 
 def down(config: Config, timeout: float, report: Reporter) -> bool:
-    """Stop the router (in-flight requests finish), then the engines, then supervisord.
+    """Stop the router (in-flight requests finish), then the engines, then supervisord, then
+    whatever a killed launcher or supervisord left behind (found by its marker, SPEC §16).
 
     Returns False when nothing was running.
     """
     sup = supervisor_for(config)
+    running = sup.is_running()
+    if running:
+        processes = sup.processes()
+        if ROUTER in processes:
+            report(ROUTER, "stopping (in-flight requests finish)", False)
+            sup.stop(ROUTER, timeout)
+            report(ROUTER, "stopped", True)
+        report("engines", "stopping", False)
+        sup.stop_all(timeout)
+        report("engines", "stopped", True)
+        report("supervisord", "stopping", False)
+        sup.shutdown()
+        report("supervisord", "stopped", True)
+    leftovers = reaper.end_run(config.run_dir)
+    if leftovers:
+        report("leftovers", f"ended {len(leftovers)} process(es) of an earlier run", True)
+    return running or bool(leftovers)
+
+
+def restart(config: Config, name: str, timeout: float, report: Reporter) -> None:
+    """Stop one program, clear its failed-start record, start it and wait until it is healthy.
+
+    Raises StartupError when its start fails for good (retries used up) or never gets healthy.
+    """
+    known = {inst.name: inst for inst in config.launched}
+    if name != ROUTER and name not in known:
+        raise UsageError(f"no program named '{name}' (choose from: {', '.join([ROUTER, *known]) if config.router.enabled else ', '.join(known)})")
+    sup = supervisor_for(config)
     if not sup.is_running():
-        return False
-    processes = sup.processes()
-    if ROUTER in processes:
-        report(ROUTER, "stopping (in-flight requests finish)", False)
-        sup.stop(ROUTER, timeout)
-        report(ROUTER, "stopped", True)
-    report("engines", "stopping", False)
-    sup.stop_all(timeout)
-    report("engines", "stopped", True)
-    report("supervisord", "stopping", False)
-    sup.shutdown()
-    report("supervisord", "stopped", True)
-    return True
+        raise NotRunningError(f"kvctl is not running for {config.path} (start it with `kvctl up`)")
+    if name not in sup.processes():
+        raise UsageError(f"'{name}' is not in the running tree yet; run `kvctl up`")
+    report(name, "stopping", False)
+    sup.stop(name, timeout)
+    if name == ROUTER:
+        url, wait_seconds = config.router.url + "/health", ROUTER_STARTUP_TIMEOUT_SECONDS
+    else:
+        inst = known[name]
+        procstate.reset(config.run_dir, name)
+        attempts = max(1, inst.startretries)
+        url = health_url(inst)
+        # Every attempt may use its startup timeout, plus the back-off between attempts.
+        wait_seconds = attempts * inst.startup_timeout_seconds + sum(backoff(n) for n in range(1, attempts)) + 30
+    report(name, "starting", False)
+    sup.start(name)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        info = sup.process(name)
+        if info.state in RUNNING_STATES and probe(url):
+            report(name, "healthy", True)
+            return
+        record = procstate.read(config.run_dir, name) if name != ROUTER else None
+        if record is not None and record.failed:
+            raise _startup_failure(sup, name, f"{name} failed to start: {record.reason}")
+        if info.state == "FATAL" or time.monotonic() > deadline:
+            raise _startup_failure(sup, name, f"{name} did not become healthy ({info.state}: {info.description}); see `kvctl logs {name}`")
+        if record is not None and record.failures:
+            report(name, f"{record.failures} failed start(s), retrying: {record.reason}", False)
+        time.sleep(0.2)
+
+
+# Router states in which an instance does not serve and will not by itself (SPEC §4: degraded).
+_DEGRADED_STATES = frozenset({"down", "failed", "unknown"})
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,16 @@ def tree_pids(root: int) -> list[int]:
     return found
 
 
+def engine_pid(launcher: int) -> int:
+    """The engine: the only child of its launcher (`python -m kvctl.launch`, the PID supervisord reports)."""
+    [pid] = [p for p in tree_pids(launcher) if _ppid(p) == launcher]
+    return pid
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -203,7 +213,7 @@ def test_env_values_and_args_reach_the_engine_byte_for_byte(kvtree: Tree) -> Non
         extra="kvcached:\n  kvcached_gpu_utilization: 0.5\n",
     )
     assert kvtree.kvctl("up").returncode == 0
-    pid = kvtree.pids()["alpha"]
+    pid = engine_pid(kvtree.pids()["alpha"])
     environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
     assert environ[b"TRICKY"] == tricky.encode()
     assert environ[b"NEWLINE"] == b"a\nb"
