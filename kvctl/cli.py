@@ -45,7 +45,7 @@ ConfigOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable; see README).")]
 
-_STATE_STYLE = {"awake": "green", "asleep": "blue", "waking": "yellow", "draining": "yellow", "starting": "yellow", "down": "red", "failed": "bold red"}
+_STATE_STYLE = {"awake": "green", "asleep": "blue", "waking": "yellow", "draining": "yellow", "starting": "yellow", "down": "red", "failed": "bold red", "unknown": "red"}
 
 
 def _load(path: Path | None, *, warn: bool = False) -> Config:
@@ -155,7 +155,7 @@ def restart(
 def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Programs, health and model states. Exit 0 healthy, 1 degraded, 3 not running."""
     config = _load(config_path)
-    result = tree.status(config, _router_states(config))
+    result = tree.status(config, _router_instances(config))
     if as_json:
         out.print_json(json.dumps(result.as_json()))
         raise typer.Exit(result.exit_code)
@@ -168,7 +168,7 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
     for column, width in widths.items():
         table.add_column(column, justify="right" if column in ("port", "pid", "uptime") else "left", no_wrap=width > 8 or column not in ("name", "model"), min_width=width, overflow="fold")
     if result.router is not None:
-        table.add_row(ROUTER, "", "", str(config.router.port), result.router.state, str(result.router.pid or ""), _uptime(result.router.uptime), _health(result.router_healthy), "")
+        table.add_row(ROUTER, "", "", str(config.router.port), result.router.state, str(result.router.pid or ""), _uptime(result.router.uptime), _health("ok" if result.router_healthy else "failing"), "")
     for inst in result.instances:
         process = inst.process
         table.add_row(
@@ -179,23 +179,28 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
             "external" if inst.external else (process.state if process else "-"),
             str(process.pid) if process and process.pid else "",
             _uptime(process.uptime if process else None),
-            _health(inst.healthy),
-            f"[{_STATE_STYLE.get(inst.state, 'white')}]{inst.state}[/]",
+            _health(inst.health),
+            Text(inst.state, style=_STATE_STYLE.get(inst.state, "")),
         )
     out.print(table)
+    for inst in result.instances:
+        if inst.failure:
+            out.print(Text.assemble((inst.name, "bold"), ": failed: ", inst.failure), soft_wrap=True)
+        elif inst.state == "unknown" and result.router_healthy:
+            out.print(Text.assemble((inst.name, "bold"), ": the router does not know this instance (`kvctl up` applies the file)"), soft_wrap=True)
     raise typer.Exit(result.exit_code)
 
 
-def _router_states(config: Config) -> dict[str, str]:
-    """Instance name -> model state, from the router (empty when it cannot be asked)."""
+def _router_instances(config: Config) -> dict[str, dict[str, Any]] | None:
+    """The router's /health/all entries by instance name; None when it cannot be asked."""
     if not config.router.enabled:
-        return {}
+        return None
     try:
         with RouterClient(config, timeout=3) as client:
-            body = client.get("/health/all")
+            body = json_object(client.get("/health/all"))
     except KvctlError:
-        return {}
-    return {i["name"]: i["state"] for i in body.get("instances", []) if isinstance(i, dict) and "name" in i and "state" in i}
+        return None
+    return {str(i["name"]): i for i in body.get("instances") or () if isinstance(i, dict) and "name" in i}
 
 
 def _uptime(seconds: float | None) -> str:
@@ -206,8 +211,11 @@ def _uptime(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _health(ok: bool) -> str:
-    return "[green]ok[/]" if ok else "[red]failing[/]"
+_HEALTH_STYLE = {"ok": "green", "loading": "yellow", "failing": "red"}
+
+
+def _health(health: str) -> Text:
+    return Text(health, style=_HEALTH_STYLE.get(health, ""))
 
 
 @app.command()

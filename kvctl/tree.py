@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -278,8 +279,19 @@ class InstanceStatus:
     port: int
     external: bool
     process: ProcessInfo | None
-    healthy: bool
-    state: str  # the router's model state, or "-" when the router cannot tell
+    health: str  # "ok"; "loading": up, not yet healthy, within its startup timeout; "failing"
+    # The router's state; "unknown" when the router runs without this instance, "-" when it
+    # cannot be asked (not running, or no router configured).
+    state: str
+    failure: str | None = None  # why the instance is `failed` (the launcher gave up)
+
+    @property
+    def healthy(self) -> bool:
+        return self.health == "ok"
+
+    @property
+    def degraded(self) -> bool:
+        return not self.healthy or self.state in _DEGRADED_STATES
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -292,7 +304,9 @@ class InstanceStatus:
             "pid": self.process.pid if self.process and self.process.pid else None,
             "uptime_seconds": round(self.process.uptime, 1) if self.process and self.process.uptime is not None else None,
             "healthy": self.healthy,
+            "health": self.health,
             "state": self.state,
+            "failure": self.failure,
         }
 
 
@@ -308,8 +322,8 @@ class TreeStatus:
         """0 all healthy, 1 degraded, 3 not running."""
         if not self.running:
             return 3
-        healthy = all(i.healthy for i in self.instances) and (self.router is None or self.router_healthy)
-        return 0 if healthy else 1
+        degraded = any(i.degraded for i in self.instances) or (self.router is not None and not self.router_healthy)
+        return 1 if degraded else 0
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -324,26 +338,32 @@ class TreeStatus:
         }
 
 
-def status(config: Config, router_states: dict[str, str]) -> TreeStatus:
-    """Process states from supervisord, health probed at each engine, model states as given."""
+def status(config: Config, router_instances: dict[str, dict[str, Any]] | None) -> TreeStatus:
+    """Process states from supervisord, health probed at each engine, and the router's view
+    (`router_instances`: its /health/all entries by name, None when it could not be asked)."""
     sup = supervisor_for(config)
     try:
         processes = sup.processes()
     except NotRunningError:
         processes = None
-    instances = [
-        InstanceStatus(
+    instances = []
+    for inst in config.instances:
+        process = (processes or {}).get(inst.name)
+        seen = router_instances.get(inst.name) if router_instances is not None else None
+        state = "-" if router_instances is None else str(seen.get("state", "unknown")) if seen else "unknown"
+        record = procstate.read(config.run_dir, inst.name)
+        failure = record.reason if record and record.failed else (seen or {}).get("failure")
+        instances.append(InstanceStatus(
             name=inst.name,
             model=inst.model,
             engine=inst.engine,
             port=inst.port,
             external=inst.external,
-            process=(processes or {}).get(inst.name),
-            healthy=(processes is not None or inst.external) and probe(health_url(inst)),
-            state=router_states.get(inst.name, "-"),
-        )
-        for inst in config.instances
-    ]
+            process=process,
+            health=_health(inst, process, probed=processes is not None or inst.external),
+            state=state,
+            failure=str(failure) if failure else None,
+        ))
     router = (processes or {}).get(ROUTER)
     return TreeStatus(
         running=processes is not None,
@@ -351,3 +371,13 @@ def status(config: Config, router_states: dict[str, str]) -> TreeStatus:
         router_healthy=router is not None and probe(config.router.url + "/health"),
         instances=instances,
     )
+
+
+def _health(inst: Instance, process: ProcessInfo | None, *, probed: bool) -> str:
+    if probed and probe(health_url(inst)):
+        return "ok"
+    # An engine loads its weights for a while before it answers: that is not a failure yet.
+    if process is not None and process.state in ("STARTING", "RUNNING"):
+        if process.uptime is None or process.uptime < inst.startup_timeout_seconds:
+            return "loading"
+    return "failing"

@@ -181,3 +181,62 @@ def test_sleep_refused_reports_the_routers_reason(kvtree: Tree) -> None:
     lines = slept.stdout.splitlines()
     assert lines[0].startswith("failed org/a: awake — ") and "sleep.enabled: false" in lines[0]
     assert lines[1:] == ["ok org/b: asleep"]
+
+
+# --------------------------------------------------------------------------- status
+
+
+def status_json(tree: Tree) -> dict:
+    result = tree.kvctl("status", "--json")
+    body = json.loads(result.stdout)
+    assert body["exit_code"] == result.returncode
+    return body
+
+
+def by_name(body: dict) -> dict[str, dict]:
+    return {i["name"]: i for i in body["instances"]}
+
+
+def test_status_degraded_when_the_router_does_not_know_a_running_instance(kvtree: Tree) -> None:
+    instances = sim_instance("a", free_port()) + sim_instance("b", free_port())
+    kvtree.write(instances)
+    assert kvtree.kvctl("up").returncode == 0
+    assert status_json(kvtree)["exit_code"] == 0
+    # The router reloads a file without b (as after an edit nobody applied), then the file gets b back:
+    # b's engine runs and is healthy, but the router does not route to it.
+    kvtree.write(instances.split("  - name: b")[0])
+    assert kvtree.supervisorctl("signal", "HUP", "router").returncode == 0
+    wait_for(lambda: [i["name"] for i in httpx.get(kvtree.router_url + "/health/all", timeout=5).json()["instances"]] == ["a"], timeout=30, what="the router to drop b")
+    kvtree.write(instances)
+    body = status_json(kvtree)
+    assert body["exit_code"] == 1
+    b = by_name(body)["b"]
+    assert (b["process_state"], b["health"], b["healthy"], b["state"]) == ("RUNNING", "ok", True, "unknown")
+    text = kvtree.kvctl("status")
+    assert text.returncode == 1 and "b: the router does not know this instance" in text.stdout
+
+
+def test_status_shows_a_loading_engine_as_loading_not_failing(kvtree: Tree) -> None:
+    kvtree.write(sim_instance("slow", free_port(), extra="    sim: {load_seconds: 25}\n"))  # startup timeout: 30 s
+    up = kvtree.kvctl("up", "--no-wait")
+    assert up.returncode == 0, up.stderr
+    slow = by_name(body := status_json(kvtree))["slow"]
+    assert body["exit_code"] == 1  # not healthy yet: degraded, but...
+    assert (slow["process_state"], slow["health"], slow["healthy"]) == ("RUNNING", "loading", False)  # ...loading
+    text = kvtree.kvctl("status")
+    row = next(line for line in text.stdout.splitlines() if line.split()[:1] == ["slow"])
+    assert "loading" in row and "failing" not in row
+    assert kvtree.supervisorctl("stop", "slow").returncode == 0
+    stopped = by_name(status_json(kvtree))["slow"]
+    assert (stopped["process_state"], stopped["health"]) == ("STOPPED", "failing")
+
+
+def test_status_shows_why_an_instance_failed(kvtree: Tree) -> None:
+    kvtree.write(sim_instance("good", free_port())
+                 + sim_instance("broken", free_port(), extra="    startretries: 0\n    engine_args: ['--ttft-ms', 'not-a-number']\n"))
+    assert kvtree.kvctl("up").returncode == 1
+    broken = wait_for(lambda: (b := by_name(status_json(kvtree))["broken"])["state"] == "failed" and b, timeout=30, what="broken to be failed")
+    assert broken["health"] == "failing" and broken["failure"]
+    text = kvtree.kvctl("status")
+    assert text.returncode == 1
+    assert f"broken: failed: {broken['failure']}" in text.stdout
