@@ -762,10 +762,6 @@ def _nonempty_string(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
     return result
 
 
-def _optional_string(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    return None if value is None else _nonempty_string(reader, value, pos)
-
-
 def _bool(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
     if not isinstance(value, bool):
         reader.error(pos, f"expected true or false, got {_kind(value)}")
@@ -865,9 +861,6 @@ def _secret(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
 
 def _optional_secret(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
     return None if value is None else _secret(reader, value, pos)
-
-
-_string_list = _list_of(_nonempty_string)
 
 
 def _args(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
@@ -1035,7 +1028,7 @@ _INSTANCE_FIELDS = {
     "engine_args": _Field(_args),
     "host": _Field(_nonempty_string),
     "port": _Field(_port),
-    "aliases": _Field(_string_list),
+    "aliases": _Field(_list_of(_nonempty_string)),
     "memory_gb": _Field(_number(positive=True, optional=True)),
     "sleep": _Field(_section("sleep", _SLEEP_FIELDS)),
     "startup_timeout_seconds": _Field(_number(positive=True)),
