@@ -241,7 +241,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 def parse(text: str, file: Path) -> Config:
     if len(text) > MAX_FILE_BYTES:
         raise ConfigError([_too_big(file)])
-    long_line = next((i for i, line in enumerate(text.split("\n")) if len(line) > MAX_LINE_CHARS), None)
+    long_line = next((i for i, line in enumerate(text.splitlines()) if len(line) > MAX_LINE_CHARS), None)
     if long_line is not None:
         # ruamel scans some long lines (a comment after a value) in quadratic time.
         raise ConfigError([f"{file}:{long_line + 1}:{MAX_LINE_CHARS + 1}: line {long_line + 1} is longer than {MAX_LINE_CHARS} characters"])
