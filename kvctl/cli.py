@@ -14,16 +14,16 @@ from typing import Annotated, Any, Optional
 import typer
 from rich import box
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from kvctl import config as config_mod
-from kvctl import tree
+from kvctl import tables, tree
 from kvctl.client import RouterClient, json_object, model_path
 from kvctl.config import Config
 from kvctl.errors import ConfigError, KvctlError, StartupError, UsageError
 from kvctl.render import ROUTER, RunPaths, render_text
 from kvctl.supervisor import tail_file
+from kvctl.tables import Cell, Column
 
 app = typer.Typer(
     name="kvctl",
@@ -162,18 +162,15 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
     if not result.running:
         err.print(f"kvctl is not running (no supervisord at {RunPaths(config.run_dir).socket}).", markup=False)
         raise typer.Exit(3)
-    table = Table(title=f"kvctl — {config.path}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    # Long names and models fold; the short columns keep their width, so 80 columns stay legible.
-    widths = {"name": 8, "model": 8, "engine": 6, "port": 5, "process": 7, "pid": 5, "uptime": 6, "health": 7, "state": 8}
-    for column, width in widths.items():
-        table.add_column(column, justify="right" if column in ("port", "pid", "uptime") else "left", no_wrap=width > 8 or column not in ("name", "model"), min_width=width, overflow="fold")
+    rows: list[list[Cell]] = []
     if result.router is not None:
-        table.add_row(ROUTER, "", "", str(config.router.port), result.router.state, str(result.router.pid or ""), _uptime(result.router.uptime), _health("ok" if result.router_healthy else "failing"), "")
+        router_health = "ok" if result.router_healthy else "failing"
+        rows.append([ROUTER, "", "", str(config.router.port), result.router.state, str(result.router.pid or ""), _uptime(result.router.uptime), _health(router_health), ""])
     for inst in result.instances:
         process = inst.process
-        table.add_row(
-            inst.name,
-            inst.model,
+        rows.append([
+            Text(inst.name),
+            Text(inst.model),
             inst.engine,
             str(inst.port),
             "external" if inst.external else (process.state if process else "-"),
@@ -181,7 +178,9 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
             _uptime(process.uptime if process else None),
             _health(inst.health),
             Text(inst.state, style=_STATE_STYLE.get(inst.state, "")),
-        )
+        ])
+    table = tables.fit(_STATUS_COLUMNS, rows, out.width, title=Text(f"kvctl — {config.path}"), title_justify="left",
+                       box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     out.print(table)
     for inst in result.instances:
         if inst.failure:
@@ -189,6 +188,13 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
         elif inst.state == "unknown" and result.router_healthy:
             out.print(Text.assemble((inst.name, "bold"), ": the router does not know this instance (`kvctl up` applies the file)"), soft_wrap=True)
     raise typer.Exit(result.exit_code)
+
+
+# At 80 columns with long model names, engine, pid, port and uptime give way (in that order).
+_STATUS_COLUMNS = [
+    Column("name"), Column("model"), Column("engine", drop=4), Column("port", "right", drop=2), Column("process"),
+    Column("pid", "right", drop=3), Column("uptime", "right", drop=1), Column("health"), Column("state"),
+]
 
 
 def _router_instances(config: Config) -> dict[str, dict[str, Any]] | None:
@@ -447,7 +453,7 @@ def stats(
     if as_json:
         out.print_json(json.dumps(snapshot))
     else:
-        out.print(stats_mod.render(snapshot))
+        out.print(stats_mod.render(snapshot, out.width))
 
 
 @app.command()

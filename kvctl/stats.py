@@ -15,11 +15,11 @@ from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
-from rich.table import Table
 from rich.text import Text
 
 from kvctl.client import RouterClient, RouterRequestError, RouterUnreachable, json_object
 from kvctl.config import Config
+from kvctl.tables import Cell, Column, fit
 
 
 def gather(client: RouterClient, config: Config, window: float) -> dict[str, Any]:
@@ -75,26 +75,28 @@ def _ms(seconds: Any) -> float | None:
 # --------------------------------------------------------------------------- display
 
 
-def render(snapshot: dict[str, Any]) -> Table:
+# Short headers (units are in the title). At 80 columns the least needed give way first.
+_COLUMNS = [
+    Column("model"), Column("state"), Column("inst", "right", drop=6), Column("run", "right"), Column("queue", "right", drop=7),
+    Column("req/s", "right"), Column("total", "right", drop=5), Column("ok%", "right"), Column("p50", "right", drop=1),
+    Column("p95", "right", drop=8), Column("ttft50", "right", drop=9), Column("idle", "right", drop=2), Column("GB", "right", drop=4),
+]
+
+
+def render(snapshot: dict[str, Any], width: int) -> RenderableType:
     from kvctl.cli import _STATE_STYLE, _uptime  # the CLI's colours and duration format, shared
 
     window = snapshot["window_seconds"]
     auto = snapshot.get("auto_sleep_enabled")
     idle = snapshot.get("idle_threshold_seconds")
     sleeping = f"auto-sleep after {idle:g}s idle" if auto and isinstance(idle, (int, float)) else "auto-sleep off"
-    table = Table(title=f"kvctl stats — {snapshot['router']} — {window:g}s window, latency ms — {sleeping}",
-                  title_justify="left", box=box.SIMPLE_HEAVY, pad_edge=False, collapse_padding=True)
-    table.add_column("model", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    # Short headers so the table fits narrow terminals (units are in the title).
-    for column in ("inst", "run", "queue", "req/s", "total", "ok%", "p50", "p95", "ttft50", "idle", "GB"):
-        table.add_column(column, justify="right", no_wrap=True)
+    rows: list[list[Cell]] = []
     for model, row in snapshot["models"].items():
         state = row["state"]
         idle_text = _uptime(row["idle_seconds"]) if isinstance(row["idle_seconds"], (int, float)) else "-"
-        table.add_row(
-            model,
-            f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
+        rows.append([
+            Text(model),
+            Text(state, style=_STATE_STYLE.get(state, "")),
             f"{row['instances_awake']}/{row['instances']}",
             _num(row["in_flight"]),
             _num(row["queued"]),
@@ -104,10 +106,11 @@ def render(snapshot: dict[str, Any]) -> Table:
             _num(row["latency_p50_ms"], "{:.1f}"),
             _num(row["latency_p95_ms"], "{:.1f}"),
             _num(row["ttft_p50_ms"], "{:.1f}"),
-            f"[yellow]{idle_text}[/]" if row["sleep_candidate"] else idle_text,  # yellow: would be slept now
+            Text(idle_text, style="yellow" if row["sleep_candidate"] else ""),  # yellow: would be slept now
             _num(row["memory_gb"], "{:g}"),
-        )
-    return table
+        ])
+    title = Text(f"kvctl stats — {snapshot['router']} — {window:g}s window, latency ms — {sleeping}")
+    return fit(_COLUMNS, rows, width, title=title, title_justify="left", box=box.SIMPLE_HEAVY, pad_edge=False, collapse_padding=True)
 
 
 def _num(value: Any, fmt: str = "{}") -> str:
@@ -122,16 +125,16 @@ def live(client: RouterClient, config: Config, window: float, interval: float, c
         while True:
             try:
                 last, last_at = gather(client, config, window), time.time()
-                view: RenderableType = render(last)
+                view: RenderableType = render(last, console.width)
             except RouterUnreachable as exc:
-                view = _trouble("router unreachable", str(exc), last, last_at, interval)
+                view = _trouble("router unreachable", str(exc), last, last_at, interval, console.width)
             except RouterRequestError as exc:
-                view = _trouble("router error", str(exc), last, last_at, interval)
+                view = _trouble("router error", str(exc), last, last_at, interval, console.width)
             display.update(view, refresh=True)
             time.sleep(interval)  # the refresh period itself, not a wait for a condition
 
 
-def _trouble(title: str, message: str, last: dict[str, Any] | None, last_at: float, interval: float) -> RenderableType:
+def _trouble(title: str, message: str, last: dict[str, Any] | None, last_at: float, interval: float, width: int) -> RenderableType:
     since = f"; last data {time.time() - last_at:.0f}s ago (below)" if last is not None else ""
     panel = Panel(Text(f"{message}\nretrying every {interval:g}s{since}", style="bold red"), title=title, border_style="red", expand=False)
-    return Group(panel, render(last)) if last is not None else panel
+    return Group(panel, render(last, width)) if last is not None else panel

@@ -26,9 +26,9 @@ FIELDS = {"state", "instances", "instances_awake", "in_flight", "queued", "reque
           "idle_seconds", "sleep_candidate", "memory_gb"}
 
 
-def kvctl(*args: str) -> subprocess.CompletedProcess[str]:
+def kvctl(*args: str, columns: int = 200) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "KVCTL_ADMIN_TOKEN"}
-    env["COLUMNS"] = "200"  # rich tables one line per row
+    env["COLUMNS"] = str(columns)  # 200: every column of rich's tables
     return subprocess.run([sys.executable, "-m", "kvctl", *args], capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
 
 
@@ -184,3 +184,24 @@ def test_stats_reads_with_the_api_key_when_no_admin_token(procs: Procs, tmp_path
     start_router(procs, config, token=KEY)
     assert httpx.get(config.router.url + "/traffic/stats").status_code == 401
     assert stats_json(config.path)["models"]["m"]["state"] == "awake"
+
+
+def test_stats_fits_80_columns_one_line_a_row(procs: Procs, tmp_path: Path) -> None:
+    config = write_config(tmp_path, [sim_instance("meta-llama/Llama-3.2-1B", name="llama"), sim_instance("Qwen/Qwen3-0.6B", name="qwen")])
+    start_engines(procs, config)
+    start_router(procs, config)
+    wide = kvctl("stats", "-c", str(config.path))  # COLUMNS=200: every column
+    assert wide.returncode == 0, wide.stderr
+    assert "ttft50" in wide.stdout and "hidden" not in wide.stdout
+
+    narrow = kvctl("stats", "-c", str(config.path), columns=80)
+    assert narrow.returncode == 0, narrow.stderr
+    lines = narrow.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    header = next(line.split() for line in lines if line.split()[:2] == ["model", "state"])
+    assert {"run", "req/s", "ok%"} <= set(header)
+    for model in ("meta-llama/Llama-3.2-1B", "Qwen/Qwen3-0.6B"):
+        row = next(line.split() for line in lines if line.split()[:1] == [model])  # the whole name on one line
+        assert row[1] == "awake" and len(row) == len(header)  # every shown cell on that line
+    hidden = next(line for line in lines if line.startswith("hidden at 80 columns: "))
+    assert all(column not in header for column in hidden.split(": ", 1)[1].split(";")[0].split(", "))
