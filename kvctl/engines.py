@@ -14,6 +14,9 @@ import httpx
 from kvctl.config import Instance
 from kvctl.errors import EngineError, EngineTimeout
 
+PROBE_PROMPT = "kvctl verify probe: the capital of France is"
+PROBE_TIMEOUT_SECONDS = 60.0
+
 
 class EngineAdapter:
     """Base class; one instance per engine kind, stateless."""
@@ -50,6 +53,21 @@ class EngineAdapter:
     async def is_sleeping(self, client: httpx.AsyncClient, inst: Instance) -> bool | None:
         """True/False when the engine can tell, None when it cannot."""
         return None
+
+    async def reload_weights(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
+        """Read the weights from disk again (a verified wake's repair)."""
+        raise EngineError(f"{inst.name}: the {self.name} engine cannot reload its weights")
+
+    async def probe(self, client: httpx.AsyncClient, inst: Instance) -> str:
+        """A fixed deterministic completion (temperature 0, 8 tokens): a verified wake
+        compares it with the answer recorded when the engine was first ready. Every engine
+        here speaks the OpenAI completions API, so this is not engine-specific."""
+        body = {"model": inst.model, "prompt": PROBE_PROMPT, "max_tokens": 8, "temperature": 0}
+        response = await self._post(client, inst, "/v1/completions", json=body, timeout=PROBE_TIMEOUT_SECONDS)
+        try:
+            return str(response.json()["choices"][0]["text"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EngineError(f"{inst.name}: the verify probe got no completion text") from None
 
     async def _post(self, client: httpx.AsyncClient, inst: Instance, path: str, *, timeout: float | None, **kwargs: object) -> httpx.Response:
         try:
@@ -98,8 +116,11 @@ class VllmAdapter(EngineAdapter):
         # Level 2 discarded the weights: wake them alone, reload them from disk, then the KV
         # cache (vLLM's documented order, so reloading never competes with the cache for memory).
         await self._post(client, inst, "/wake_up", params={"tags": "weights"}, timeout=timeout)
-        await self._post(client, inst, "/collective_rpc", json={"method": "reload_weights"}, timeout=timeout)
+        await self.reload_weights(client, inst, timeout)
         await self._post(client, inst, "/wake_up", params={"tags": "kv_cache"}, timeout=timeout)
+
+    async def reload_weights(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
+        await self._post(client, inst, "/collective_rpc", json={"method": "reload_weights"}, timeout=timeout)
 
     async def is_sleeping(self, client: httpx.AsyncClient, inst: Instance) -> bool | None:
         try:
@@ -131,7 +152,10 @@ class SglangAdapter(EngineAdapter):
         await self._post(client, inst, "/resume_memory_occupation", json={"tags": []}, timeout=timeout)
         if "--enable-weights-cpu-backup" not in inst.args:
             # Released weights are gone unless backed up on the CPU: reload them.
-            await self._post(client, inst, "/update_weights_from_disk", json={"model_path": inst.model}, timeout=timeout)
+            await self.reload_weights(client, inst, timeout)
+
+    async def reload_weights(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
+        await self._post(client, inst, "/update_weights_from_disk", json={"model_path": inst.model}, timeout=timeout)
 
 
 class SimAdapter(EngineAdapter):
@@ -187,6 +211,9 @@ class SimAdapter(EngineAdapter):
 
     async def is_sleeping(self, client: httpx.AsyncClient, inst: Instance) -> bool | None:
         return await self.dialect.is_sleeping(client, inst)
+
+    async def reload_weights(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
+        await self.dialect.reload_weights(client, inst, timeout)
 
 
 _VLLM = VllmAdapter()

@@ -152,6 +152,11 @@ class Supervisor:
                 deadline = time.monotonic() + 10
             time.sleep(0.05)
 
+    def restart(self, name: str, timeout: float) -> None:
+        """Stop (as `stop`), then start again without waiting for the start to finish."""
+        self.stop(name, timeout)
+        self.start(name)
+
     def stop_all(self, timeout: float) -> None:
         """Stop every program at once; SIGKILL the process groups of any left after `timeout`."""
         for info in self.processes().values():

@@ -52,7 +52,7 @@ class Setup:
 
     def wakes(self) -> float:
         text = httpx.get(self.url + "/metrics", timeout=10).text
-        match = re.search(r'^kvctl_wakes_total\{model="[^"]*",result="ok"\} (\S+)$', text, re.M)
+        match = re.search(r'^kvctl_wakes_total\{model="[^"]*",result="ok",cause="[^"]*"\} (\S+)$', text, re.M)
         return float(match.group(1)) if match else 0.0
 
     def complete(self, max_tokens: int = 8) -> httpx.Response:

@@ -24,18 +24,19 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from kvctl.config import Config, Instance
-from kvctl.engines import adapter_for
-from kvctl.errors import EngineError, EngineTimeout
+from kvctl.engines import EngineAdapter, adapter_for
+from kvctl.errors import EngineError, EngineTimeout, KvctlError
+from kvctl.supervisor import Supervisor
 from kvctl.render import RunPaths
 from kvctl import procstate
-from kvctl.router import logs, state_file
+from kvctl.router import logs, policy, state_file
 from kvctl.router.events import Event, EventBus
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ _ASLEEP_RETRY_AFTER = 30
 # An instance that is starting or down is probed this often, so a (re)started engine is
 # routed as soon as it answers rather than at the next health interval.
 _FAST_PROBE_SECONDS = 0.25
+ENGINE_STOP_TIMEOUT_SECONDS = 30.0  # SIGTERM, then SIGKILL (supervisord's stopasgroup/killasgroup)
 
 
 class InstanceState(str, enum.Enum):
@@ -60,20 +62,25 @@ class InstanceState(str, enum.Enum):
     WAKING = "waking"
     DOWN = "down"
     FAILED = "failed"
+    STOPPED = "stopped"
 
 
 S = InstanceState
 # Every state may go to `starting`: a reload that changed the engine's program restarts it.
 _TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
-    S.STARTING: frozenset({S.AWAKE, S.ASLEEP, S.DOWN, S.FAILED}),
+    S.STARTING: frozenset({S.AWAKE, S.ASLEEP, S.DOWN, S.FAILED, S.STOPPED}),
     S.AWAKE: frozenset({S.DRAINING, S.DOWN, S.STARTING}),
     # draining → awake: the drain timed out, the engine refused, or an arrival cancelled
-    # an automatic sleep before the engine call; → waking: it arrived during the call.
-    S.DRAINING: frozenset({S.AWAKE, S.ASLEEP, S.WAKING, S.DOWN, S.STARTING}),
-    S.ASLEEP: frozenset({S.WAKING, S.DOWN, S.STARTING}),
+    # an automatic sleep before the engine call; → waking: it arrived during the call;
+    # → stopped: a manual stop of an awake instance drains it first.
+    S.DRAINING: frozenset({S.AWAKE, S.ASLEEP, S.WAKING, S.DOWN, S.STARTING, S.STOPPED}),
+    S.ASLEEP: frozenset({S.WAKING, S.DOWN, S.STARTING, S.STOPPED}),
+    # waking → starting: a verified wake that stays wrong after a reload restarts the engine.
     S.WAKING: frozenset({S.AWAKE, S.ASLEEP, S.DOWN, S.STARTING}),
-    S.DOWN: frozenset({S.AWAKE, S.ASLEEP, S.FAILED, S.STARTING}),
-    S.FAILED: frozenset({S.AWAKE, S.ASLEEP, S.DOWN, S.STARTING}),
+    S.DOWN: frozenset({S.AWAKE, S.ASLEEP, S.FAILED, S.STARTING, S.STOPPED}),
+    S.FAILED: frozenset({S.AWAKE, S.ASLEEP, S.DOWN, S.STARTING, S.STOPPED}),
+    # stopped → awake/asleep: someone else started it (`kvctl restart`, `kvctl up`).
+    S.STOPPED: frozenset({S.STARTING, S.AWAKE, S.ASLEEP}),
 }
 # Why an instance sleeps (SPEC §15), as /sleep/status and /metrics report it.
 SLEEP_CAUSES = ("manual", "idle", "budget", "policy")
@@ -81,7 +88,7 @@ SLEEP_CAUSES = ("manual", "idle", "budget", "policy")
 # not counted: at `up`, the ones that do not fit are put to sleep when they become ready.
 _HOLDS_MEMORY = frozenset({S.AWAKE, S.DRAINING, S.WAKING})
 # Aggregate model state: the first of these that any replica is in.
-_MODEL_STATE_ORDER = (S.AWAKE, S.WAKING, S.DRAINING, S.ASLEEP, S.STARTING, S.DOWN, S.FAILED)
+_MODEL_STATE_ORDER = (S.AWAKE, S.WAKING, S.DRAINING, S.ASLEEP, S.STARTING, S.STOPPED, S.DOWN, S.FAILED)
 
 
 class Unavailable(Exception):
@@ -126,6 +133,7 @@ class _Slot:
     last_used: float = 0.0  # monotonic; least recently used is slept first for the budget
     idle_since: float = 0.0  # monotonic: last request finished, or became awake
     woken_at: float | None = None  # monotonic, for min_sleep_duration
+    awake_at: float = 0.0  # monotonic: when it last became awake (swap-aware serving)
     asleep_since: float | None = None  # wall clock
     sleep_cause: str | None = None  # one of SLEEP_CAUSES while asleep
     failure: str | None = None  # why it is `failed`
@@ -134,10 +142,18 @@ class _Slot:
     cancel_requested: bool = False
     engine_call: bool = False  # the engine's sleep call is under way
     wake_failures: int = 0  # consecutive; a replica whose wake failed is tried last
+    launching: bool = False  # started on demand: holds its memory while it loads
+    used_since_awake: bool = False  # served a request since it last became awake (swap-aware serving)
+    reference: str | None = None  # the verify probe's answer when the engine was first ready
+    started_once: bool = False  # `start: asleep` applies to the first start only
 
     @property
     def memory(self) -> float:
         return self.inst.memory_gb or 0.0
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.state in _HOLDS_MEMORY or (self.state is S.STARTING and self.launching)
 
 
 # Instance settings that are router policy; every other field shapes the engine's program.
@@ -152,13 +168,16 @@ def _engine_fields(inst: Instance) -> dict[str, Any]:
 class _Waiter:
     fut: asyncio.Future[_Slot]
     exclude: frozenset[str]
+    since: float = field(default_factory=time.monotonic)
 
 
 class Lifecycle:
     """Instance states for the router; see the module docstring."""
 
-    def __init__(self, config: Config, metrics: Metrics | None = None, events: EventBus | None = None) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None, events: EventBus | None = None,
+                 adapter: Callable[[Instance], EngineAdapter] = adapter_for) -> None:
         self._config = config
+        self._adapter = adapter  # tests may give engines of their own
         self._sm = config.sleep_manager
         self._metrics = metrics
         self.events = events or EventBus()
@@ -195,6 +214,8 @@ class Lifecycle:
         for slot, ok in zip(self._slots, healthy):
             if ok:  # in config order, so the first instances keep their place in the budget
                 await self._came_up(slot, trust_state_file=True)
+            else:
+                self._reconcile_not_running(slot)
         for slot in self._slots:
             log.info("instance %s %s: %s engine at %s, %s", slot.inst.name, slot.inst.model, slot.inst.engine, slot.inst.url, slot.state.value,
                      extra=logs.fields(instance=slot.inst.name, model=slot.inst.model, engine=slot.inst.engine, url=slot.inst.url, state=slot.state.value))
@@ -249,6 +270,17 @@ class Lifecycle:
         self._notify()
         return changes
 
+    def _reconcile_not_running(self, slot: _Slot) -> None:
+        """An engine that does not answer at router start: `stopped` when its policy or kvctl
+        stopped it (it starts on demand), else starting (it may be loading)."""
+        persisted = self._persisted.get(slot.inst.name)
+        if slot.inst.sleep.start == "stopped":
+            slot.started_once = True
+            self._set_state(slot, S.STOPPED, "policy: start stopped", sleep_cause="policy")
+        elif persisted is not None and persisted.state == S.STOPPED.value:
+            slot.started_once = True
+            self._set_state(slot, S.STOPPED, "reconciled: stopped by kvctl", sleep_cause=persisted.cause, asleep_since=persisted.since)
+
     async def _retire(self, slot: _Slot) -> None:
         while slot.in_flight > 0:
             await self._wait_change(3600)
@@ -271,6 +303,11 @@ class Lifecycle:
 
         if self._client is not None:
             await self._client.aclose()
+
+    def _processes(self) -> Supervisor:
+        """supervisord of this run dir: the router starts and stops engines through it (SPEC §15).
+        A new client each time: calls run in worker threads, and a client is not thread-safe."""
+        return Supervisor(RunPaths(self._config.run_dir))
 
     def _start_health_loop(self, slot: _Slot) -> None:
         self._health_tasks[slot.inst.name] = self._spawn(self._health_loop(slot))
@@ -296,16 +333,21 @@ class Lifecycle:
             raise Unavailable(429, "queue_full", f"model {model}: {len(queue)} requests already wait for it (max_queue_per_model={limit})", _QUEUE_FULL_RETRY_AFTER)
         waiter = _Waiter(asyncio.get_running_loop().create_future(), excluded)
         queue.append(waiter)
+        # A model that has to be started (not just woken) gets its engines' startup timeout.
+        cold = not any(slot.state in (S.AWAKE, S.ASLEEP, S.WAKING, S.DRAINING) for slot in self._by_model[model])
+        timeout, setting = self._sm.wake_timeout_seconds, "wake_timeout_seconds"
+        if cold:
+            timeout, setting = max(timeout, *(slot.inst.startup_timeout_seconds for slot in self._by_model[model])), "startup_timeout_seconds"
         self._dispatch(model)
         try:
-            await asyncio.wait({waiter.fut}, timeout=self._sm.wake_timeout_seconds)
+            await asyncio.wait({waiter.fut}, timeout=timeout)
         except asyncio.CancelledError:
             self._abandon(model, waiter)
             raise
         if not waiter.fut.done():
             self._abandon(model, waiter)
             raise Unavailable(503, "wake_timeout",
-                              f"model {model} did not become available within wake_timeout_seconds={self._sm.wake_timeout_seconds:g} (state: {self.model_state(model)})",
+                              f"model {model} did not become available within {setting}={timeout:g} (state: {self.model_state(model)})",
                               _WAKE_FAILED_RETRY_AFTER)
         return waiter.fut.result().inst  # raises the Unavailable a failed wake left there
 
@@ -419,9 +461,9 @@ class Lifecycle:
                 return ActionResult(model, True, f"model {model} is awake", self.model_state(model), 200)
             task = self._wakes.get(model)
             if task is None:
-                asleep = self._asleep(slots)
-                if asleep:
-                    task = self._start_wake(asleep[0])
+                wakeable = self._wakeable(slots)
+                if wakeable:
+                    task = self._start_wake(wakeable[0], "manual")
                 elif all(slot.state in (S.DOWN, S.FAILED) for slot in slots):
                     return ActionResult(model, False, self._unavailable(model).message, self.model_state(model), 503)
             if task is not None:
@@ -450,10 +492,13 @@ class Lifecycle:
         slot.since = time.time()
         now = time.monotonic()
         if new is S.AWAKE and old is not S.DRAINING:
-            slot.idle_since = slot.last_used = now  # a model never used is idle from readiness
+            slot.idle_since = slot.last_used = slot.awake_at = now  # a model never used is idle from readiness
+            slot.used_since_awake = False
             if old is S.WAKING:
                 slot.woken_at = now
-        if new is S.ASLEEP:
+        if old is S.STARTING:
+            slot.launching = False
+        if new in (S.ASLEEP, S.STOPPED):
             slot.asleep_since = asleep_since or slot.since
             slot.sleep_cause = sleep_cause
         elif new is not S.DRAINING:
@@ -463,7 +508,7 @@ class Lifecycle:
         if new is not S.FAILED:
             slot.failure = None
         self._emit(slot, old, new, cause, duration)
-        if new in (S.AWAKE, S.ASLEEP):
+        if new in (S.AWAKE, S.ASLEEP, S.STOPPED):
             self._persist(slot)
         self._notify()
 
@@ -512,6 +557,7 @@ class Lifecycle:
 
     def _take(self, slot: _Slot) -> None:
         slot.in_flight += 1
+        slot.used_since_awake = True
         slot.last_used = time.monotonic()
 
     def _dispatch(self, model: str) -> None:
@@ -544,12 +590,12 @@ class Lifecycle:
                     return True
         if model in self._wakes or any(slot.state in (S.WAKING, S.STARTING) or slot.cancel_requested for slot in slots):
             return False
-        asleep = self._asleep(slots)
-        if asleep:
+        wakeable = self._wakeable(slots)
+        if wakeable:
             if self._sm.wakeup_on_request:
-                self._start_wake(asleep[0])
+                self._start_wake(wakeable[0])
             else:
-                self._fail_waiters(model, Unavailable(503, "model_asleep", f"model {model} is asleep and wakeup_on_request is false; wake it with `kvctl wake`", _ASLEEP_RETRY_AFTER))
+                self._fail_waiters(model, Unavailable(503, "model_asleep", f"model {model} is {wakeable[0].state.value} and wakeup_on_request is false; wake it with `kvctl wake`", _ASLEEP_RETRY_AFTER))
             return False
         if any(slot.state is S.DRAINING for slot in slots):
             return False  # a manual sleep: once asleep, the waiters wake it
@@ -567,9 +613,11 @@ class Lifecycle:
         return Unavailable(503, "model_unavailable", f"model {model}: no healthy instance (all down)", retry)
 
     @staticmethod
-    def _asleep(slots: list[_Slot]) -> list[_Slot]:
-        """Asleep replicas in the order to wake them: config order, failed wakes last."""
-        return sorted((slot for slot in slots if slot.state is S.ASLEEP), key=lambda slot: slot.wake_failures)
+    def _wakeable(slots: list[_Slot]) -> list[_Slot]:
+        """Replicas a wake can bring up, in the order to try them: asleep before stopped (a
+        wake is cheaper than a cold start), failed wakes last, then config order."""
+        candidates = (slot for slot in slots if slot.state in (S.ASLEEP, S.STOPPED))
+        return sorted(candidates, key=lambda slot: (slot.state is S.STOPPED, slot.wake_failures))
 
     def _fail_waiters(self, model: str, error: Unavailable) -> None:
         queue = self._queues.get(model, deque())
@@ -600,29 +648,65 @@ class Lifecycle:
         return task
 
     async def _wake(self, slot: _Slot, cause: str) -> ActionResult:
+        """Bring an asleep or stopped instance up for its model's waiters: make room in the
+        budget, then wake the engine (or start its process)."""
         model = slot.inst.model
-        deadline = time.monotonic() + self._sm.wake_timeout_seconds
-        while slot.state is S.ASLEEP and not self._make_room(slot):
-            if not await self._wait_change(deadline - time.monotonic()):
+        deadline = time.monotonic() + max(self._sm.wake_timeout_seconds, slot.inst.startup_timeout_seconds if slot.state is S.STOPPED else 0)
+        while slot.state in (S.ASLEEP, S.STOPPED):
+            room, recheck = self._make_room(slot)
+            if room:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 message = (f"model {model} could not be woken within wake_timeout_seconds={self._sm.wake_timeout_seconds:g}: "
                            f"the memory budget ({self._sm.memory_budget_gb:g} GB) is held by {self._budget_holders(slot)}")
                 log.warning(message, extra=logs.fields(instance=slot.inst.name, model=model))
                 self._fail_waiters(model, Unavailable(503, "wake_timeout", message, _WAKE_FAILED_RETRY_AFTER))
                 return ActionResult(model, False, message, self.model_state(model), 504, self._evicted.pop(model, []))
-        if slot.state is not S.ASLEEP:  # it went down (or came back otherwise) meanwhile
+            # Wait for a change, or for the moment a protected holder may be slept.
+            await self._wait_change(remaining if recheck is None else min(remaining, recheck + 0.01))
+        if slot.state is S.STOPPED:
+            result = await self._cold_start(slot, deadline, cause)
+        elif slot.state is not S.ASLEEP:  # it went down (or came back otherwise) meanwhile
             self._dispatch(model)
             return ActionResult(model, slot.state is S.AWAKE, f"instance {slot.inst.name} is {slot.state.value}", self.model_state(model),
                                 200 if slot.state is S.AWAKE else 503, self._evicted.pop(model, []))
-        self._set_state(slot, S.WAKING, cause)
-        result = await self._finish_wake(slot, deadline, cause)
+        else:
+            self._set_state(slot, S.WAKING, cause)
+            result = await self._finish_wake(slot, deadline, cause)
         result.evicted = self._evicted.pop(model, [])
         return result
+
+    async def _cold_start(self, slot: _Slot, deadline: float, cause: str) -> ActionResult:
+        """Start a stopped instance's process through supervisord and wait until it is ready."""
+        inst, model = slot.inst, slot.inst.model
+        slot.launching = True
+        self._set_state(slot, S.STARTING, f"{cause}: starting the engine")
+        self._count(self._metrics.starts_total if self._metrics else None, model, cause)
+        try:
+            await asyncio.to_thread(self._processes().start, inst.name)
+        except KvctlError as exc:
+            slot.launching = False
+            self._set_state(slot, S.STOPPED, f"start failed: {_first_line(exc)}", sleep_cause=slot.sleep_cause)
+            error = Unavailable(503, "start_failed", f"model {model}: starting instance {inst.name} failed: {exc}", _WAKE_FAILED_RETRY_AFTER)
+            self._fail_waiters(model, error)
+            return ActionResult(model, False, error.message, self.model_state(model), 502)
+        while slot.state is S.STARTING and await self._wait_change(deadline - time.monotonic()):
+            pass
+        if slot.state is S.AWAKE:
+            return ActionResult(model, True, f"model {model} is awake (started)", self.model_state(model), 200)
+        if slot.state is S.STARTING:
+            message = f"model {model}: instance {inst.name} did not become ready within startup_timeout_seconds={inst.startup_timeout_seconds:g}"
+            self._fail_waiters(model, Unavailable(503, "start_timeout", message, _WAKE_FAILED_RETRY_AFTER))
+            return ActionResult(model, False, message, self.model_state(model), 504)
+        self._dispatch(model)  # failed or down: the waiters get why
+        return ActionResult(model, False, f"instance {inst.name} is {slot.state.value}", self.model_state(model), 503)
 
     def _budget_holders(self, slot: _Slot) -> str:
         """Who holds the memory budget and why each cannot be slept, for a wake that waited in vain."""
         held = []
         for s in self._slots:
-            if s.state in _HOLDS_MEMORY and s.memory > 0 and s is not slot:
+            if s.holds_memory and s.memory > 0 and s is not slot:
                 why = ("sleep disabled" if not s.inst.sleep.enabled else f"{s.in_flight} in flight" if s.in_flight
                        else "requests queued" if self._queues.get(s.inst.model) else s.state.value)
                 held.append(f"{s.inst.name} ({s.memory:g} GB, {why})")
@@ -631,7 +715,7 @@ class Lifecycle:
     async def _finish_wake(self, slot: _Slot, deadline: float, cause: str) -> ActionResult:
         """The engine part of a wake; the slot is already `waking`."""
         inst, model = slot.inst, slot.inst.model
-        adapter = adapter_for(inst)
+        adapter = self._adapter(inst)
         started = time.monotonic()
         error: EngineError | None = None
         try:
@@ -639,6 +723,8 @@ class Lifecycle:
         except EngineError as exc:
             error = exc
         sleeping = await adapter.is_sleeping(self._http, inst) if error is not None else False
+        if error is None and inst.sleep.verify and slot.state is S.WAKING and not await self._verify(slot):
+            return ActionResult(model, False, f"instance {inst.name} answered wrongly after waking; restarting it", self.model_state(model), 503)
         took = time.monotonic() - started
         if slot.state is not S.WAKING:
             self._dispatch(model)
@@ -646,54 +732,101 @@ class Lifecycle:
         if error is None or sleeping is False:
             slot.wake_failures = 0
             self._set_state(slot, S.AWAKE, cause, took)
-            self._count_wake(model, "ok", took)
+            self._count_wake(model, "ok", took, cause)
             self._dispatch(model)
             return ActionResult(model, True, f"model {model} is awake", self.model_state(model), 200)
         timed_out = isinstance(error, EngineTimeout)
         slot.wake_failures += 1
         self._set_state(slot, S.ASLEEP, f"wake failed: {_first_line(error)}", took, sleep_cause=slot.sleep_cause, asleep_since=slot.asleep_since)
-        self._count_wake(model, "timeout" if timed_out else "failed", took)
+        self._count_wake(model, "timeout" if timed_out else "failed", took, cause)
         code = "wake_timeout" if timed_out else "wake_failed"
         message = f"model {model}: waking instance {inst.name} {'timed out' if timed_out else 'failed'}: {error}"
         self._fail_waiters(model, Unavailable(503, code, message, _WAKE_FAILED_RETRY_AFTER))
         return ActionResult(model, False, message, self.model_state(model), 504 if timed_out else 502)
 
-    def _make_room(self, slot: _Slot) -> bool:
-        """True when waking `slot` fits the memory budget now; otherwise start sleeping the
-        least recently used idle instances that free enough, and return False (wait)."""
-        budget = self._sm.memory_budget_gb
-        if budget is None or slot.memory <= 0:
+    async def _verify(self, slot: _Slot) -> bool:
+        """A woken engine must answer the fixed probe as it did when first ready (SPEC §15).
+        On a mismatch: reload its weights and probe again; still wrong: restart it.
+        True when it may serve; False when it is being restarted. Requests wait meanwhile."""
+        inst, model = slot.inst, slot.inst.model
+        adapter = self._adapter(inst)
+        answer = await self._probe_answer(slot)
+        if slot.reference is None or answer == slot.reference:
+            slot.reference = slot.reference or answer
+            self._count(self._metrics.verifications_total if self._metrics else None, model, "ok")
             return True
-        held = sum(s.memory for s in self._slots if s.state in _HOLDS_MEMORY)
-        short = held + slot.memory - budget
-        if short <= 1e-9:
+        log.warning("%s %s: verify: the answer after waking differs from the one recorded at start; reloading the weights", inst.name, model,
+                    extra=logs.fields(instance=inst.name, model=model, check="verify", result="mismatch"))
+        try:
+            await adapter.reload_weights(self._http, inst, timeout=inst.startup_timeout_seconds)
+            answer = await self._probe_answer(slot)
+        except EngineError as exc:
+            log.warning("%s %s: verify: reloading the weights failed: %s", inst.name, model, _first_line(exc))
+            answer = None
+        if answer == slot.reference:
+            log.info("%s %s: verify: correct after reloading the weights", inst.name, model,
+                     extra=logs.fields(instance=inst.name, model=model, check="verify", result="reloaded"))
+            self._count(self._metrics.verifications_total if self._metrics else None, model, "reloaded")
             return True
-        short -= sum(s.memory for s in self._slots if s.state is S.DRAINING)  # being freed already
-        if short <= 1e-9:
-            return False
-        idle = sorted(
-            (s for s in self._slots
-             if s.state is S.AWAKE and s.in_flight == 0 and s.memory > 0 and s.inst.sleep.enabled
-             and s.inst.model != slot.inst.model and not self._queues.get(s.inst.model)),
-            key=lambda s: s.last_used,
-        )
-        victims: list[_Slot] = []
-        for victim in idle:
-            if short <= 1e-9:
-                break
-            victims.append(victim)
-            short -= victim.memory
-        if short > 1e-9:
-            return False  # not enough idle memory yet: wait for requests to finish
-        for victim in victims:
-            self._evicted.setdefault(slot.inst.model, []).append(victim.inst.name)
-            self._sleep_in_background(victim, "budget", f"budget: making room for {slot.inst.model}")
+        self._count(self._metrics.verifications_total if self._metrics else None, model, "restarted")
+        slot.launching = True
+        self._set_state(slot, S.STARTING, "verify: still wrong after reloading the weights; restarting the engine")
+        try:
+            await asyncio.to_thread(self._processes().restart, inst.name)
+        except KvctlError as exc:
+            log.error("%s %s: verify: restarting the engine failed: %s", inst.name, model, _first_line(exc))
         return False
 
-    def _count_wake(self, model: str, result: str, seconds: float) -> None:
+    async def _probe_answer(self, slot: _Slot) -> str | None:
+        try:
+            return await self._adapter(slot.inst).probe(self._http, slot.inst)
+        except EngineError as exc:
+            log.warning("%s %s: verify probe failed: %s", slot.inst.name, slot.inst.model, _first_line(exc))
+            return None
+
+    def _make_room(self, slot: _Slot) -> tuple[bool, float | None]:
+        """(True, None) when bringing `slot` up fits the memory budget now. Otherwise start
+        putting to sleep what policy chooses (SPEC §15) and return (False, seconds until a
+        protected holder may be chosen, or None) — the caller waits and asks again."""
+        budget = self._sm.memory_budget_gb
+        if budget is None or slot.memory <= 0:
+            return True, None
+        held = sum(s.memory for s in self._slots if s.holds_memory)
+        short = held + slot.memory - budget
+        if short <= 1e-9:
+            return True, None
+        short -= sum(s.memory for s in self._slots if s.state is S.DRAINING)  # being freed already
+        if short <= 1e-9:
+            return False, None
+        now = time.monotonic()
+        by_name = {s.inst.name: s for s in self._slots}
+        holders = [
+            policy.Holder(
+                name=s.inst.name, model=s.inst.model, memory_gb=s.memory, priority=s.inst.sleep.priority, last_used=s.last_used,
+                awake_for=now - s.awake_at, busy=bool(s.in_flight or self._queues.get(s.inst.model)), used_since_awake=s.used_since_awake,
+                can_sleep=s.inst.sleep.enabled and s.inst.model != slot.inst.model,
+            )
+            for s in self._slots if s.state is S.AWAKE
+        ]
+        queue = self._queues.get(slot.inst.model)
+        starving = bool(queue) and now - queue[0].since >= self._sm.max_swap_wait_seconds
+        victims = policy.choose_victims(holders, short, self._sm, starving=starving)
+        if victims is None:
+            return False, policy.next_protection_end(holders, self._sm)
+        for victim in victims:
+            self._evicted.setdefault(slot.inst.model, []).append(victim.name)
+            self._sleep_in_background(by_name[victim.name], "budget", f"budget: making room for {slot.inst.model}")
+        return False, None
+
+    def _count_wake(self, model: str, result: str, seconds: float, cause: str) -> None:
         if self._metrics is not None:
-            self._metrics.wakes_total.labels(model, result).inc()
+            self._metrics.wakes_total.labels(model, result, cause.split(":")[0]).inc()
             self._metrics.wake_duration_seconds.labels(model).observe(seconds)
+
+    @staticmethod
+    def _count(counter: Any, model: str, label: str) -> None:
+        if counter is not None:
+            counter.labels(model, label).inc()
 
     # ------------------------------------------------------------------ sleep
 
@@ -719,7 +852,7 @@ class Lifecycle:
                 return ActionResult(model, False, message, self.model_state(model), 409)
         if slot.state is not S.DRAINING:
             return ActionResult(model, False, f"sleep of {inst.name} cancelled: instance is {slot.state.value}", self.model_state(model), 409)
-        adapter = adapter_for(inst)
+        adapter = self._adapter(inst)
         slot.engine_call = True
         started = time.monotonic()
         error: EngineError | None = None
@@ -752,33 +885,91 @@ class Lifecycle:
         self._dispatch(model)
         return ActionResult(model, True, f"instance {inst.name} is asleep", self.model_state(model), 200)
 
+    def _sleep_due(self, slot: _Slot, now: float) -> float | None:
+        """Seconds until `slot` may be put to sleep for idleness (<= 0: now), or None."""
+        threshold = policy.idle_threshold(slot.inst.sleep, self._sm)
+        if threshold is None or slot.state is not S.AWAKE or slot.in_flight or self._queues.get(slot.inst.model):
+            return None
+        due = threshold - (now - slot.idle_since)
+        if slot.woken_at is not None:  # min_sleep_duration keeps automatic sleeps from chasing wakes
+            due = max(due, self._sm.min_sleep_duration - (now - slot.woken_at))
+        return due
+
+    def _stop_due(self, slot: _Slot) -> float | None:
+        """Seconds until an asleep `slot` is stopped by its stop_after_seconds (<= 0: now), or None."""
+        if slot.state is not S.ASLEEP or slot.asleep_since is None:
+            return None
+        return policy.stops_in(time.time() - slot.asleep_since, slot.inst.sleep)
+
     def _idle_slots(self) -> list[_Slot]:
         now = time.monotonic()
-        return [
-            slot for slot in self._slots
-            if slot.state is S.AWAKE and slot.inst.sleep.enabled and slot.in_flight == 0
-            and not self._queues.get(slot.inst.model)
-            and now - slot.idle_since >= self._sm.idle_threshold_seconds
-            and (slot.woken_at is None or now - slot.woken_at >= self._sm.min_sleep_duration)
-        ]
+        return [slot for slot in self._slots if (due := self._sleep_due(slot, now)) is not None and due <= 0]
 
     async def _auto_sleep_loop(self) -> None:
+        """Idle instances go to sleep, long-asleep ones stop (SPEC §6, §15). It wakes at the next
+        moment one is due (at most every check_interval_seconds), or at once on a reload."""
+        wait = 0.0
         while True:
-            # A reload ends the wait, so a new interval or a newly enabled auto-sleep applies at once.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reloaded.wait(), self._sm.check_interval_seconds)
-            if not self._sm.auto_sleep_enabled:
-                continue
+                await asyncio.wait_for(self._reloaded.wait(), max(wait, 0.05))
             now = time.monotonic()
-            for slot in self._idle_slots():
-                self._sleep_in_background(slot, "idle", f"idle {now - slot.idle_since:.0f}s")
+            wait = self._sm.check_interval_seconds
+            for slot in list(self._slots):
+                sleep_due, stop_due = self._sleep_due(slot, now), self._stop_due(slot)
+                if sleep_due is not None and sleep_due <= 0:
+                    threshold = policy.idle_threshold(slot.inst.sleep, self._sm)
+                    self._sleep_in_background(slot, "idle", f"idle {threshold:g}s")
+                elif stop_due is not None and stop_due <= 0:
+                    self._spawn(self._stop(slot, "policy", f"policy: asleep {slot.inst.sleep.stop_after_seconds:g}s (stop_after_seconds)"))
+                else:
+                    wait = min([wait, *(due for due in (sleep_due, stop_due) if due is not None)])
+
+    async def _stop(self, slot: _Slot, kind: str, reason: str) -> ActionResult:
+        """Stop an instance's process through supervisord (drained first when awake); state `stopped`."""
+        inst, model = slot.inst, slot.inst.model
+        if slot.state is S.AWAKE:
+            self._begin_drain(slot, reason, cancellable=False)
+            deadline = time.monotonic() + self._sm.drain_timeout_seconds
+            while slot.in_flight > 0 and slot.state is S.DRAINING and await self._wait_change(deadline - time.monotonic()):
+                pass
+        if slot.state not in (S.DRAINING, S.ASLEEP, S.DOWN, S.FAILED):
+            return ActionResult(model, False, f"instance {inst.name} is {slot.state.value}; not stopped", self.model_state(model), 409)
+        if slot.in_flight:
+            self._set_state(slot, S.AWAKE, f"stop aborted: {slot.in_flight} request(s) still in flight after the drain timeout")
+            self._dispatch(model)
+            return ActionResult(model, False, f"stop of {inst.name} aborted: requests still in flight", self.model_state(model), 409)
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self._processes().stop, inst.name, ENGINE_STOP_TIMEOUT_SECONDS)
+        except KvctlError as exc:
+            if slot.state is S.DRAINING:
+                self._set_state(slot, S.AWAKE, f"stop failed: {_first_line(exc)}")
+            self._dispatch(model)
+            return ActionResult(model, False, f"stopping {inst.name} failed: {exc}", self.model_state(model), 502)
+        if slot.state in (S.DRAINING, S.ASLEEP, S.DOWN, S.FAILED):
+            self._set_state(slot, S.STOPPED, reason, time.monotonic() - started, sleep_cause=kind)
+            self._count(self._metrics.stops_total if self._metrics else None, model, kind)
+        self._dispatch(model)
+        return ActionResult(model, slot.state is S.STOPPED, f"instance {inst.name} is {slot.state.value}", self.model_state(model), 200)
+
+    async def stop_model(self, model: str) -> ActionResult:
+        """`kvctl sleep M --stop`: stop every instance's process (SPEC §15)."""
+        slots = self._by_model.get(model)
+        if slots is None:
+            return ActionResult(model, False, f"unknown model {model!r}", "unknown", 404)
+        targets = [slot for slot in slots if slot.state is not S.STOPPED and not slot.inst.external]
+        results = await asyncio.gather(*(self._stop(slot, "manual", "manual") for slot in targets))
+        failed = [result for result in results if not result.success]
+        if failed:
+            return ActionResult(model, False, failed[0].message, self.model_state(model), failed[0].status)
+        return ActionResult(model, True, f"model {model} is stopped" if targets else f"model {model} was already stopped", self.model_state(model), 200)
 
     # ------------------------------------------------------------------ health and truth
 
     async def _probe(self, slot: _Slot) -> bool:
         """One health probe (not traffic: it changes no idle time)."""
         try:
-            response = await self._http.get(slot.inst.url + adapter_for(slot.inst).health_path)
+            response = await self._http.get(slot.inst.url + self._adapter(slot.inst).health_path)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
@@ -786,11 +977,11 @@ class Lifecycle:
     async def _health_loop(self, slot: _Slot) -> None:
         while True:
             router = self._config.router
-            fast = slot.state in (S.STARTING, S.DOWN, S.FAILED)
+            fast = slot.state in (S.STARTING, S.DOWN, S.FAILED, S.STOPPED)
             await asyncio.sleep(min(_FAST_PROBE_SECONDS, router.health_check_interval_seconds) if fast else router.health_check_interval_seconds)
             if await self._probe(slot):
                 slot.failures = 0
-                if slot.state in (S.STARTING, S.DOWN, S.FAILED):
+                if slot.state in (S.STARTING, S.DOWN, S.FAILED, S.STOPPED):
                     await self._came_up(slot, trust_state_file=False)
                 continue
             slot.failures += 1
@@ -810,7 +1001,7 @@ class Lifecycle:
 
     async def _came_up(self, slot: _Slot, *, trust_state_file: bool) -> None:
         """Reconcile an instance that answers again with what the engine really is."""
-        sleeping = await adapter_for(slot.inst).is_sleeping(self._http, slot.inst)
+        sleeping = await self._adapter(slot.inst).is_sleeping(self._http, slot.inst)
         persisted = self._persisted.get(slot.inst.name)
         was_asleep = trust_state_file and persisted is not None and persisted.state == S.ASLEEP.value
         if sleeping is None:
@@ -819,17 +1010,26 @@ class Lifecycle:
             sleeping, cause = was_asleep, "reconciled: state file says asleep" if was_asleep else "engine ready"
         else:
             cause = "reconciled: engine reports asleep" if sleeping else "engine ready"
-        if slot.state not in (S.STARTING, S.DOWN, S.FAILED):
+        if slot.state not in (S.STARTING, S.DOWN, S.FAILED, S.STOPPED):
             return
         if sleeping:
             # Why and since when it sleeps survive a router restart (the state file), when known.
             known = persisted if persisted is not None and persisted.state == S.ASLEEP.value else None
             self._set_state(slot, S.ASLEEP, cause, sleep_cause=known.cause if known else None, asleep_since=known.since if known else None)
-        else:
-            self._set_state(slot, S.AWAKE, cause)
+            self._dispatch(slot.inst.model)
+            return
+        if slot.inst.sleep.verify and slot.reference is None:
+            slot.reference = await self._probe_answer(slot)  # what a correct engine answers
+            if slot.state not in (S.STARTING, S.DOWN, S.FAILED, S.STOPPED):
+                return
+        launched_for_requests = slot.launching
+        self._set_state(slot, S.AWAKE, cause)
+        first_start, slot.started_once = not slot.started_once, True
         budget = self._sm.memory_budget_gb
-        if slot.state is S.AWAKE and budget is not None and slot.inst.sleep.enabled:
-            held = sum(s.memory for s in self._slots if s.state in _HOLDS_MEMORY)
+        if first_start and not launched_for_requests and slot.inst.sleep.start == "asleep" and slot.inst.sleep.enabled:
+            self._sleep_in_background(slot, "policy", "policy: start asleep")
+        elif slot.state is S.AWAKE and budget is not None and slot.inst.sleep.enabled and not launched_for_requests:
+            held = sum(s.memory for s in self._slots if s.holds_memory)
             if held > budget + 1e-9:
                 self._sleep_in_background(slot, "budget", f"budget: does not fit ({held:g} of {budget:g} GB awake)")
         self._dispatch(slot.inst.model)

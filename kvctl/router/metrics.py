@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 if TYPE_CHECKING:
     from kvctl.router.lifecycle import Lifecycle
 
-STATES = ["starting", "awake", "draining", "asleep", "waking", "down", "failed"]
+STATES = ["starting", "awake", "draining", "asleep", "waking", "down", "failed", "stopped"]
 # LLM requests last from milliseconds (embeddings, errors) to many minutes (long generations).
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
@@ -35,7 +35,10 @@ class Metrics:
         self.queued = Gauge("kvctl_queued", "Requests waiting for a wake or a free instance", ["model"], registry=r)
         self.state = Enum("kvctl_model_state", "Aggregate model state", ["model"], states=STATES, registry=r)
         self.sleeps_total = Counter("kvctl_sleeps", "Times an instance of a model was put to sleep, by cause (manual, idle, budget, policy)", ["model", "cause"], registry=r)
-        self.wakes_total = Counter("kvctl_wakes", "Wakes, by result", ["model", "result"], registry=r)
+        self.wakes_total = Counter("kvctl_wakes", "Wakes, by result and cause (request, manual)", ["model", "result", "cause"], registry=r)
+        self.starts_total = Counter("kvctl_starts", "On-demand starts of stopped instances, by cause", ["model", "cause"], registry=r)
+        self.stops_total = Counter("kvctl_stops", "Instances stopped by kvctl, by cause (manual, policy)", ["model", "cause"], registry=r)
+        self.verifications_total = Counter("kvctl_verifications", "Verified wakes, by result (ok, reloaded, restarted)", ["model", "result"], registry=r)
         self.wake_duration_seconds = Histogram("kvctl_wake_duration_seconds", "Time a wake took", ["model"], buckets=_WAKE_BUCKETS, registry=r)
 
     def render(self, lifecycle: Lifecycle | None, models: list[str]) -> bytes:
