@@ -231,12 +231,20 @@ def test_status_shows_a_loading_engine_as_loading_not_failing(kvtree: Tree) -> N
     assert (stopped["process_state"], stopped["health"]) == ("STOPPED", "failing")
 
 
-def test_status_shows_why_an_instance_failed(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("good", free_port())
+def test_status_shows_why_an_instance_failed_and_fits_80_columns(kvtree: Tree) -> None:
+    kvtree.write(sim_instance("good-instance", free_port(), model="meta-llama/Llama-3.2-1B")
                  + sim_instance("broken", free_port(), extra="    startretries: 0\n    engine_args: ['--ttft-ms', 'not-a-number']\n"))
     assert kvtree.kvctl("up").returncode == 1
     broken = wait_for(lambda: (b := by_name(status_json(kvtree))["broken"])["state"] == "failed" and b, timeout=30, what="broken to be failed")
     assert broken["health"] == "failing" and broken["failure"]
-    text = kvtree.kvctl("status")
+    text = kvctl("status", "-c", str(kvtree.config), columns=80)
     assert text.returncode == 1
     assert f"broken: failed: {broken['failure']}" in text.stdout
+    # At 80 columns each row stays on one line, the model's whole name in it.
+    lines = text.stdout.splitlines()
+    header = next(line.split() for line in lines if line.split()[:2] == ["name", "model"])
+    assert {"process", "health", "state"} <= set(header)
+    good = next(line.split() for line in lines if line.split()[:1] == ["good-instance"])
+    assert good[1] == "meta-llama/Llama-3.2-1B" and good[-2:] == ["ok", "awake"] and len(good) == len(header)
+    assert next(line.split() for line in lines if line.split()[:1] == ["broken"])[-2:] == ["failing", "failed"]
+    assert all(len(line) <= 80 for line in lines if not line.startswith("broken: failed:"))
