@@ -344,7 +344,7 @@ def _model_action(action: str, model: str | None, all_models: bool, config_path:
     config = _load(config_path)
     if all_models == (model is not None):
         raise UsageError(f"give a MODEL or --all (not both) to {action}")
-    wanted = "asleep" if action == "sleep" else "awake"
+    wanted = {"sleep": "asleep", "stop": "stopped", "wake": "awake"}[action]
     results: dict[str, dict[str, Any]] = {}  # canonical model name -> the router's answer
     evicted_for: dict[str, str] = {}  # instance name -> the model whose wake put it to sleep
     with RouterClient(config, timeout=600) as client:
@@ -407,10 +407,11 @@ def _cause(info: dict[str, Any]) -> str:
 def sleep(
     model: Annotated[Optional[str], typer.Argument(help="Model name (or alias).")] = None,
     all_models: Annotated[bool, typer.Option("--all", help="Every configured model.")] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the engine's process too (frees host memory; the next request starts it).")] = False,
     config_path: ConfigOption = None,
 ) -> None:
     """Put a model to sleep through the router (drains in-flight requests first)."""
-    _model_action("sleep", model, all_models, config_path)
+    _model_action("stop" if stop else "sleep", model, all_models, config_path)
 
 
 @app.command()

@@ -77,6 +77,8 @@ class SimSettings:
     hang_on_wake: bool = False
     seed: int = 0
     spawn_children: int = 0  # idle child processes, as vLLM starts EngineCore and workers
+    wake_corrupts_weights: bool = False  # every wake leaves garbage weights (some vLLM versions' level-2 bug)
+    reload_no_effect: bool = False  # reloading the weights does not repair them
     memory_gb: float | None = None  # --memory-gb; None: the instance's memory_gb
 
 
@@ -1014,6 +1016,8 @@ _SIM_FIELDS = {
     "hang_on_wake": _Field(_bool),
     "seed": _Field(_integer(0)),
     "spawn_children": _Field(_integer(0)),
+    "wake_corrupts_weights": _Field(_bool),
+    "reload_no_effect": _Field(_bool),
     "memory_gb": _Field(_number(positive=True, optional=True)),
 }
 _INSTANCE_FIELDS = {

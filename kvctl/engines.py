@@ -201,6 +201,10 @@ class SimAdapter(EngineAdapter):
             argv.append("--hang-on-sleep")
         if sim.hang_on_wake:
             argv.append("--hang-on-wake")
+        if sim.wake_corrupts_weights:
+            argv.append("--wake-corrupts-weights")
+        if sim.reload_no_effect:
+            argv.append("--reload-no-effect")
         return argv + list(inst.args)
 
     async def sleep(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:

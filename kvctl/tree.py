@@ -85,9 +85,15 @@ def up(config: Config, report: Reporter, *, wait: bool = True) -> UpResult:
             _reload_router(config, sup, report)
     render.write_private(paths.applied_config, config.path.read_text(encoding="utf-8"))
     processes = sup.processes()
+    # Engines that stay stopped: `start: stopped`, and (on a running tree) those the router
+    # stopped by policy or by hand; a request or `kvctl wake` starts them.
+    stopped = {inst.name for inst in config.launched if inst.sleep.start == "stopped"}
+    if not started_supervisord:
+        stopped |= {name for name, state in _router_states(config).items() if state == "stopped"}
+    stopped -= {name for name, info in processes.items() if info.state in RUNNING_STATES}
     # The router first: clients get a clear 503 rather than a refused connection while engines load.
     order = [ROUTER] if ROUTER in processes else []
-    order += [inst.name for inst in config.launched]
+    order += [inst.name for inst in config.launched if inst.name not in stopped]
     started: list[str] = []
     for name in order:
         if processes[name].state in RUNNING_STATES:
@@ -100,9 +106,11 @@ def up(config: Config, report: Reporter, *, wait: bool = True) -> UpResult:
             procstate.reset(config.run_dir, name)  # a new start gets its full retries
         sup.start(name)
         started.append(name)
+    for name in sorted(stopped):
+        report(name, "stopped (starts on demand)", True)
     if wait:
-        _wait_healthy(config, sup, report)
-        _wait_router_ready(config, report)
+        _wait_healthy(config, sup, report, skip=stopped)
+        _wait_router_ready(config, report, stopped)
     elif config.router.enabled:
         _wait(config.router.url + "/health", ROUTER_STARTUP_TIMEOUT_SECONDS, "the router to answer /health")
         report(ROUTER, "answering", True)
@@ -146,7 +154,18 @@ def _wait(url: str, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _wait_router_ready(config: Config, report: Reporter) -> None:
+def _router_states(config: Config) -> dict[str, str]:
+    """Instance name -> state, as the router has it (empty when it cannot be asked)."""
+    if not config.router.enabled:
+        return {}
+    try:
+        with RouterClient(config, timeout=5) as client:
+            return {i["name"]: i["state"] for i in client.get("/health/all").get("instances", [])}
+    except KvctlError:
+        return {}
+
+
+def _wait_router_ready(config: Config, report: Reporter, stopped: set[str]) -> None:
     """Until the router itself has every launched instance ready (awake, or asleep where the
     budget put it), so the next command (`kvctl sleep M`) finds it so."""
     if not config.router.enabled:
@@ -161,7 +180,7 @@ def _wait_router_ready(config: Config, report: Reporter) -> None:
                 states = {}
             for name in sorted(pending):
                 info = states.get(name, {})
-                if info.get("state") in READY_STATES:
+                if info.get("state") in READY_STATES or (name in stopped and info.get("state") == "stopped"):
                     report(name, f"ready ({info['state']})", True)
                     pending.discard(name)
                 elif info.get("state") == "failed":
@@ -172,10 +191,11 @@ def _wait_router_ready(config: Config, report: Reporter) -> None:
                 time.sleep(0.05)
 
 
-def _wait_healthy(config: Config, sup: Supervisor, report: Reporter) -> None:
+def _wait_healthy(config: Config, sup: Supervisor, report: Reporter, skip: set[str]) -> None:
     """Poll every program until healthy; fail on the first that dies or times out."""
     now = time.monotonic()
-    pending: dict[str, tuple[str, float]] = {inst.name: (health_url(inst), now + inst.startup_timeout_seconds) for inst in config.launched}
+    pending: dict[str, tuple[str, float]] = {inst.name: (health_url(inst), now + inst.startup_timeout_seconds)
+                                             for inst in config.launched if inst.name not in skip}
     if config.router.enabled:
         pending[ROUTER] = (config.router.url + "/health", now + ROUTER_STARTUP_TIMEOUT_SECONDS)
     while pending:

@@ -396,10 +396,22 @@ class Lifecycle:
                 "state_since": slot.since,
                 "cause": slot.sleep_cause,
                 "failure": slot.failure,
+                "policy": self._policy_view(slot),
+                "sleeps_in": self._countdown(self._sleep_due(slot, time.monotonic())),
+                "stops_in": self._countdown(self._stop_due(slot)),
             }
             for slot in self._slots
             if not slot.retiring and (model is None or slot.inst.model == model)
         ]
+
+    def _policy_view(self, slot: _Slot) -> dict[str, Any]:
+        sleep = slot.inst.sleep
+        return {"idle_seconds": policy.idle_threshold(sleep, self._sm), "start": sleep.start, "stop_after_seconds": sleep.stop_after_seconds,
+                "priority": sleep.priority, "verify": sleep.verify, "sleep_enabled": sleep.enabled}
+
+    @staticmethod
+    def _countdown(due: float | None) -> float | None:
+        return None if due is None else round(max(0.0, due), 1)
 
     def sleep_status(self) -> dict[str, Any]:
         now = time.time()

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--crash-after", type=int, default=None, metavar="N", help="exit after serving N generations")
     p.add_argument("--hang-on-sleep", action="store_true", help="sleep/release calls never return")
     p.add_argument("--hang-on-wake", action="store_true", help="wake/resume calls never return")
+    p.add_argument("--wake-corrupts-weights", action="store_true", help="every wake leaves garbage weights until they are reloaded")
+    p.add_argument("--reload-no-effect", action="store_true", help="reloading the weights does not repair them")
     p.add_argument(
         "--spawn-children", type=int, default=0, metavar="N",
         help="start N idle child processes, as vLLM starts its EngineCore and workers; they outlive a killed parent",
@@ -66,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         hang_on_wake=args.hang_on_wake,
         seed=args.seed,
         spawn_children=args.spawn_children,
+        wake_corrupts_weights=args.wake_corrupts_weights,
+        reload_no_effect=args.reload_no_effect,
     )
     return Settings(model=args.model, port=args.port, host=args.host, memory_gb=args.memory_gb, sim=sim, engine_args=tuple(unknown))
 

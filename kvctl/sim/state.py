@@ -179,6 +179,8 @@ class EngineState:
             if not self.released:
                 self.frozen = False
                 self.awake.set()
+                if self.sim.wake_corrupts_weights:
+                    self.weights_loaded = False
 
     # -- SGLang memory API ---------------------------------------------------------
 
@@ -200,13 +202,16 @@ class EngineState:
         async with self._transition:
             await asyncio.sleep(self.sim.wake_seconds)
             self.released -= set(tags or self.tags)
+            if self.sim.wake_corrupts_weights and not self.released:
+                self.weights_loaded = False
 
     def reload_weights(self) -> bool:
         """Weights read again from disk; impossible while their memory is released."""
         self.update_weights_calls += 1
         if "weights" in self.released:
             return False
-        self.weights_loaded = True
+        if not self.sim.reload_no_effect:
+            self.weights_loaded = True
         return True
 
 
