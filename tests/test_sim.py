@@ -490,6 +490,7 @@ def test_spawn_children_outlive_a_killed_parent_and_end_with_a_clean_stop(procs:
     wait_http_ok(f"http://127.0.0.1:{port}/health")
     wait_http_ok(f"http://127.0.0.1:{clean_port}/health")
     children = [pid for pid in tree_pids(killed.pid) if pid != killed.pid]
+    clean_children = [pid for pid in tree_pids(clean.pid) if pid != clean.pid]
     try:
         assert len(children) == 2
         assert all(b"kvctl.sim-child" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children)
@@ -497,12 +498,11 @@ def test_spawn_children_outlive_a_killed_parent_and_end_with_a_clean_stop(procs:
         killed.wait(10)
         assert all(alive(pid) for pid in children)  # orphaned, like vLLM's workers after a kill -9
 
-        clean_children = [pid for pid in tree_pids(clean.pid) if pid != clean.pid]
         assert len(clean_children) == 1
         clean.send_signal(signal.SIGTERM)
         assert clean.wait(10) == -signal.SIGTERM
         assert not alive(clean_children[0])
     finally:
-        for pid in children:
+        for pid in children + clean_children:  # orphans: the procs fixture no longer reaches them
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
