@@ -131,6 +131,9 @@ def test_events_errors(kvtree: Tree) -> None:
     kvtree.write(sim_instance("a", free_port()), extra=f"  api_keys: [{KEY}]\n  admin_token: wrong\n")  # the CLI now sends a wrong token
     refused = kvtree.kvctl("events")
     assert refused.returncode == 1 and "401" in refused.stderr and ADMIN not in refused.stderr and "wrong" not in refused.stderr
+    kvtree.write(sim_instance("a", free_port()), extra=f"  api_keys: [{KEY}]\n")  # no admin token: the api key opens read routes
+    with_key = kvtree.kvctl("events")
+    assert with_key.returncode == 0 and "a org/a: starting -> awake" in with_key.stdout, with_key.stderr
 
 
 # --------------------------------------------------------------------------- sleep and wake report the end state
