@@ -45,7 +45,7 @@ ConfigOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable; see README).")]
 
-_STATE_STYLE = {"awake": "green", "asleep": "blue", "waking": "yellow", "draining": "yellow", "starting": "yellow", "down": "red", "failed": "bold red", "unknown": "red"}
+_STATE_STYLE = {"awake": "green", "asleep": "blue", "waking": "yellow", "draining": "yellow", "starting": "yellow", "down": "red", "failed": "bold red", "unknown": "red", "stopped": "blue"}
 
 
 def _load(path: Path | None, *, warn: bool = False) -> Config:
@@ -217,7 +217,7 @@ def _uptime(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-_HEALTH_STYLE = {"ok": "green", "loading": "yellow", "failing": "red"}
+_HEALTH_STYLE = {"ok": "green", "loading": "yellow", "stopped": "blue", "failing": "red"}
 
 
 def _health(health: str) -> Text:

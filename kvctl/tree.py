@@ -299,7 +299,9 @@ class InstanceStatus:
     port: int
     external: bool
     process: ProcessInfo | None
-    health: str  # "ok"; "loading": up, not yet healthy, within its startup timeout; "failing"
+    # "ok"; "loading": up, not yet healthy, within its startup timeout; "stopped": stopped by
+    # policy or `kvctl sleep --stop` (a request starts it); "failing": anything else.
+    health: str
     # The router's state; "unknown" when the router runs without this instance, "-" when it
     # cannot be asked (not running, or no router configured).
     state: str
@@ -311,7 +313,7 @@ class InstanceStatus:
 
     @property
     def degraded(self) -> bool:
-        return not self.healthy or self.state in _DEGRADED_STATES
+        return self.health not in ("ok", "stopped") or self.state in _DEGRADED_STATES
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -380,7 +382,7 @@ def status(config: Config, router_instances: dict[str, dict[str, Any]] | None) -
             port=inst.port,
             external=inst.external,
             process=process,
-            health=_health(inst, process, probed=processes is not None or inst.external),
+            health=_health(inst, process, state, probed=processes is not None or inst.external),
             state=state,
             failure=str(failure) if failure else None,
         ))
@@ -393,9 +395,11 @@ def status(config: Config, router_instances: dict[str, dict[str, Any]] | None) -
     )
 
 
-def _health(inst: Instance, process: ProcessInfo | None, *, probed: bool) -> str:
+def _health(inst: Instance, process: ProcessInfo | None, state: str, *, probed: bool) -> str:
     if probed and probe(health_url(inst)):
         return "ok"
+    if state == "stopped" and (process is None or process.state not in RUNNING_STATES):
+        return "stopped"  # on purpose, and the router starts it on demand: not a fault
     # An engine loads its weights for a while before it answers: that is not a failure yet.
     if process is not None and process.state in ("STARTING", "RUNNING"):
         if process.uptime is None or process.uptime < inst.startup_timeout_seconds:

@@ -251,3 +251,16 @@ def test_status_shows_why_an_instance_failed_and_fits_80_columns(kvtree: Tree) -
     assert good[1] == "meta-llama/Llama-3.2-1B" and good[-2:] == ["ok", "awake"] and len(good) == len(header)
     assert next(line.split() for line in lines if line.split()[:1] == ["broken"])[-2:] == ["failing", "failed"]
     assert all(len(line) <= 80 for line in lines if not line.startswith("broken: failed:"))
+
+
+def test_status_a_stopped_on_purpose_instance_is_not_a_fault(kvtree: Tree) -> None:
+    kvtree.write(sim_instance("cold", free_port(), extra="    sleep: {start: stopped}\n") + sim_instance("warm", free_port()))
+    assert kvtree.kvctl("up").returncode == 0
+    body = status_json(kvtree)
+    cold = by_name(body)["cold"]
+    assert (cold["state"], cold["health"], cold["pid"]) == ("stopped", "stopped", None)
+    assert body["exit_code"] == 0  # starts on demand: healthy as configured
+    # Stopped by supervisord behind the router's back is a fault, though.
+    assert kvtree.supervisorctl("stop", "warm").returncode == 0
+    warm = by_name(body := status_json(kvtree))["warm"]
+    assert warm["health"] == "failing" and body["exit_code"] == 1
