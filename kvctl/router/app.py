@@ -32,10 +32,12 @@ from kvctl.router import logs
 from kvctl.router.asgi import Receive, Scope, Send
 from kvctl.router.errors import error_response, shorten
 from kvctl.router.events import EventBus
+from kvctl.router.history import History
 from kvctl.router.lifecycle import Lifecycle
 from kvctl.router.metrics import Metrics
 from kvctl.router.proxy import PROXIED_PATHS, Proxy
 from kvctl.router.traffic import MAX_WINDOW_SECONDS, TrafficMonitor
+from kvctl.router.ui import routes as ui_routes
 
 Handler = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger("kvctl.router")
@@ -57,6 +59,7 @@ class RouterApp:
         self.traffic = TrafficMonitor(self.models, config.sleep_manager.idle_threshold_seconds,
                                       self.lifecycle.in_flight, self.lifecycle.queued)
         self.proxy = Proxy(config, self.lifecycle, self.traffic, self.metrics)
+        self.history = History(self.traffic, self.lifecycle)  # for the dashboard's charts
         self.started = time.time()
         self.admin = Starlette(routes=_routes(self), lifespan=self._lifespan,
                                exception_handlers={HTTPException: _http_error})
@@ -70,6 +73,7 @@ class RouterApp:
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         await self.lifecycle.start()
+        sampler = asyncio.create_task(self.history.run())
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread (tests)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -81,6 +85,7 @@ class RouterApp:
         finally:
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 loop.remove_signal_handler(signal.SIGHUP)
+            sampler.cancel()
             await self.lifecycle.close()
             self.proxy.close()
 
@@ -289,6 +294,12 @@ def _routes(app: RouterApp) -> list[Route]:
         return JSONResponse({"active_models": names, "idle_threshold_seconds": threshold, "window_seconds": window,
                              "active_model_details": details, "active_models_count": len(names)})
 
+    async def traffic_history(request: Request) -> Response:
+        since = _seconds(request, "since", 0.0, allow_zero=True)
+        if isinstance(since, Response):
+            return since
+        return JSONResponse({**app.history.as_json(since), "memory_budget_gb": app.config.sleep_manager.memory_budget_gb})
+
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -326,6 +337,7 @@ def _routes(app: RouterApp) -> list[Route]:
         Route("/events", read(events)),
         Route("/metrics", read(metrics)),
         Route("/traffic/stats", read(traffic_stats)),
+        Route("/traffic/history", read(traffic_history)),
         Route("/traffic/stats/model/{model:path}", read(traffic_model)),
         Route("/traffic/stats/{model:path}", read(traffic_model)),
         Route("/traffic/idle", read(idle)),
@@ -340,6 +352,7 @@ def _routes(app: RouterApp) -> list[Route]:
         Route("/wake/model/{model:path}", act(wake), methods=["POST"]),
         Route("/action/sleep/{model:path}", act(sleep), methods=["POST"]),
         Route("/action/wakeup/{model:path}", act(wake), methods=["POST"]),
+        *ui_routes(),
     ]
 
 
