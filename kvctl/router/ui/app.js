@@ -526,11 +526,11 @@ async function act(model, action) {
 
 // ------------------------------------------------------------------ charts
 
-function niceMax(value) {
-  if (!(value > 0)) return 1;
+function niceStep(value) {
+  // The grid step for 4 rows up to `value`: 1, 2, 2.5 or 5 times a power of ten.
+  if (!(value > 0)) return 0.25;
   const power = 10 ** Math.floor(Math.log10(value));
-  for (const step of [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (step * power >= value) return step * power;
-  return 10 * power;
+  return [1, 2, 2.5, 5, 10].map((m) => m * power).find((step) => step >= value * (1 - 1e-9));
 }
 
 function drawCharts() {
@@ -555,15 +555,16 @@ function chart(plot, frame, series, { format, stacked = false, budget = null }) 
   const tops = stacked
     ? times.map((_, i) => series.reduce((sum, s) => sum + (s.values[i] || 0), 0))
     : series.flatMap((s) => s.values.filter((v) => v != null));
-  const ymax = niceMax(Math.max(0, ...tops, budget || 0) * 1.08);
+  const step = niceStep((Math.max(0, ...tops, budget || 0) * 1.08) / 4);
+  const ymax = 4 * step;
   const x = (t) => pad.left + ((t - t0) / (t1 - t0)) * (width - pad.left - pad.right);
   const y = (v) => height - pad.bottom - (v / ymax) * (height - pad.top - pad.bottom);
   const root = svg("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img" });
 
   let decimals = 0;  // as many as the grid step needs (0.25 → 2, 10 → 0)
-  while (decimals < 4 && Math.abs(Math.round((ymax / 4) * 10 ** decimals) - (ymax / 4) * 10 ** decimals) > 1e-6) decimals++;
+  while (decimals < 4 && Math.abs(Math.round(step * 10 ** decimals) - step * 10 ** decimals) > 1e-6) decimals++;
   for (let i = 0; i <= 4; i++) {
-    const v = (ymax * i) / 4;
+    const v = step * i;
     root.append(svg("line", { class: "grid", x1: pad.left, x2: width - pad.right, y1: y(v), y2: y(v) }));
     root.append(svg("text", { class: "tick", x: pad.left - 5, y: y(v) + 3.5, "text-anchor": "end" }, v.toFixed(decimals)));
   }
