@@ -21,7 +21,7 @@ const S = {
   models: {},           // GET /models
   stats: {},            // GET /traffic/stats
   sleep: null,          // GET /sleep/status
-  fetchedAt: 0,         // when the three above were read (ms, local clock)
+  fetchedAt: 0,         // when /models was read (ms, local clock)
   history: null,        // GET /traffic/history, merged
   skew: 0,              // router clock minus ours (s), from /traffic/history
   events: [],           // the last MAX_EVENTS state changes
@@ -191,7 +191,6 @@ async function poll() {
     const [models, stats, sleep] = await Promise.all([
       api("/models"), api(`/traffic/stats?window=${STATS_WINDOW}`), api("/sleep/status"),
     ]);
-    S.fetchedAt = Date.now();
     setModels(models.models);
     S.stats = stats.traffic_stats;
     S.sleep = sleep;
@@ -207,6 +206,7 @@ async function poll() {
 
 function setModels(models) {
   const before = S.order.join("\n");
+  S.fetchedAt = Date.now();
   S.models = models;
   S.order = Object.keys(models);
   if (S.order.join("\n") !== before) drawCharts();  // colours and series follow the models
@@ -455,26 +455,32 @@ function updateCard(card, model, stats) {
     card.kvBar.style.width = kv.limit ? `${Math.min(100, (100 * kv.used) / kv.limit)}%` : "0%";
   }
 
-  card.timer.textContent = timerText(name, model, stats, inFlight, queued);
+  card.timer.textContent = timerText(name, model);
   const last = S.lastSleep[name];
   card.lastSleep.textContent = last ? `last sleep ${clock(last.time)} · ${last.cause}` : "";
 
-  card.sleepBtn.disabled = card.busy || state === "asleep";
+  card.sleepBtn.disabled = card.busy || state === "asleep" || state === "stopped";
   card.wakeBtn.disabled = card.busy || state === "awake";
 }
 
-function timerText(name, model, stats, inFlight, queued) {
-  const sleep = S.sleep;
+function soonest(instances, field) {
+  // The router's countdown (seconds when /models was read), run on to now.
+  const values = instances.map((i) => i[field]).filter((v) => v != null);
+  return values.length ? Math.max(0, Math.min(...values) - (Date.now() - S.fetchedAt) / 1000) : null;
+}
+
+function timerText(name, model) {
+  const parts = [];
   if (model.state === "asleep") {
-    const info = sleep && sleep.sleeping_models[name];
-    return info ? `asleep for ${duration(info.sleep_duration)}${info.cause ? ` · ${info.cause}` : ""}` : "asleep";
+    const info = S.sleep && S.sleep.sleeping_models[name];
+    parts.push(info ? `asleep for ${duration(info.sleep_duration)}${info.cause ? ` · ${info.cause}` : ""}` : "asleep");
   }
-  if (model.state !== "awake" || !sleep) return "";
-  if (!sleep.auto_sleep_enabled) return "auto-sleep off";
-  if (inFlight || queued) return "busy: auto-sleep waits";
-  const idle = (stats.idle_time_seconds || 0) + (Date.now() - S.fetchedAt) / 1000;
-  const left = sleep.idle_threshold_seconds - idle;
-  return left > 0 ? `sleeps in ${duration(left)}` : "idle: sleep due";
+  const sleeps = soonest(model.instances, "sleeps_in");
+  const stops = soonest(model.instances, "stops_in");
+  if (sleeps != null) parts.push(sleeps > 0 ? `sleeps in ${duration(sleeps)}` : "sleep due");
+  else if (model.state === "awake" && model.instances.every((i) => i.policy && i.policy.idle_seconds == null)) parts.push("no auto-sleep");
+  if (stops != null) parts.push(stops > 0 ? `stops in ${duration(stops)}` : "stop due");
+  return parts.join(" · ");
 }
 
 function renderLegend() {
