@@ -339,3 +339,120 @@ def test_a_second_sigterm_ends_streams_with_an_error_event_and_the_router_exits(
     assert error["code"] == "router_shutdown" and error["type"] == "server_error"
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "router_shutdown"
     router.proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------- HTTP details
+
+
+def test_an_http10_client_gets_a_stream_that_ends_with_the_connection(router: Router) -> None:
+    body = b'{"model": "org/slow", "prompt": "hello", "max_tokens": 3, "stream": true}'
+    answer = exchange(router.port, b"POST /v1/completions HTTP/1.0\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding" not in head.lower()
+    events = [line for line in payload.split(b"\n") if line]
+    assert all(line.startswith(b"data: ") for line in events)  # plain SSE lines: no chunk sizes between them
+    assert events[-1] == b"data: [DONE]" and len(events) == 4
+
+
+def test_two_authorization_headers_are_refused_on_every_route(tmp_path: Path, procs: Procs) -> None:
+    config = write_config(tmp_path, [sim_instance("org/m")], router={"api_keys": ["k1", "k2"], "admin_token": "adm"})
+    start_engines(procs, config)
+    proc = procs.start([sys.executable, "-m", "kvctl", "router", "-c", str(config.path)])
+    base = config.router.url
+    wait_http_ok(base + "/health")
+    two = [("Authorization", "Bearer k1"), ("Authorization", "Bearer k2")]
+    answers = [
+        httpx.post(base + "/v1/completions", json={"model": "org/m", "prompt": "x", "max_tokens": 1}, headers=two),
+        httpx.get(base + "/v1/models", headers=two),
+        httpx.get(base + "/traffic/stats", headers=two),
+        httpx.post(base + "/models/org/m/sleep", headers=[("Authorization", "Bearer adm"), ("Authorization", "Bearer adm")]),
+    ]
+    for answer in answers:
+        assert answer.status_code == 400, (answer.request.url, answer.text)
+        assert answer.json()["error"]["code"] == "duplicate_authorization"
+    # One header works as ever, with either key.
+    client = openai.OpenAI(base_url=base + "/v1", api_key="k2", max_retries=0, timeout=30)
+    assert client.completions.create(model="org/m", prompt="x", max_tokens=1).choices[0].text
+    assert proc.poll() is None
+
+
+class FakeEngine:
+    """A minimal engine that records each completion request's head. At the `vanish_at`-th
+    completion it goes away: it stops listening, then drops the (kept-alive) connection
+    that request came on without answering."""
+
+    def __init__(self, vanish_at: int = 0) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.vanish_at = vanish_at
+        self.heads: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                lines = head.lower().split(b"\r\n")
+                length = next((int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length:")), 0)
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                buf = buf[length:]
+                if head.startswith(b"POST"):
+                    self.heads.append(head)
+                    if len(self.heads) == self.vanish_at:
+                        self.close()
+                        return
+                    body = b'{"object": "text_completion", "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]}'
+                else:
+                    body = b'{"is_sleeping": false}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+
+@pytest.fixture
+def fake_engine() -> Iterator[FakeEngine]:
+    engine = FakeEngine(vanish_at=2)
+    yield engine
+    engine.close()
+
+
+def _fake_config(tmp_path: Path, engine: FakeEngine) -> Config:
+    entry = {"name": "fake", "model": "org/fake", "engine": "sim", "port": engine.port, "external": True}
+    return write_config(tmp_path, [entry], router={"health_check_interval_seconds": 60})
+
+
+def test_headers_named_in_connection_are_not_forwarded_and_a_refused_reconnect_marks_the_engine_down(
+        tmp_path: Path, procs: Procs, fake_engine: FakeEngine) -> None:
+    router = run_router(procs, _fake_config(tmp_path, fake_engine))
+    body = {"model": "org/fake", "prompt": "x"}
+    first = httpx.post(router.base + "/v1/completions", json=body,
+                       headers={"Connection": "keep-alive, X-Hop", "X-Hop": "secret", "X-Kept": "1"})
+    assert first.status_code == 200
+    head = fake_engine.heads[0].lower()
+    assert b"\r\nx-kept: 1" in head and b"x-hop" not in head
+    # The engine dies between two requests: the second one finds the kept-alive connection
+    # closed and the engine refusing a new one. That is an unreachable engine, as a fresh
+    # refused connect is: 502 engine_unreachable, and the engine is marked down.
+    second = httpx.post(router.base + "/v1/completions", json=body)
+    assert second.status_code == 502 and second.json()["error"]["code"] == "engine_unreachable", second.text
+    assert httpx.get(router.base + "/models").json()["models"]["org/fake"]["state"] == "down"

@@ -28,7 +28,7 @@ from kvctl import config as config_mod
 from kvctl import converge
 from kvctl.config import Config
 from kvctl.errors import ConfigError
-from kvctl.router import logs
+from kvctl.router import auth, logs
 from kvctl.router.asgi import Receive, Scope, Send
 from kvctl.router.errors import error_response, shorten
 from kvctl.router.events import EventBus
@@ -124,16 +124,13 @@ class RouterApp:
 
     # ------------------------------------------------------------------ auth
     def _credential(self, request: Request) -> bytes | None:
-        header = request.headers.get("authorization", "")
-        if header[:7].lower() != "bearer ":
-            return None
-        return header[7:].strip().encode()
+        return auth.token(request.headers.raw)  # DuplicateAuthorization: the guards answer 400
 
     def can_read(self, request: Request) -> bool:
         """Data plane and read-only introspection: any api key or the admin token, when keys are set."""
+        token = self._credential(request)  # first: several Authorization headers are refused even without keys
         if not self.config.router.api_keys:
             return True
-        token = self._credential(request)
         return token is not None and (self.proxy.authorized(b"Bearer " + token) or self._is_admin(token))
 
     def can_act(self, request: Request) -> bool:
@@ -173,15 +170,21 @@ def create_app(config: Config) -> RouterApp:
 def _routes(app: RouterApp) -> list[Route]:
     def read(handler: Callable[[Request], Awaitable[Response]]) -> Handler:
         async def guarded(request: Request) -> Response:
-            if not app.can_read(request):
-                return _unauthorized()
+            try:
+                if not app.can_read(request):
+                    return _unauthorized()
+            except auth.DuplicateAuthorization:
+                return error_response(400, auth.DUPLICATE_MESSAGE, auth.DUPLICATE_CODE)
             return await handler(request)
         return guarded
 
     def act(handler: Callable[[Request], Awaitable[Response]]) -> Handler:
         async def guarded(request: Request) -> Response:
-            if not app.can_act(request):
-                return _unauthorized("This action needs the router's admin token: send 'Authorization: Bearer TOKEN'.")
+            try:
+                if not app.can_act(request):
+                    return _unauthorized("This action needs the router's admin token: send 'Authorization: Bearer TOKEN'.")
+            except auth.DuplicateAuthorization:
+                return error_response(400, auth.DUPLICATE_MESSAGE, auth.DUPLICATE_CODE)
             return await handler(request)
         return guarded
 
@@ -327,6 +330,13 @@ def _routes(app: RouterApp) -> list[Route]:
         result = await app.lifecycle.wake_model(model)
         return JSONResponse(result.to_dict(), status_code=result.status)
 
+    async def stop(request: Request) -> Response:
+        model = known(request)
+        if isinstance(model, Response):
+            return model
+        result = await app.lifecycle.stop_model(model)
+        return JSONResponse(result.to_dict(), status_code=result.status)
+
     return [
         Route("/health", health),
         Route("/health/all", read(health_all)),
@@ -348,6 +358,7 @@ def _routes(app: RouterApp) -> list[Route]:
         Route("/sleep/candidates", read(sleep_candidates)),
         Route("/models/{model:path}/sleep", act(sleep), methods=["POST"]),
         Route("/models/{model:path}/wake", act(wake), methods=["POST"]),
+        Route("/models/{model:path}/stop", act(stop), methods=["POST"]),
         Route("/sleep/model/{model:path}", act(sleep), methods=["POST"]),
         Route("/wake/model/{model:path}", act(wake), methods=["POST"]),
         Route("/action/sleep/{model:path}", act(sleep), methods=["POST"]),

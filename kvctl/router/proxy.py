@@ -8,7 +8,6 @@ chunk in the relay loop. benchmarks/router_overhead.py measures it.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 from kvctl.config import Config, Instance
 from kvctl.router import logs, overload
 from kvctl.router.asgi import Receive, Scope, Send
+from kvctl.router.auth import DUPLICATE_CODE, DUPLICATE_MESSAGE, bearer, matches
 from kvctl.router.errors import send_error, shorten, sse_error_event
 from kvctl.router.lifecycle import Unavailable
 from kvctl.router.upstream import (ConnectFailed, Connection, Pool, RouterOverloaded, UpstreamClosed, UpstreamError,
@@ -37,7 +37,17 @@ _NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"
 _NOT_RETURNED = _HOP_BY_HOP | {b"x-request-id"}
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 _SHUTDOWN_CODE = "router_shutdown"
+# Connection options that name no header (RFC 9110 §7.6.1): nothing to drop for them.
+_PLAIN_OPTIONS = _HOP_BY_HOP | {b"close"}
 _SHUTDOWN_MESSAGE = "The router is shutting down and cut this request; retry once it is back."
+
+
+def _without_connection_options(forwarded: list[bytes], connection: bytes) -> list[bytes]:
+    """Drop the headers the client's `Connection:` names: they were meant for this hop only."""
+    named = {option.strip().lower() for option in connection.split(b",")} - _PLAIN_OPTIONS
+    if not named:
+        return forwarded  # the usual `keep-alive` or `close`
+    return [part for i in range(0, len(forwarded), 4) if forwarded[i] not in named for part in forwarded[i:i + 4]]
 
 
 class ResponseCut(Exception):
@@ -97,21 +107,30 @@ class Proxy:
     # ------------------------------------------------------------------ entry point
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.monotonic()
-        auth = length = rid = None
+        auth = length = rid = connection = None
+        duplicate = False
         forwarded: list[bytes] = []
         for name, value in scope["headers"]:
             if name == b"authorization":
+                duplicate = auth is not None
                 auth = value
             elif name == b"content-length":
                 length = value
             elif name == b"x-request-id":
                 rid = value
+            elif name == b"connection":
+                connection = value
             elif name not in _NOT_FORWARDED:
                 forwarded += (name, b": ", value, b"\r\n")
+        if connection is not None:
+            forwarded = _without_connection_options(forwarded, connection)
         if rid is None or not _REQUEST_ID.fullmatch(rid):
             rid = os.urandom(12).hex().encode()
         rid_header = ((b"x-request-id", rid),)
 
+        if duplicate:
+            await self._reject(send, t0, rid, None, 400, DUPLICATE_MESSAGE, DUPLICATE_CODE, headers=rid_header)
+            return
         if self._keys and not self.authorized(auth):
             await self._reject(send, t0, rid, None, 401, "Invalid or missing API key: send 'Authorization: Bearer KEY'.", "invalid_api_key",
                                headers=(*rid_header, (b"www-authenticate", b"Bearer")))
@@ -163,13 +182,7 @@ class Proxy:
 
     def authorized(self, header: bytes | None) -> bool:
         """Constant-time check of `Authorization: Bearer KEY` against every configured key."""
-        if header is None or header[:7].lower() != b"bearer ":
-            return False
-        token = header[7:].strip()
-        ok = False
-        for key in self._keys:
-            ok |= hmac.compare_digest(token, key)
-        return ok
+        return matches(bearer(header), self._keys)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole body, or None past max_body_bytes (a chunked body has no declared size)."""
