@@ -309,7 +309,7 @@ function onEvent(event) {
   if (event.to === "asleep") S.lastSleep[event.model] = event;
   const model = S.models[event.model];
   const inst = model && model.instances.find((i) => i.name === event.instance);
-  if (inst) {  // at once, before /models is read again
+  if (inst && event.time >= (inst.state_since || 0)) {  // at once, before /models is read again (the replayed history is older)
     inst.state = event.to;
     inst.state_since = event.time;
   }
@@ -456,8 +456,7 @@ function updateCard(card, model, stats) {
   }
 
   card.timer.textContent = timerText(name, model);
-  const last = S.lastSleep[name];
-  card.lastSleep.textContent = last ? `last sleep ${clock(last.time)} · ${last.cause}` : "";
+  card.lastSleep.textContent = lastSleepText(name);
 
   card.sleepBtn.disabled = card.busy || state === "asleep" || state === "stopped";
   card.wakeBtn.disabled = card.busy || state === "awake";
@@ -483,6 +482,11 @@ function timerText(name, model) {
   return parts.join(" · ");
 }
 
+function lastSleepText(model) {
+  const last = S.lastSleep[model];
+  return last ? `last sleep ${clock(last.time)} · ${last.cause}` : "";
+}
+
 function renderLegend() {
   $("legend").replaceChildren(...modelNames().map((model) =>
     h("span", { class: "legend-item" }, h("span", { class: "legend-swatch", "data-colour": colour(model) }), model)));
@@ -499,10 +503,7 @@ function renderEvents() {
       h("span", { class: "ev-change" }, h("span", { class: `st st-${e.from}`, text: e.from }), " → ", h("span", { class: `st st-${e.to}`, text: e.to })),
       h("span", { class: "ev-cause", text: e.cause }),
       h("span", { class: "ev-dur", text: e.duration_seconds != null ? `${e.duration_seconds.toFixed(2)} s` : "" }))));
-  for (const card of S.cards.values()) {  // the cards' "last sleep" lines
-    const last = S.lastSleep[card.root.dataset.model];
-    card.lastSleep.textContent = last ? `last sleep ${clock(last.time)} · ${last.cause}` : "";
-  }
+  for (const [model, card] of S.cards) card.lastSleep.textContent = lastSleepText(model);
 }
 
 // ------------------------------------------------------------------ actions
