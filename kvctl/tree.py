@@ -65,6 +65,8 @@ def up(config: Config, report: Reporter, *, wait: bool = True) -> UpResult:
     started_supervisord = not sup.is_running()
     changes: list[str] = []
     if started_supervisord:
+        # Processes of an earlier run whose supervisord died (a router holding its port, engines).
+        reaper.end_run(config.run_dir)
         report("supervisord", "starting", False)
         sup.start_daemon()
         report("supervisord", "running", True)
@@ -202,8 +204,12 @@ def _wait_healthy(config: Config, sup: Supervisor, report: Reporter, skip: set[s
         processes = sup.processes()
         for name, (url, deadline) in list(pending.items()):
             info = processes[name]
-            if info.state in FAILED_STATES:
-                raise _startup_failure(sup, name, f"{name} exited during startup ({info.state}: {info.description})")
+            record = procstate.read(config.run_dir, name) if name != ROUTER else None
+            # Between the launcher's retries a program shows EXITED or STARTING; only FATAL
+            # or the launcher's own record of giving up is final.
+            if info.state == "FATAL" or (record is not None and record.failed) or (name == ROUTER and info.state in FAILED_STATES):
+                reason = record.reason if record is not None and record.failed else f"{info.state}: {info.description}"
+                raise _startup_failure(sup, name, f"{name} failed to start ({reason})")
             if info.state in RUNNING_STATES and probe(url):
                 report(name, "healthy", True)
                 del pending[name]

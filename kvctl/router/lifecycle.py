@@ -146,6 +146,7 @@ class _Slot:
     used_since_awake: bool = False  # served a request since it last became awake (swap-aware serving)
     reference: str | None = None  # the verify probe's answer when the engine was first ready
     started_once: bool = False  # `start: asleep` applies to the first start only
+    restarting: bool = False  # the old engine still answers until supervisord has stopped it
 
     @property
     def memory(self) -> float:
@@ -189,7 +190,9 @@ class Lifecycle:
         self._wakes: dict[str, asyncio.Task[ActionResult]] = {}  # single flight per model
         self._evicted: dict[str, list[str]] = {}  # per model being woken: who was slept for it
         self._changed = asyncio.Event()
-        self._reloaded = asyncio.Event()  # interrupts the auto-sleep loop's wait
+        # Set on a state change or a reload: the auto-sleep loop computes its next due time again.
+        # (A finished request only pushes idleness further away, so it does not need to.)
+        self._policy_changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._health_tasks: dict[str, asyncio.Task[Any]] = {}
         self._client: httpx.AsyncClient | None = None
@@ -203,7 +206,7 @@ class Lifecycle:
             if not slot.retiring:
                 self._by_model.setdefault(slot.inst.model, []).append(slot)
         self._by_name = {slot.inst.name: slot for slot in self._slots}
-        self._queues = {model: self._queues.get(model) or deque() for model in self._by_model}
+        self._queues = {model: self._queues[model] if model in self._queues else deque() for model in self._by_model}
 
     # ------------------------------------------------------------------ start / stop
 
@@ -263,8 +266,7 @@ class Lifecycle:
         for model in list(self._wakes):
             if model not in self._by_model:
                 self._wakes.pop(model).cancel()
-        self._reloaded.set()
-        self._reloaded = asyncio.Event()
+        self._policy_changed.set()
         for model in self._by_model:
             self._dispatch(model)
         self._notify()
@@ -522,6 +524,7 @@ class Lifecycle:
         self._emit(slot, old, new, cause, duration)
         if new in (S.AWAKE, S.ASLEEP, S.STOPPED):
             self._persist(slot)
+        self._policy_changed.set()
         self._notify()
 
     def _emit(self, slot: _Slot, old: InstanceState, new: InstanceState, cause: str, duration: float | None = None) -> None:
@@ -781,12 +784,14 @@ class Lifecycle:
             self._count(self._metrics.verifications_total if self._metrics else None, model, "reloaded")
             return True
         self._count(self._metrics.verifications_total if self._metrics else None, model, "restarted")
-        slot.launching = True
+        slot.launching = slot.restarting = True
         self._set_state(slot, S.STARTING, "verify: still wrong after reloading the weights; restarting the engine")
         try:
-            await asyncio.to_thread(self._processes().restart, inst.name)
+            await asyncio.to_thread(self._processes().restart, inst.name, ENGINE_STOP_TIMEOUT_SECONDS)
         except KvctlError as exc:
             log.error("%s %s: verify: restarting the engine failed: %s", inst.name, model, _first_line(exc))
+        finally:
+            slot.restarting = False
         return False
 
     async def _probe_answer(self, slot: _Slot) -> str | None:
@@ -919,11 +924,13 @@ class Lifecycle:
 
     async def _auto_sleep_loop(self) -> None:
         """Idle instances go to sleep, long-asleep ones stop (SPEC §6, §15). It wakes at the next
-        moment one is due (at most every check_interval_seconds), or at once on a reload."""
+        moment one may be due (at most every check_interval_seconds), and on a state change or a
+        reload."""
         wait = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reloaded.wait(), max(wait, 0.05))
+                await asyncio.wait_for(self._policy_changed.wait(), max(wait, 0.05))
+            self._policy_changed.clear()
             now = time.monotonic()
             wait = self._sm.check_interval_seconds
             for slot in list(self._slots):
@@ -934,7 +941,9 @@ class Lifecycle:
                 elif stop_due is not None and stop_due <= 0:
                     self._spawn(self._stop(slot, "policy", f"policy: asleep {slot.inst.sleep.stop_after_seconds:g}s (stop_after_seconds)"))
                 else:
-                    wait = min([wait, *(due for due in (sleep_due, stop_due) if due is not None)])
+                    # A busy instance is due no sooner than a full threshold after its last request.
+                    threshold = policy.idle_threshold(slot.inst.sleep, self._sm) if slot.state is S.AWAKE else None
+                    wait = min([wait, *(due for due in (sleep_due, stop_due, threshold) if due is not None)])
 
     async def _stop(self, slot: _Slot, kind: str, reason: str) -> ActionResult:
         """Stop an instance's process through supervisord (drained first when awake); state `stopped`."""
@@ -991,13 +1000,15 @@ class Lifecycle:
             router = self._config.router
             fast = slot.state in (S.STARTING, S.DOWN, S.FAILED, S.STOPPED)
             await asyncio.sleep(min(_FAST_PROBE_SECONDS, router.health_check_interval_seconds) if fast else router.health_check_interval_seconds)
+            if slot.restarting:
+                continue
             if await self._probe(slot):
                 slot.failures = 0
                 if slot.state in (S.STARTING, S.DOWN, S.FAILED, S.STOPPED):
                     await self._came_up(slot, trust_state_file=False)
                 continue
             slot.failures += 1
-            if slot.failures >= router.health_failure_threshold and slot.state not in (S.DOWN, S.STARTING, S.FAILED):
+            if slot.failures >= router.health_failure_threshold and slot.state not in (S.DOWN, S.STARTING, S.FAILED, S.STOPPED):
                 self._set_state(slot, S.DOWN, f"health: {slot.failures} failed probes")
                 self._dispatch(slot.inst.model)
             if slot.state in (S.DOWN, S.STARTING):
