@@ -302,9 +302,9 @@ def test_running_out_of_file_descriptors_is_the_routers_overload_not_the_engines
     finally:
         for sock in socks:
             sock.close()
-    # Descriptors back: the engine was never blamed, and serves again at once.
-    text = router.client().completions.create(model="org/m", prompt="hi", max_tokens=2).choices[0].text
-    assert len(text.split()) == 2
+    # Descriptors back (once the router has seen the clients leave): the engine was never blamed.
+    answer = wait_for(lambda: router.client().completions.create(model="org/m", prompt="hi", max_tokens=2), what="a completion")
+    assert len(answer.choices[0].text.split()) == 2
     assert httpx.get(router.base + "/models", timeout=5).json()["models"]["org/m"]["state"] == "awake"
     lines = log.read_text().splitlines()
     assert not [line for line in lines if "-> down" in line or "engine_unreachable" in line]
@@ -456,3 +456,16 @@ def test_headers_named_in_connection_are_not_forwarded_and_a_refused_reconnect_m
     second = httpx.post(router.base + "/v1/completions", json=body)
     assert second.status_code == 502 and second.json()["error"]["code"] == "engine_unreachable", second.text
     assert httpx.get(router.base + "/models").json()["models"]["org/fake"]["state"] == "down"
+
+
+def test_a_reload_applies_new_limits_to_new_connections(tmp_path: Path, procs: Procs) -> None:
+    config = write_config(tmp_path, [sim_instance("org/m")])
+    start_engines(procs, config)
+    router = run_router(procs, config)
+    padded = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: " + b"p" * 4000 + b"\r\n\r\n"
+    assert exchange(router.port, padded).startswith(b"HTTP/1.1 200 ")
+    data = json.loads(config.path.read_text())
+    data["router"]["max_header_bytes"] = 2048
+    config.path.write_text(json.dumps(data))
+    router.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: exchange(router.port, padded).startswith(b"HTTP/1.1 431 "), what="the reloaded header limit")

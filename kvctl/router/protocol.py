@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -60,10 +61,11 @@ class _Refused(Exception):
 
 
 class LimitedProtocol(HttpToolsProtocol):
-    limits: ClientLimits  # set on the subclass protocol_for() makes
+    current_limits: Callable[[], ClientLimits]  # set on the subclass protocol_for() makes
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.limits = self.current_limits()  # fixed for the connection's life
         self.timeout_keep_alive = self.limits.keepalive_timeout
         self._in_head = True  # between a request's first byte (or the connection's start) and its headers' end
         self._head_bytes = 0  # bytes received while the head is incomplete
@@ -237,6 +239,17 @@ class _UntilCloseCycle(RequestResponseCycle):
         await super().send(message)
 
 
-def protocol_for(limits: ClientLimits) -> type[LimitedProtocol]:
-    """The protocol class uvicorn instantiates per connection, bound to `limits`."""
-    return type("LimitedProtocol", (LimitedProtocol,), {"limits": limits})
+def protocol_for(router_config: Callable[[], RouterConfig]) -> type[LimitedProtocol]:
+    """The protocol class uvicorn instantiates per connection. Its limits are those of the
+    router config `router_config()` returns when the connection starts: a reload applies
+    to new connections."""
+    cached: tuple[RouterConfig, ClientLimits] | None = None
+
+    def current_limits() -> ClientLimits:
+        nonlocal cached
+        router = router_config()
+        if cached is None or cached[0] is not router:
+            cached = (router, ClientLimits(router))
+        return cached[1]
+
+    return type("LimitedProtocol", (LimitedProtocol,), {"current_limits": staticmethod(current_limits)})

@@ -13,7 +13,7 @@ import uvicorn
 from kvctl.config import Config
 from kvctl.errors import UsageError
 from kvctl.router import overload
-from kvctl.router.protocol import ClientLimits, protocol_for
+from kvctl.router.protocol import protocol_for
 
 log = logging.getLogger("kvctl.router")
 
@@ -50,12 +50,11 @@ def serve(config: Config) -> None:
     logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
     _raise_fd_limit(config)
     app = create_app(config)
-    limits = ClientLimits(config.router)
     server = _Server(uvicorn.Config(
         app,
         host=config.router.host,
         port=config.router.port,
-        http=protocol_for(limits),  # uvicorn's httptools protocol with the client limits
+        http=protocol_for(lambda: app.config.router),  # uvicorn's httptools protocol with the client limits
         ws="none",
         loop="asyncio",
         lifespan="on",
@@ -64,7 +63,6 @@ def serve(config: Config) -> None:
         server_header=False,  # the engine's own headers (Date, Server) pass through
         date_header=False,
         timeout_graceful_shutdown=30,
-        timeout_keep_alive=limits.keepalive_timeout,  # type: ignore[arg-type]  # a float works
     ))
     server.on_shutdown = app.begin_shutdown
     server.run()
