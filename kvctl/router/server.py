@@ -56,6 +56,7 @@ def serve(config: Config) -> None:
         port=config.router.port,
         http=protocol_for(lambda: app.config.router),  # uvicorn's httptools protocol with the client limits
         ws="none",
+        proxy_headers=False,  # X-Forwarded-* parsing per request for a client address nothing here uses
         loop="asyncio",
         lifespan="on",
         log_config=None,  # logs.configure() set up every logger; uvicorn's dictConfig would undo it
