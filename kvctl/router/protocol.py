@@ -70,7 +70,6 @@ class LimitedProtocol(HttpToolsProtocol):
         self._in_head = True  # between a request's first byte (or the connection's start) and its headers' end
         self._head_bytes = 0  # bytes received while the head is incomplete
         self._head_size = 0  # request target and header lines parsed so far
-        self._head_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_pending = False  # headers done, body not complete
         self._body_seen = 0.0
@@ -115,22 +114,21 @@ class LimitedProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
-        self._head_size = self._head_count = 0
+        self._head_size = 0
 
+    # on_url and on_header are uvicorn's, inlined (a super() call per header is measurable),
+    # plus the size count; the limits are checked once the head is complete, and while it is
+    # not, on the bytes received (data_received).
     def on_url(self, url: bytes) -> None:
+        self.url += url
         self._head_size += len(url)
-        if self._head_size > self.limits.max_header_bytes:
-            self._too_large()
-            raise _Refused
-        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
-        self._head_count += 1
-        if self._head_size > self.limits.max_header_bytes or self._head_count > MAX_HEADERS:
-            self._too_large()
-            raise _Refused
-        super().on_header(name, value)
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -138,6 +136,9 @@ class LimitedProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._head_size > self.limits.max_header_bytes or len(self.headers) > MAX_HEADERS:
+            self._too_large()
+            raise _Refused
         if self._overloaded:
             self._refuse(503, "router_overloaded", overload.message(f"max_connections {self.limits.max_connections}"),
                          ((b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS),))
@@ -149,7 +150,8 @@ class LimitedProtocol(HttpToolsProtocol):
             cycle.__class__ = _UntilCloseCycle  # before its task first runs: created just now
 
     def on_body(self, body: bytes) -> None:
-        self._body_seen = self.loop.time()
+        if self._body_timer is not None:  # only a body spread over reads is timed
+            self._body_seen = self.loop.time()
         super().on_body(body)
 
     def on_message_complete(self) -> None:
