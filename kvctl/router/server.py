@@ -94,7 +94,9 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     def _cut(self) -> None:
-        for task in list(self.server_state.tasks):
+        tasks = list(self.server_state.tasks)
+        log.warning("stopping now: cutting %d in-flight request(s)", len(tasks))
+        for task in tasks:
             task.cancel()
 
 
