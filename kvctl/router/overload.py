@@ -16,6 +16,7 @@ import os
 import resource
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from kvctl.router.errors import error_object
@@ -49,7 +50,7 @@ def raise_fd_limit() -> tuple[int, int]:
     target = hard
     if hard == resource.RLIM_INFINITY:
         try:
-            target = int(open("/proc/sys/fs/nr_open").read())
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
         except (OSError, ValueError):
             target = 1 << 20
     if soft == resource.RLIM_INFINITY or soft >= target:
