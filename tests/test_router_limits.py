@@ -258,12 +258,24 @@ def test_connections_beyond_max_connections_get_503_while_the_others_proceed(tmp
 # ---------------------------------------------------------------------- file descriptors
 
 
-def _low_fd_limit(limit: int):  # noqa: ANN202 - a preexec_fn
+def _fd_limit(soft: int, hard: int):  # noqa: ANN202 - a preexec_fn
     def apply() -> None:
         import resource
 
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))  # the hard limit too: the router cannot raise it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     return apply
+
+
+def test_the_router_raises_its_fd_soft_limit_to_the_hard_limit(tmp_path: Path, procs: Procs) -> None:
+    config = write_config(tmp_path, [sim_instance("org/m")])
+    start_engines(procs, config)
+    log = tmp_path / "router.log"
+    with log.open("wb") as out:
+        router = run_router(procs, config, preexec_fn=_fd_limit(256, 4096), stderr=out)
+    limits = Path(f"/proc/{router.proc.pid}/limits").read_text()
+    soft, hard = next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files"))
+    assert (soft, hard) == ("4096", "4096")
+    assert "file descriptor limit 4096: room for about" in log.read_text()
 
 
 def _open_stream(port: int) -> socket.socket:
@@ -279,7 +291,7 @@ def test_running_out_of_file_descriptors_is_the_routers_overload_not_the_engines
     start_engines(procs, config)
     log = tmp_path / "router.log"
     with log.open("wb") as out:
-        router = run_router(procs, config, preexec_fn=_low_fd_limit(64), stderr=out)
+        router = run_router(procs, config, preexec_fn=_fd_limit(64, 64), stderr=out)  # the router cannot raise it
     socks: list[socket.socket] = []
     try:
         # One at a time until the router has no descriptor for the engine connection: that
