@@ -573,7 +573,8 @@ function chart(plot, frame, series, { format, stacked = false, budget = null }) 
   for (let i = 0; i <= 4; i++) {
     const v = step * i;
     root.append(svg("line", { class: "grid", x1: pad.left, x2: width - pad.right, y1: y(v), y2: y(v) }));
-    root.append(svg("text", { class: "tick", x: pad.left - 5, y: y(v) + 3.5, "text-anchor": "end" }, v.toFixed(decimals)));
+    const label = step >= 1000 && v ? `${v / 1000}k` : v.toFixed(decimals);
+    root.append(svg("text", { class: "tick", x: pad.left - 5, y: y(v) + 3.5, "text-anchor": "end" }, label));
   }
   const minutes = (t1 - t0) / 60;
   for (let m = 0; m <= minutes; m += 5) {
