@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import wait_for
+from conftest import free_port, wait_for
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
@@ -19,6 +19,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from test_lifecycle_e2e import Router, router  # noqa: F401 - the fixture, reused
 from test_lifecycle_support import sim_instance, sim_state, write_config
+from test_tree import Tree, kvtree  # noqa: F401 - the fixture, reused
+from test_tree import sim_instance as tree_instance
 
 from kvctl.config import Instance
 from kvctl.router.history import SPAN_SECONDS, STEP_SECONDS, History
@@ -188,3 +190,18 @@ def test_history_keeps_a_fixed_number_of_samples(tmp_path: Path) -> None:
     body = history.as_json()
     assert len(body["time"]) == len(body["models"]["m"]["request_rate"]) == SPAN_SECONDS / STEP_SECONDS + 1
     assert body["models"]["m"]["request_rate"][-1] == 0  # counted once, not again by later samples
+
+
+def test_dashboard_stops_and_starts_an_engine_of_a_real_tree(kvtree: Tree, browser: WebDriver) -> None:
+    kvtree.write(tree_instance("s", free_port(), model="org/s"))
+    assert kvtree.kvctl("up").returncode == 0
+    browser.get(kvtree.router_url + "/ui")
+    wait_for(lambda: text(browser, "org/s", ".state") == "awake", 20, what="shown awake")
+    card(browser, "org/s").find_element(By.CSS_SELECTOR, ".btn-stop").click()
+    wait_for(lambda: text(browser, "org/s", ".state") == "stopped", 60, what="shown stopped")
+    assert "s" not in kvtree.pids()  # supervisord stopped the engine's process
+    start = card(browser, "org/s").find_element(By.CSS_SELECTOR, ".btn-wake")
+    wait_for(lambda: start.text == "Start" and start.is_enabled(), 10, what="the Start button")
+    start.click()
+    wait_for(lambda: text(browser, "org/s", ".state") == "awake", 60, what="shown awake again")
+    assert "s" in kvtree.pids()

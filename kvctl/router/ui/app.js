@@ -395,6 +395,8 @@ function makeCard(model) {
   el.msg = h("span", { class: "msg", role: "status" });
   el.sleepBtn = h("button", { type: "button", class: "btn-sleep", text: "Sleep", onclick: () => act(model, "sleep") });
   el.wakeBtn = h("button", { type: "button", class: "btn-wake", text: "Wake", onclick: () => act(model, "wake") });
+  el.stopBtn = h("button", { type: "button", class: "btn-stop ghost", text: "Stop", title: "Stop the engine's process (a request or Start starts it again)",
+    onclick: () => act(model, "stop") });
   el.kv = h("div", { class: "meter kv", hidden: true },
     h("div", { class: "meter-label" }, h("span", { text: "KV cache" }), el.kvText), h("div", { class: "meter-track" }, el.kvBar));
   el.root = h("article", { class: "card", "data-model": model },
@@ -407,7 +409,7 @@ function makeCard(model) {
       h("div", { class: "meter-label" }, h("span", { text: "memory held" }), el.memText), h("div", { class: "meter-track" }, el.memBar)),
     el.kv,
     h("div", { class: "notes" }, el.timer, el.lastSleep),
-    h("footer", { class: "actions" }, el.sleepBtn, el.wakeBtn, el.msg));
+    h("footer", { class: "actions" }, el.sleepBtn, el.wakeBtn, el.stopBtn, el.msg));
   el.busy = false;
   return el;
 }
@@ -460,6 +462,8 @@ function updateCard(card, model, stats) {
 
   card.sleepBtn.disabled = card.busy || state === "asleep" || state === "stopped";
   card.wakeBtn.disabled = card.busy || state === "awake";
+  card.wakeBtn.textContent = state === "stopped" ? "Start" : "Wake";  // a wake starts a stopped engine
+  card.stopBtn.disabled = card.busy || state === "stopped";
 }
 
 function soonest(instances, field) {
@@ -511,9 +515,9 @@ function renderEvents() {
 async function act(model, action) {
   const card = S.cards.get(model);
   card.busy = true;
-  card.sleepBtn.disabled = card.wakeBtn.disabled = true;
+  card.sleepBtn.disabled = card.wakeBtn.disabled = card.stopBtn.disabled = true;
   card.msg.className = "msg busy";
-  card.msg.textContent = action === "sleep" ? "putting to sleep…" : "waking…";
+  card.msg.textContent = { sleep: "putting to sleep…", wake: "waking…", stop: "stopping…" }[action];
   try {
     const result = await api(`/models/${encodeURIComponent(model)}/${action}`, { method: "POST", admin: true });
     card.msg.className = "msg ok";
