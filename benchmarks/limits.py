@@ -276,7 +276,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=10000)
     ap.add_argument("--stream-tokens", type=int, default=40)
     ap.add_argument("--tokens-per-second", type=float, default=2.0, help="pace of each stream (long enough to hold them all open)")
-    ap.add_argument("--router-nofile", type=int, help="the router's fd limit (soft and hard; raising the hard one needs root)")
+    ap.add_argument("--router-nofile", type=int, help="the router's fd limit, soft and hard (raising the hard limit needs CAP_SYS_RESOURCE)")
     ap.add_argument("--requests", type=int, default=400_000)
     ap.add_argument("--every", type=int, default=50_000)
     ap.add_argument("--concurrency", type=int, default=32)
