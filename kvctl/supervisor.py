@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -18,6 +19,8 @@ from supervisor.xmlrpc import SupervisorTransport
 from kvctl.errors import NotRunningError, SupervisorError
 from kvctl.render import RunPaths
 
+# After a stop's timeout: how long a second SIGTERM gets before SIGKILL.
+CUT_GRACE_SECONDS = 3.0
 # Process states as supervisord names them.
 RUNNING_STATES = {"RUNNING"}
 STARTING_STATES = {"STARTING", "BACKOFF"}
@@ -142,11 +145,20 @@ class Supervisor:
         self._call("supervisor.signalProcess", name, signame)
 
     def stop(self, name: str, timeout: float) -> None:
-        """SIGTERM, then SIGKILL to the process group if still alive after `timeout`."""
+        """SIGTERM; after `timeout` a second SIGTERM (the router then cuts what is still in
+        flight, ending streams with an error event), and SIGKILL to the process group if it is
+        still alive CUT_GRACE_SECONDS later."""
         self._stop_quietly(name, wait=False)
         deadline = time.monotonic() + timeout
+        cut = False
         while (info := self.process(name)).state not in STOPPED_STATES:
             if time.monotonic() > deadline:
+                if not cut and info.pid:
+                    cut = True
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(info.pid, signal.SIGTERM)
+                    deadline = time.monotonic() + CUT_GRACE_SECONDS
+                    continue
                 if info.pid:
                     _kill_group(info.pid)  # an engine's launcher and the engine with it
                 deadline = time.monotonic() + 10

@@ -36,7 +36,7 @@ from kvctl.errors import EngineError, EngineTimeout, KvctlError
 from kvctl.supervisor import Supervisor
 from kvctl.render import RunPaths
 from kvctl import procstate
-from kvctl.router import logs, policy, state_file
+from kvctl.router import logs, overload, policy, state_file
 from kvctl.router.events import Event, EventBus
 
 if TYPE_CHECKING:
@@ -189,6 +189,9 @@ class Lifecycle:
         self._index()
         self._wakes: dict[str, asyncio.Task[ActionResult]] = {}  # single flight per model
         self._evicted: dict[str, list[str]] = {}  # per model being woken: who was slept for it
+        # Models whose wake waits for room in the budget, in arrival order: memory freed for the
+        # first is not taken by a later one (or by the model just slept, whose queue refills).
+        self._room_queue: deque[str] = deque()
         self._changed = asyncio.Event()
         # Set on a state change or a reload: the auto-sleep loop computes its next due time again.
         # (A finished request only pushes idleness further away, so it does not need to.)
@@ -336,10 +339,12 @@ class Lifecycle:
         waiter = _Waiter(asyncio.get_running_loop().create_future(), excluded)
         queue.append(waiter)
         # A model that has to be started (not just woken) gets its engines' startup timeout.
-        cold = not any(slot.state in (S.AWAKE, S.ASLEEP, S.WAKING, S.DRAINING) for slot in self._by_model[model])
+        slots = self._by_model[model]
+        cold = (any(slot.state is S.STOPPED or slot.launching for slot in slots)
+                and not any(slot.state in (S.AWAKE, S.ASLEEP, S.WAKING, S.DRAINING) for slot in slots))
         timeout, setting = self._sm.wake_timeout_seconds, "wake_timeout_seconds"
         if cold:
-            timeout, setting = max(timeout, *(slot.inst.startup_timeout_seconds for slot in self._by_model[model])), "startup_timeout_seconds"
+            timeout, setting = max(timeout, *(slot.inst.startup_timeout_seconds for slot in slots)), "startup_timeout_seconds"
         self._dispatch(model)
         try:
             await asyncio.wait({waiter.fut}, timeout=timeout)
@@ -546,7 +551,8 @@ class Lifecycle:
             return False
         event = self._changed
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await event.wait()
         except TimeoutError:
             return False
         return True
@@ -667,19 +673,24 @@ class Lifecycle:
         budget, then wake the engine (or start its process)."""
         model = slot.inst.model
         deadline = time.monotonic() + max(self._sm.wake_timeout_seconds, slot.inst.startup_timeout_seconds if slot.state is S.STOPPED else 0)
-        while slot.state in (S.ASLEEP, S.STOPPED):
-            room, recheck = self._make_room(slot)
-            if room:
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                message = (f"model {model} could not be woken within wake_timeout_seconds={self._sm.wake_timeout_seconds:g}: "
-                           f"the memory budget ({self._sm.memory_budget_gb:g} GB) is held by {self._budget_holders(slot)}")
-                log.warning(message, extra=logs.fields(instance=slot.inst.name, model=model))
-                self._fail_waiters(model, Unavailable(503, "wake_timeout", message, _WAKE_FAILED_RETRY_AFTER))
-                return ActionResult(model, False, message, self.model_state(model), 504, self._evicted.pop(model, []))
-            # Wait for a change, or for the moment a protected holder may be slept.
-            await self._wait_change(remaining if recheck is None else min(remaining, recheck + 0.01))
+        self._room_queue.append(model)
+        try:
+            while slot.state in (S.ASLEEP, S.STOPPED):
+                room, recheck = self._make_room(slot)
+                if room:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    message = (f"model {model} could not be woken within wake_timeout_seconds={self._sm.wake_timeout_seconds:g}: "
+                               f"the memory budget ({self._sm.memory_budget_gb:g} GB) is held by {self._budget_holders(slot)}")
+                    log.warning(message, extra=logs.fields(instance=slot.inst.name, model=model))
+                    self._fail_waiters(model, Unavailable(503, "wake_timeout", message, _WAKE_FAILED_RETRY_AFTER))
+                    return ActionResult(model, False, message, self.model_state(model), 504, self._evicted.pop(model, []))
+                # Wait for a change, or for the moment a protected holder may be slept.
+                await self._wait_change(remaining if recheck is None else min(remaining, recheck + 0.01))
+        finally:
+            self._room_queue.remove(model)
+            self._notify()  # the next model in the room queue may go
         if slot.state is S.STOPPED:
             result = await self._cold_start(slot, deadline, cause)
         elif slot.state is not S.ASLEEP:  # it went down (or came back otherwise) meanwhile
@@ -808,6 +819,8 @@ class Lifecycle:
         budget = self._sm.memory_budget_gb
         if budget is None or slot.memory <= 0:
             return True, None
+        if self._room_queue and self._room_queue[0] != slot.inst.model:
+            return False, None  # an earlier wake waits for room: its turn first
         held = sum(s.memory for s in self._slots if s.holds_memory)
         short = held + slot.memory - budget
         if short <= 1e-9:
@@ -928,8 +941,11 @@ class Lifecycle:
         reload."""
         wait = 0.0
         while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation that
+            # races with the event, and `close()` then waits for this task forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._policy_changed.wait(), max(wait, 0.05))
+                async with asyncio.timeout(max(wait, 0.05)):
+                    await self._policy_changed.wait()
             self._policy_changed.clear()
             now = time.monotonic()
             wait = self._sm.check_interval_seconds
@@ -987,12 +1003,13 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ health and truth
 
-    async def _probe(self, slot: _Slot) -> bool:
-        """One health probe (not traffic: it changes no idle time)."""
+    async def _probe(self, slot: _Slot) -> bool | None:
+        """One health probe (not traffic: it changes no idle time). None when the router itself
+        is out of file descriptors: that says nothing about the engine."""
         try:
             response = await self._http.get(slot.inst.url + self._adapter(slot.inst).health_path)
-        except httpx.HTTPError:
-            return False
+        except httpx.HTTPError as exc:
+            return None if _exhausted(exc) else False
         return response.status_code == 200
 
     async def _health_loop(self, slot: _Slot) -> None:
@@ -1002,7 +1019,10 @@ class Lifecycle:
             await asyncio.sleep(min(_FAST_PROBE_SECONDS, router.health_check_interval_seconds) if fast else router.health_check_interval_seconds)
             if slot.restarting:
                 continue
-            if await self._probe(slot):
+            healthy = await self._probe(slot)
+            if healthy is None:
+                continue
+            if healthy:
                 slot.failures = 0
                 if slot.state in (S.STARTING, S.DOWN, S.FAILED, S.STOPPED):
                     await self._came_up(slot, trust_state_file=False)
@@ -1080,3 +1100,12 @@ class Lifecycle:
 def _first_line(error: Exception) -> str:
     lines = str(error).splitlines()
     return lines[0][:300] if lines else type(error).__name__
+
+
+def _exhausted(exc: BaseException) -> bool:
+    """Whether an error (or its cause) is the router's own lack of file descriptors."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in overload.EXHAUSTED:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
