@@ -3,14 +3,17 @@ real CLI, real supervisord, real router, sim engines."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import subprocess
 import threading
 
 import httpx
 import openai
 import pytest
 from conftest import free_port, wait_for
-from test_tree import Tree, kvtree, sim_instance  # noqa: F401  (kvtree is a fixture)
+from test_tree import KVCTL, Tree, kvtree, sim_instance  # noqa: F401  (kvtree is a fixture)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -208,3 +211,75 @@ def test_up_restarts_only_what_needs_it(kvtree: Tree) -> None:
     assert _chat(kvtree, "org/b")
     with pytest.raises(httpx.ConnectError):
         httpx.get(old_url + "/health")
+
+
+def test_json_logs_models_retrieve_and_a_burst_right_after_an_engine_restart(kvtree: Tree) -> None:
+    port = free_port()
+    kvtree.write(sim_instance("m", port, extra="    aliases: [short]\n"), extra="  log_format: json\n")
+    assert kvtree.kvctl("up").returncode == 0
+    client = openai.OpenAI(base_url=kvtree.router_url + "/v1", api_key="unused", max_retries=0)
+    model = client.models.retrieve("short")  # the openai client's models.retrieve
+    assert (model.id, model.owned_by) == ("short", "kvctl") and getattr(model, "root") == "org/m"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+    # An engine setting changed: `up` restarts it, and every request right after `up` is served.
+    kvtree.write(sim_instance("m", port, extra="    aliases: [short]\n    sim: {ttft_ms: 2}\n"), extra="  log_format: json\n")
+    result = kvtree.kvctl("up")
+    assert result.returncode == 0 and "instance m: restarted" in result.stdout, result.stdout + result.stderr
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=kvtree.router_url, timeout=30) as http:
+            answers = await asyncio.gather(*(http.post("/v1/completions", json={"model": "short", "prompt": "x", "max_tokens": 2}) for _ in range(200)))
+        return [answer.status_code for answer in answers]
+
+    assert asyncio.run(burst()) == [200] * 200
+
+    # log_format: json -> one JSON object per line, the state changes with their fields.
+    records = [json.loads(line) for line in (kvtree.run_dir / "logs" / "router.log").read_text().splitlines() if line.startswith("{")]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    changes = [r for r in records if r.get("instance") == "m" and "to" in r]
+    assert any(r["to"] == "starting" and r["cause"] == "reload: engine settings changed" for r in changes), changes
+    assert any(r["logger"] == "kvctl.access" and r["status"] == 200 and r["model"] == "org/m" for r in records)
+
+
+def test_ctrl_c_during_up_says_what_keeps_running(kvtree: Tree) -> None:
+    kvtree.write(sim_instance("slow", free_port(), extra="    sim: {load_seconds: 30}\n").replace("startup_timeout_seconds: 30", "startup_timeout_seconds: 60"))
+    proc = subprocess.Popen([*KVCTL, "up", "-c", str(kvtree.config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (kvtree.run_dir / "supervisord.pid").exists() and httpx.get(kvtree.router_url + "/health", timeout=1).status_code == 200,
+                 what="up to have started the tree")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "what was started keeps running" in stderr and f"kvctl down -c {kvtree.config}" in stderr
+    assert kvtree.status()["router"]["healthy"] is True  # it did keep running
+
+
+def test_down_timeout_ends_a_long_stream_with_the_error_event(kvtree: Tree) -> None:
+    kvtree.write(sim_instance("m", free_port(), extra="    sim: {tokens_per_second: 5}\n"))
+    assert kvtree.kvctl("up").returncode == 0
+    lines: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        body = {"model": "org/m", "prompt": "x", "max_tokens": 500, "stream": True}
+        with httpx.stream("POST", kvtree.router_url + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    started.set()
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    assert started.wait(30)
+    down = kvtree.kvctl("down", "--timeout", "1")
+    assert down.returncode == 0, down.stderr
+    reader.join(30)
+    assert not reader.is_alive()
+    last = json.loads(lines[-1][len("data: "):])
+    assert last["error"]["code"] == "router_shutdown", lines[-3:]
+    assert "data: [DONE]" not in lines

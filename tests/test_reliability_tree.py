@@ -16,6 +16,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import Procs, free_port, wait_for
@@ -138,6 +139,11 @@ def test_a_crash_loop_ends_failed_and_restart_tries_again(kvtree: Tree) -> None:
         assert "FATAL" in status, status
         log = (kvtree.run_dir / "logs" / "flaky.log").read_text()
         assert len(re.findall(r"start failed \(\d of 2\)", log)) == 2
+        # The router knows why: the instance is `failed` and requests get a 503 naming the failure.
+        wait_for(lambda: _router_state(kvtree, "flaky") == "failed", what="the router to mark flaky failed")
+        answer = httpx.post(kvtree.router_url + "/v1/completions", json={"model": "org/flaky", "prompt": "x"}, timeout=10)
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "model_failed"
+        assert "address already in use" in answer.json()["error"]["message"].lower() and int(answer.headers["retry-after"]) > 0
 
         slow = wait_for(lambda: (r := procstate.read(kvtree.run_dir, "slow")) is not None and r.failed and r, timeout=60, what="slow to give up")
         assert slow.failures == 1 and slow.reason.startswith("not healthy within 1s")
@@ -195,3 +201,8 @@ def test_launcher_forwards_signals_and_kills_a_worker_that_ignores_sigterm(procs
         for pid in (engine, worker):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _router_state(tree: Tree, name: str) -> str | None:
+    instances = httpx.get(tree.router_url + "/health/all", timeout=5).json()["instances"]
+    return next((i["state"] for i in instances if i["name"] == name), None)
