@@ -680,7 +680,8 @@ def _port_pos(node: CommentedMap, default: tuple[int, int]) -> tuple[int, int]:
         if isinstance(args, CommentedSeq):
             holding = [i for i, item in enumerate(args) if isinstance(item, str) and _PORT_FLAG.search(item)]
             if holding:
-                return args.lc.item(holding[-1])
+                line, col = args.lc.item(holding[-1])
+                return int(line), int(col)
         if key in node:
             return _value_pos(node, key, default)
     return default

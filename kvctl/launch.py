@@ -163,12 +163,11 @@ class Launcher:
         next_probe = time.monotonic()
         while self.status is None:
             if healthy or timed_out or self.stopping:
-                info = signal.sigwaitinfo(WAITED)
-                self.handle(info.si_signo)
+                self.handle(signal.sigwaitinfo(WAITED).si_signo)
                 continue
-            info = signal.sigtimedwait(WAITED, max(0.0, next_probe - time.monotonic()))
-            if info is not None:
-                self.handle(info.si_signo)
+            timed = signal.sigtimedwait(WAITED, max(0.0, next_probe - time.monotonic()))
+            if timed is not None:
+                self.handle(timed.si_signo)
                 continue
             if _probe(self.spec.health_url):
                 healthy = True

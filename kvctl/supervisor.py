@@ -78,7 +78,7 @@ class Supervisor:
     # -- state
     def is_running(self) -> bool:
         try:
-            return self._call("supervisor.getState")["statename"] == "RUNNING"
+            return bool(self._call("supervisor.getState")["statename"] == "RUNNING")
         except (NotRunningError, SupervisorError):
             return False
 

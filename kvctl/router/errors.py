@@ -17,7 +17,7 @@ def error_type(status: int) -> str:
     return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def error_object(status: int, message: str, code: str, param: str | None = None) -> dict:
+def error_object(status: int, message: str, code: str, param: str | None = None) -> dict[str, dict[str, str | None]]:
     return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 

@@ -839,7 +839,7 @@ class Lifecycle:
             for s in self._slots if s.state is S.AWAKE
         ]
         queue = self._queues.get(slot.inst.model)
-        starving = bool(queue) and now - queue[0].since >= self._sm.max_swap_wait_seconds
+        starving = bool(queue and now - queue[0].since >= self._sm.max_swap_wait_seconds)
         victims = policy.choose_victims(holders, short, self._sm, starving=starving)
         if victims is None:
             return False, policy.next_protection_end(holders, self._sm)
@@ -967,7 +967,7 @@ class Lifecycle:
         if slot.state is S.AWAKE:
             self._begin_drain(slot, reason, cancellable=False)
             deadline = time.monotonic() + self._sm.drain_timeout_seconds
-            while slot.in_flight > 0 and slot.state is S.DRAINING and await self._wait_change(deadline - time.monotonic()):
+            while slot.in_flight > 0 and slot.state in (S.DRAINING,) and await self._wait_change(deadline - time.monotonic()):
                 pass
         if slot.state not in (S.DRAINING, S.ASLEEP, S.DOWN, S.FAILED):
             return ActionResult(model, False, f"instance {inst.name} is {slot.state.value}; not stopped", self.model_state(model), 409)
@@ -987,7 +987,8 @@ class Lifecycle:
             self._set_state(slot, S.STOPPED, reason, time.monotonic() - started, sleep_cause=kind)
             self._count(self._metrics.stops_total if self._metrics else None, model, kind)
         self._dispatch(model)
-        return ActionResult(model, slot.state is S.STOPPED, f"instance {inst.name} is {slot.state.value}", self.model_state(model), 200)
+        stopped = slot.state in (S.STOPPED,)  # (after awaits: mypy's narrowing of slot.state no longer holds)
+        return ActionResult(model, stopped, f"instance {inst.name} is {slot.state.value}", self.model_state(model), 200)
 
     async def stop_model(self, model: str) -> ActionResult:
         """`kvctl sleep M --stop`: stop every instance's process (SPEC §15)."""
@@ -1071,7 +1072,7 @@ class Lifecycle:
         budget = self._sm.memory_budget_gb
         if first_start and not launched_for_requests and slot.inst.sleep.start == "asleep" and slot.inst.sleep.enabled:
             self._sleep_in_background(slot, "policy", "policy: start asleep")
-        elif slot.state is S.AWAKE and budget is not None and slot.inst.sleep.enabled and not launched_for_requests:
+        elif slot.state in (S.AWAKE,) and budget is not None and slot.inst.sleep.enabled and not launched_for_requests:
             held = sum(s.memory for s in self._slots if s.holds_memory)
             if held > budget + 1e-9:
                 self._sleep_in_background(slot, "budget", f"budget: does not fit ({held:g} of {budget:g} GB awake)")

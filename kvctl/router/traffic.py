@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 MAX_WINDOW_SECONDS = 3600
 _SAMPLES = 1024
@@ -116,7 +117,7 @@ class TrafficMonitor:
         now = time.time() if now is None else now
         return max(0.0, now - (state.last_activity or state.since))
 
-    def stats(self, model: str, window: float, idle_threshold: float | None = None) -> dict:
+    def stats(self, model: str, window: float, idle_threshold: float | None = None) -> dict[str, Any]:
         state = self._models[model]
         now = time.time()
         count, ok, failed, lat = state.window(now, window)
