@@ -26,6 +26,7 @@ from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning
 from ruamel.yaml.events import MappingStartEvent, ScalarEvent, SequenceStartEvent
 from ruamel.yaml.nodes import MappingNode, SequenceNode
 
+from kvctl import engines
 from kvctl.errors import ConfigError
 
 DEFAULT_PATH = "kvctl.yaml"
@@ -35,7 +36,6 @@ MAX_LINE_CHARS = 16 * 1024
 MAX_DEPTH = 32
 MAX_VALUES = 100_000
 _MAX_PROBLEMS = 100
-ENGINES = {"vllm": "vllm", "sglang": "sglang", "sgl": "sglang", "sim": "sim"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VAR = re.compile(r"\$\{([^}]*)\}")
@@ -518,7 +518,7 @@ class _Reader:
             priority=sleep_raw.get("priority", 0),
             verify=sleep_raw.get("verify", False),
         )
-        engine_name = ENGINES[engine]
+        engine_name = engines.engine_name(engine)
         if not ok or port is None or python is None:
             return None
         inst = Instance(
@@ -541,9 +541,7 @@ class _Reader:
             add_port_flag=arg_port is None,
         )
         if not external:
-            from kvctl.engines import adapter_for  # engines import config; avoid the cycle at import time
-
-            for message in adapter_for(inst).config_warnings(inst):
+            for message in engines.adapter_for(inst).config_warnings(inst):
                 self.warn(pos, f"{where} ({name}): {message}")
         return inst
 
@@ -821,9 +819,10 @@ def _choice(*choices: Any, optional: bool = False) -> Callable[[_Reader, Any, tu
 
 
 def _engine(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    if not isinstance(value, str) or value.lower() not in ENGINES:
-        hint = difflib.get_close_matches(value.lower(), list(ENGINES), n=1) if isinstance(value, str) else []
-        reader.error(pos, f"unknown engine {_quote(value)}: use vllm, sglang or sim" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    if not isinstance(value, str) or engines.engine_name(value) is None:
+        hint = difflib.get_close_matches(value.lower(), list(engines.ENGINE_NAMES), n=1) if isinstance(value, str) else []
+        choices = ", ".join(sorted(set(engines.ENGINE_NAMES.values())))
+        reader.error(pos, f"unknown engine {_quote(value)}: use {choices}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         return _INVALID
     return value.lower()
 
@@ -1005,7 +1004,7 @@ _SLEEP_FIELDS = {
     "verify": _Field(_bool),
 }
 _SIM_FIELDS = {
-    "dialect": _Field(_choice("vllm", "sglang")),
+    "dialect": _Field(_choice(*engines.SIM_DIALECTS)),
     "load_seconds": _Field(_number()),
     "ttft_ms": _Field(_number()),
     "tokens_per_second": _Field(_number()),

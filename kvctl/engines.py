@@ -7,12 +7,14 @@ means adding an adapter.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import httpx
 
-from kvctl.config import Instance
 from kvctl.errors import EngineError, EngineTimeout
+
+if TYPE_CHECKING:  # annotations only: config asks this module about engines
+    from kvctl.config import Instance
 
 PROBE_PROMPT = "kvctl verify probe: the capital of France is"
 PROBE_TIMEOUT_SECONDS = 60.0
@@ -225,11 +227,16 @@ _SGLANG = SglangAdapter()
 _SIMS = {"vllm": SimAdapter(_VLLM), "sglang": SimAdapter(_SGLANG)}
 
 
+_ADAPTERS: dict[str, EngineAdapter] = {"vllm": _VLLM, "sglang": _SGLANG}
+# The names a config may give (case-insensitive) -> the engine; the sim imitates a real one.
+ENGINE_NAMES = {"vllm": "vllm", "sglang": "sglang", "sgl": "sglang", "sim": "sim"}
+SIM_DIALECTS = tuple(_SIMS)
+
+
+def engine_name(text: str) -> str | None:
+    """The engine a config's `engine:` value names, or None."""
+    return ENGINE_NAMES.get(text.lower())
+
+
 def adapter_for(inst: Instance) -> EngineAdapter:
-    if inst.engine == "vllm":
-        return _VLLM
-    if inst.engine == "sglang":
-        return _SGLANG
-    if inst.engine == "sim":
-        return _SIMS[inst.sim.dialect]
-    raise ValueError(f"no adapter for engine {inst.engine!r}")  # config validation makes this unreachable
+    return _SIMS[inst.sim.dialect] if inst.engine == "sim" else _ADAPTERS[inst.engine]
