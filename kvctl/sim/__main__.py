@@ -8,6 +8,7 @@ flags that kvcached configs append (`--enable-sleep-mode`, `--gpu-memory-utiliza
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -15,9 +16,10 @@ import time
 
 import uvicorn
 
+from kvctl import kvcached
 from kvctl.config import SimSettings
 from kvctl.sim.app import create_app
-from kvctl.sim.state import Settings
+from kvctl.sim.state import KvPool, Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +46,15 @@ def _parser() -> argparse.ArgumentParser:
         "--spawn-children", type=int, default=0, metavar="N",
         help="start N idle child processes, as vLLM starts its EngineCore and workers; they outlive a killed parent",
     )
+    p.add_argument(
+        "--kv-bytes-per-token", type=int, default=SimSettings.kv_bytes_per_token, metavar="N",
+        help="KV cache a token holds, with ENABLE_KVCACHED=true in the environment (default 128 KiB)",
+    )
     return p
+
+
+# With kvcached, the KV cache's capacity is this share of --memory-gb (the rest: weights).
+KV_SHARE = 0.4
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -53,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         sys.exit("kvctl.sim: --fail-rate must be between 0 and 1")
     if args.spawn_children < 0:
         sys.exit("kvctl.sim: --spawn-children must be >= 0")
+    if args.kv_bytes_per_token < 1:
+        sys.exit("kvctl.sim: --kv-bytes-per-token must be >= 1")
     if unknown:
         print(f"kvctl.sim: ignoring engine args: {' '.join(unknown)}", file=sys.stderr, flush=True)
     sim = SimSettings(
@@ -70,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         spawn_children=args.spawn_children,
         wake_corrupts_weights=args.wake_corrupts_weights,
         reload_no_effect=args.reload_no_effect,
+        kv_bytes_per_token=args.kv_bytes_per_token,
     )
     return Settings(model=args.model, port=args.port, host=args.host, memory_gb=args.memory_gb, sim=sim, engine_args=tuple(unknown))
 
@@ -94,12 +107,17 @@ def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
-    app = create_app(settings)
     children = spawn_children(settings.sim.spawn_children, settings.model)  # before loading, like vLLM's EngineCore
+    segment: kvcached.Segment | None = None
+
+    def cleanup() -> None:
+        _stop_children(children)
+        if segment is not None:
+            segment.remove()  # a clean exit removes it; a crash leaves it (`kvctl down` removes it then)
 
     def stop(signum: int, _frame: object) -> None:
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down, with this handler back in place.
-        _stop_children(children)
+        cleanup()
         signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)
 
@@ -108,10 +126,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if settings.sim.load_seconds > 0:
             time.sleep(settings.sim.load_seconds)  # a real engine binds its port only once loaded
+        kv = None
+        if kvcached.enabled(os.environ):
+            # As kvcached does once its KV cache is set up: the segment, with the capacity as the limit.
+            segment = kvcached.Segment(kvcached.segment_name(os.environ), int(KV_SHARE * settings.memory_gb * 2**30))
+            kv = KvPool(segment, settings.sim.kv_bytes_per_token)
+        app = create_app(settings, kv)
         print(f"kvctl.sim: serving {settings.model} ({settings.sim.dialect} dialect) on {settings.host}:{settings.port}", file=sys.stderr, flush=True)
         uvicorn.run(app, host=settings.host, port=settings.port, loop="asyncio", http="httptools", access_log=False, log_level="warning", timeout_graceful_shutdown=5)
     finally:
-        _stop_children(children)
+        cleanup()
 
 
 if __name__ == "__main__":

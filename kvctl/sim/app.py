@@ -26,7 +26,7 @@ from kvctl import __version__
 from kvctl.engines import SglangAdapter, VllmAdapter
 from kvctl.sim import protocol
 from kvctl.sim.protocol import BadRequest, Generation, Shapes
-from kvctl.sim.state import EngineState, Settings
+from kvctl.sim.state import EngineState, KvPool, Settings
 
 T = TypeVar("T")
 MAX_BODY_BYTES = 16 * 2**20
@@ -65,11 +65,11 @@ async def _unless_disconnected(aw: Awaitable[T], receive: Receive) -> T:
 
 
 class _Engine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, kv: KvPool | None = None) -> None:
         self.settings = settings
         self.model = settings.model
         self.dialect = settings.sim.dialect
-        self.state = EngineState(settings)
+        self.state = EngineState(settings, kv)
         tps = settings.sim.tokens_per_second
         self.interval = 1.0 / tps if tps > 0 else 0.0
         self.ttft = settings.sim.ttft_ms / 1000.0
@@ -132,6 +132,8 @@ class _Engine:
                 await _unless_disconnected(state.awake.wait(), request.receive)
             if state.should_fail():
                 return self.error(500, "simulated engine failure (--fail-rate)")
+            if state.kv is not None:  # waits (counted as waiting) until its KV fits under the limit
+                await _unless_disconnected(state.kv.admit(tokens), request.receive)
             state.start(tokens)
             phase = "running"
             shapes = Shapes(gen, self.model)
@@ -156,19 +158,30 @@ class _Engine:
         state = self.state
         epoch = state.abort_epoch
         garbage = not state.weights_loaded
-        if self.ttft:
-            await asyncio.sleep(self.ttft)
-        last = gen.max_tokens - 1
-        for i in range(gen.max_tokens):
-            if i and self.interval:
-                await asyncio.sleep(self.interval)
-            if state.frozen:
-                await state.awake.wait()
-            if state.abort_epoch != epoch:
-                state.sleep_aborted += 1
-                yield "", "abort"
-                return
-            yield gen.token(i, garbage), ("length" if i == last else None)
+        kv, held = state.kv, 0  # KV-cache tokens this request holds (prompt, then each generated one)
+        try:
+            if kv is not None:
+                kv.grow(gen.prompt_tokens)
+                held = gen.prompt_tokens
+            if self.ttft:
+                await asyncio.sleep(self.ttft)
+            last = gen.max_tokens - 1
+            for i in range(gen.max_tokens):
+                if i and self.interval:
+                    await asyncio.sleep(self.interval)
+                if state.frozen:
+                    await state.awake.wait()
+                if state.abort_epoch != epoch:
+                    state.sleep_aborted += 1
+                    yield "", "abort"
+                    return
+                if kv is not None:
+                    kv.grow(1)
+                    held += 1
+                yield gen.token(i, garbage), ("length" if i == last else None)
+        finally:
+            if kv is not None:
+                kv.leave(0, held)
 
     async def _collect(self, gen: Generation) -> tuple[str, int, str]:
         parts: list[str] = []
@@ -353,7 +366,11 @@ class _Metrics:
 
     def collect(self) -> Any:
         state, labels, values = self.engine.state, ["model_name"], [self.engine.model]
-        kv = 0.0 if state.sleeping else min(1.0, state.running_tokens / KV_CAPACITY_TOKENS)
+        if state.kv is not None:
+            limit = state.kv.limit()
+            kv = min(1.0, state.kv.used_bytes / limit) if limit > 0 else 1.0
+        else:
+            kv = 0.0 if state.sleeping else min(1.0, state.running_tokens / KV_CAPACITY_TOKENS)
         for name, doc, value in (
             (self.names.metric_running, "Requests generating.", state.running),
             (self.names.metric_waiting, "Requests waiting (parked while asleep).", state.waiting),
@@ -368,8 +385,8 @@ class _Metrics:
             yield counter
 
 
-def create_app(settings: Settings) -> Starlette:
-    engine = _Engine(settings)
+def create_app(settings: Settings, kv: KvPool | None = None) -> Starlette:
+    engine = _Engine(settings, kv)
     routes = [
         Route("/health", engine.health),
         Route("/v1/models", engine.models),

@@ -7,13 +7,16 @@ Memory is modelled as tagged regions, as both engines do: "weights" and "kv_cach
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import sys
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvctl.config import SimSettings
+from kvctl.kvcached import Segment
 
 _SHARE = {"weights": 0.6, "kv_cache": 0.4, "cuda_graph": 0.0}  # of memory_gb
 TAGS = {"vllm": ("weights", "kv_cache"), "sglang": ("weights", "kv_cache", "cuda_graph")}
@@ -33,9 +36,75 @@ async def _forever() -> None:
     await asyncio.Event().wait()
 
 
+# How often a request waiting for KV room reads the limit again: another process (kvctl,
+# kvcached's own tool) changes it in shared memory, which sends no notification.
+_LIMIT_POLL_SECONDS = 0.05
+
+
+class KvPool:
+    """kvcached's side of the protocol (SPEC §13): each running request holds (prompt +
+    generated tokens) x bytes_per_token of KV cache, published as `used` in the segment. A
+    request is admitted only when its whole reservation (prompt + max_tokens) fits under the
+    segment's limit, in arrival order; until then it waits inside the engine, as vLLM's
+    scheduler keeps it waiting. While the engine sleeps it holds no KV (used 0)."""
+
+    def __init__(self, segment: Segment, bytes_per_token: int) -> None:
+        self.segment = segment
+        self.bytes_per_token = bytes_per_token
+        self.reserved = 0  # what admitted requests may grow to
+        self.tokens = 0  # held by running requests now
+        self.sleeping = False
+        self._queue: deque[object] = deque()
+        self._changed = asyncio.Event()
+
+    @property
+    def used_bytes(self) -> int:
+        return 0 if self.sleeping else self.tokens * self.bytes_per_token
+
+    def limit(self) -> int:
+        return self.segment.limit()
+
+    async def admit(self, tokens: int) -> None:
+        need = tokens * self.bytes_per_token
+        ticket = object()
+        self._queue.append(ticket)
+        try:
+            while self._queue[0] is not ticket or self.reserved + need > self.segment.limit():
+                changed = self._changed
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_LIMIT_POLL_SECONDS):
+                        await changed.wait()
+            self.reserved += need
+        finally:
+            self._queue.remove(ticket)
+            self._notify()
+
+    def grow(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.publish()
+
+    def leave(self, reserved_tokens: int, held_tokens: int) -> None:
+        self.reserved -= reserved_tokens * self.bytes_per_token
+        self.tokens -= held_tokens
+        self.publish()
+        self._notify()
+
+    def set_sleeping(self, sleeping: bool) -> None:
+        self.sleeping = sleeping
+        self.publish()
+
+    def publish(self) -> None:
+        self.segment.set_usage(self.used_bytes)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
 class EngineState:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, kv: KvPool | None = None) -> None:
         self.settings = settings
+        self.kv = kv
         self.sim = settings.sim
         self.dialect = settings.sim.dialect
         self.tags = TAGS[self.dialect]
@@ -127,6 +196,8 @@ class EngineState:
         if started:
             self.running -= 1
             self.running_tokens -= tokens
+            if self.kv is not None:
+                self.kv.leave(tokens, 0)
         else:
             self.waiting -= 1
 
@@ -164,6 +235,7 @@ class EngineState:
                 self.frozen = True
             await asyncio.sleep(self.sim.sleep_seconds)
             self.released = set(self.tags)
+            self._kv_sync()
             if level >= 2:
                 self.weights_loaded = False  # level 2 discards the weights
 
@@ -176,6 +248,7 @@ class EngineState:
                 return
             await asyncio.sleep(self.sim.wake_seconds)
             self.released -= set(tags or self.tags)
+            self._kv_sync()
             if not self.released:
                 self.frozen = False
                 self.awake.set()
@@ -192,6 +265,7 @@ class EngineState:
             await asyncio.sleep(self.sim.sleep_seconds)
             tags = tags or list(self.tags)
             self.released |= set(tags)
+            self._kv_sync()
             if "weights" in tags and not self._cpu_backup:
                 self.weights_loaded = False
 
@@ -202,8 +276,14 @@ class EngineState:
         async with self._transition:
             await asyncio.sleep(self.sim.wake_seconds)
             self.released -= set(tags or self.tags)
+            self._kv_sync()
             if self.sim.wake_corrupts_weights and not self.released:
                 self.weights_loaded = False
+
+    def _kv_sync(self) -> None:
+        """Released KV-cache memory holds no KV: the segment shows used 0 until it is back."""
+        if self.kv is not None:
+            self.kv.set_sleeping("kv_cache" in self.released)
 
     def reload_weights(self) -> bool:
         """Weights read again from disk; impossible while their memory is released."""

@@ -1,0 +1,171 @@
+"""kvcached's KV-cache segment protocol (SPEC §13), protocol only: no engine import.
+
+Each kvcached engine keeps a POSIX shared-memory segment ``/dev/shm/NAME`` (NAME = its
+``KVCACHED_IPC_NAME``) of 24 bytes: three native-endian int64 ``limit, used, prealloc``
+(bytes). Readers hold a shared ``flock`` on it, writers an exclusive one; the engine creates
+it with its full capacity as the limit, keeps ``used``/``prealloc`` current and resizes its
+pool when ``limit`` changes. kvcached's own ``kvctl list/limit/watch`` speaks the same.
+
+A missing or malformed segment is "unknown" (``None``), never an error: an engine that has
+not started, has no kvcached, or died is an ordinary sight.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+SEGMENT_BYTES = 24
+_LAYOUT = struct.Struct("=qqq")  # native byte order, no padding: limit, used, prealloc
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_NAME = 64
+DEFAULT_NAME = "kvcached_mem_info"  # kvcached's name when KVCACHED_IPC_NAME is not set
+OWNED_PREFIX = "kvctl_"  # every name kvctl gives an instance (config.kvcached_ipc_name)
+SIM_KV_BYTES_PER_TOKEN = 128 * 1024  # the simulated engine's default KV cache per token
+
+
+@dataclass(frozen=True)
+class KvInfo:
+    limit_bytes: int
+    used_bytes: int
+    prealloc_bytes: int
+
+    @property
+    def held_bytes(self) -> int:
+        """What the engine really holds on the GPU for its KV cache."""
+        return self.used_bytes + self.prealloc_bytes
+
+    def as_json(self) -> dict[str, int]:
+        return {"used_bytes": self.used_bytes, "limit_bytes": self.limit_bytes, "prealloc_bytes": self.prealloc_bytes}
+
+
+def sanitize(name: str) -> str:
+    """The segment name kvcached makes of KVCACHED_IPC_NAME: letters, digits, '_' and '-'
+    kept, every other character '-', at most 64 characters."""
+    return _UNSAFE.sub("-", name)[:_MAX_NAME]
+
+
+def enabled(env: Mapping[str, str]) -> bool:
+    """Whether an engine with this environment runs kvcached (ENABLE_KVCACHED=true)."""
+    return env.get("ENABLE_KVCACHED", "").strip().lower() in ("true", "1")
+
+
+def segment_name(env: Mapping[str, str]) -> str:
+    return sanitize(env.get("KVCACHED_IPC_NAME") or DEFAULT_NAME)
+
+
+def path(name: str) -> Path:
+    return SHM_DIR / name
+
+
+def read(name: str) -> KvInfo | None:
+    """The segment's three fields under a shared lock; None when it does not exist (or is not one)."""
+    try:
+        fd = os.open(path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_size < SEGMENT_BYTES:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        with mmap.mmap(fd, SEGMENT_BYTES, access=mmap.ACCESS_READ) as mm:
+            return KvInfo(*_LAYOUT.unpack(mm[:SEGMENT_BYTES]))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_limit(name: str, limit_bytes: int) -> KvInfo | None:
+    """Set the segment's limit under an exclusive lock; returns the fields as they were before
+    (None when there is no segment: nothing is created). A limit below `used` is written as
+    asked: the engine frees as requests finish."""
+    if limit_bytes < 0:
+        raise ValueError(f"a KV limit must be >= 0 bytes, got {limit_bytes}")
+    try:
+        fd = os.open(path(name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_size < SEGMENT_BYTES:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with mmap.mmap(fd, SEGMENT_BYTES, access=mmap.ACCESS_WRITE) as mm:
+            before = KvInfo(*_LAYOUT.unpack(mm[:SEGMENT_BYTES]))
+            mm[0:8] = struct.pack("=q", limit_bytes)
+            return before
+    finally:
+        os.close(fd)
+
+
+def list_owned() -> dict[str, KvInfo]:
+    """Every readable segment whose name kvctl gives (``kvctl_*``), by name."""
+    found: dict[str, KvInfo] = {}
+    try:
+        entries = sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(OWNED_PREFIX))
+    except OSError:
+        return found
+    for name in entries:
+        info = read(name)
+        if info is not None:
+            found[name] = info
+    return found
+
+
+class Segment:
+    """The engine's side (the simulated engine uses it): create the segment with a capacity,
+    keep `used`/`prealloc` current, read the limit others set, remove it at exit."""
+
+    def __init__(self, name: str, capacity_bytes: int) -> None:
+        self.name = name
+        self.path = path(name)
+        # 0600: the same user (kvctl, kvcached's tool) reads and writes it; nobody else.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, SEGMENT_BYTES)
+            self._mm = mmap.mmap(fd, SEGMENT_BYTES, access=mmap.ACCESS_WRITE)
+            self._mm[:] = _LAYOUT.pack(capacity_bytes, 0, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def limit(self) -> int:
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        try:
+            return int(_LAYOUT.unpack(self._mm[:SEGMENT_BYTES])[0])
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def set_usage(self, used_bytes: int, prealloc_bytes: int = 0) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            self._mm[8:SEGMENT_BYTES] = struct.pack("=qq", used_bytes, prealloc_bytes)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        self._mm.close()
+        os.close(self._fd)
+
+
+def remove(name: str) -> bool:
+    """Delete a segment (an engine that died cannot); False when there was none."""
+    try:
+        path(name).unlink()
+    except FileNotFoundError:
+        return False
+    return True
