@@ -26,7 +26,7 @@ from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning
 from ruamel.yaml.events import MappingStartEvent, ScalarEvent, SequenceStartEvent
 from ruamel.yaml.nodes import MappingNode, SequenceNode
 
-from kvctl import engines
+from kvctl import engines, kvcached
 from kvctl.errors import ConfigError
 
 DEFAULT_PATH = "kvctl.yaml"
@@ -80,6 +80,7 @@ class SimSettings:
     wake_corrupts_weights: bool = False  # every wake leaves garbage weights (some vLLM versions' level-2 bug)
     reload_no_effect: bool = False  # reloading the weights does not repair them
     memory_gb: float | None = None  # --memory-gb; None: the instance's memory_gb
+    kv_bytes_per_token: int = kvcached.SIM_KV_BYTES_PER_TOKEN  # KV cache a token holds (with ENABLE_KVCACHED=true)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ class Instance:
     python: str
     aliases: tuple[str, ...] = ()
     memory_gb: float | None = None
+    memory_auto: bool = False  # `memory_gb: auto`: measured through NVML (kvctl/gpu.py)
+    kv_limit_gb: float | None = None  # kvcached KV-cache limit applied when the engine is ready
     sleep: SleepSettings = SleepSettings()
     startup_timeout_seconds: float = 900.0
     startretries: int = 3  # failed starts in a row before the instance stays `failed`
@@ -158,6 +161,9 @@ class SleepManagerConfig:
     memory_budget_gb: float | None = None
     min_awake_seconds: float = 5.0  # a model woken for its queue is not slept for another sooner, while it has work
     max_swap_wait_seconds: float = 60.0  # no waiting model starves longer, whatever the protection of others
+    kv_rebalance: bool = False  # move kvcached KV limit from idle instances to busy ones (SPEC §13)
+    kv_budget_gb: float | None = None  # the KV limits of awake kvcached instances together
+    kv_min_gb: float = 0.5  # no awake instance's KV limit is moved below this
 
 
 @dataclass(frozen=True)
@@ -435,6 +441,7 @@ class _Reader:
         self.cross_checks(data, placed, router, run_dir)
         self.literal_secrets_warning(data)
         self.budget_checks(placed, sleep_manager)
+        self.kv_checks(data, placed, sleep_manager)
         return Config(
             path=self.file,
             run_dir=run_dir,
@@ -531,7 +538,9 @@ class _Reader:
             env=env,
             python=python,
             aliases=tuple(raw.get("aliases", ())),
-            memory_gb=raw.get("memory_gb"),
+            memory_gb=None if raw.get("memory_gb") == "auto" else raw.get("memory_gb"),
+            memory_auto=raw.get("memory_gb") == "auto",
+            kv_limit_gb=raw.get("kv_limit_gb"),
             sleep=sleep,
             startup_timeout_seconds=raw.get("startup_timeout_seconds", 900.0),
             startretries=raw.get("startretries", 3),
@@ -642,6 +651,19 @@ class _Reader:
                 if pinned > budget and pinned - inst.memory_gb <= budget:
                     self.error(at, f"instance '{inst.name}': instances that never sleep (sleep.enabled: false) or start awake (start: awake) "
                                    f"need {pinned:g} GB together with this one, more than sleep_manager.memory_budget_gb {budget:g}")
+
+
+    def kv_checks(self, data: Any, placed: list[_Placed], sm: SleepManagerConfig) -> None:
+        """kvcached settings that cannot work (SPEC §13)."""
+        node = data.get("sleep_manager") if isinstance(data, CommentedMap) else None
+        at = _pos_of(node, "kv_rebalance", _pos_of(data, "sleep_manager", (0, 0)))
+        if sm.kv_rebalance and sm.kv_budget_gb is None:
+            self.error(at, "kv_rebalance: needs sleep_manager.kv_budget_gb (the KV limits of the awake kvcached instances together)")
+        elif sm.kv_budget_gb is not None and sm.kv_min_gb > sm.kv_budget_gb:
+            self.error(_pos_of(node, "kv_min_gb", at), f"kv_min_gb: {sm.kv_min_gb:g} is more than kv_budget_gb {sm.kv_budget_gb:g}")
+        for inst, pos, inode in placed:
+            if inst.kv_limit_gb is not None and not kvcached.enabled(inst.env):
+                self.warn(_pos_of(inode, "kv_limit_gb", pos), f"instance '{inst.name}': kv_limit_gb is set but ENABLE_KVCACHED=true is not in its environment: no segment to limit")
 
 
 _INVALID = object()
@@ -804,6 +826,19 @@ def _integer(minimum: int = 0, maximum: int | None = None, optional: bool = Fals
 
 
 _port = _integer(1, 65535)
+
+
+def _memory_gb(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
+    """A number of GB, or `auto`: measured per engine process through NVML, which must be there."""
+    if value != "auto":
+        return _number(positive=True, optional=True)(reader, value, pos)
+    from kvctl import gpu
+
+    reason = gpu.unavailable_reason()
+    if reason is not None:
+        reader.error(pos, f"'auto' needs each engine's GPU memory from NVML, which is not available here ({reason}); give a number of GB")
+        return _INVALID
+    return value
 
 
 def _choice(*choices: Any, optional: bool = False) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
@@ -992,6 +1027,9 @@ _SLEEP_MANAGER_FIELDS = {
     "memory_budget_gb": _Field(_number(positive=True, optional=True)),
     "min_awake_seconds": _Field(_number()),
     "max_swap_wait_seconds": _Field(_number(positive=True)),
+    "kv_rebalance": _Field(_bool),
+    "kv_budget_gb": _Field(_number(positive=True, optional=True)),
+    "kv_min_gb": _Field(_number()),
 }
 _SLEEP_FIELDS = {
     "enabled": _Field(_bool),
@@ -1019,6 +1057,7 @@ _SIM_FIELDS = {
     "wake_corrupts_weights": _Field(_bool),
     "reload_no_effect": _Field(_bool),
     "memory_gb": _Field(_number(positive=True, optional=True)),
+    "kv_bytes_per_token": _Field(_integer(1)),
 }
 _INSTANCE_FIELDS = {
     "name": _Field(_nonempty_string),
@@ -1033,7 +1072,8 @@ _INSTANCE_FIELDS = {
     "host": _Field(_nonempty_string),
     "port": _Field(_port),
     "aliases": _Field(_list_of(_nonempty_string)),
-    "memory_gb": _Field(_number(positive=True, optional=True)),
+    "memory_gb": _Field(_memory_gb),
+    "kv_limit_gb": _Field(_number(positive=True, optional=True)),
     "sleep": _Field(_section("sleep", _SLEEP_FIELDS)),
     "startup_timeout_seconds": _Field(_number(positive=True)),
     "startretries": _Field(_integer(0)),

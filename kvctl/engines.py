@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import httpx
 
+from kvctl import kvcached
 from kvctl.errors import EngineError, EngineTimeout
 
 if TYPE_CHECKING:  # annotations only: config asks this module about engines
@@ -197,6 +198,8 @@ class SimAdapter(EngineAdapter):
             argv += ["--memory-gb", str(memory_gb)]
         if sim.spawn_children:
             argv += ["--spawn-children", str(sim.spawn_children)]
+        if sim.kv_bytes_per_token != kvcached.SIM_KV_BYTES_PER_TOKEN:
+            argv += ["--kv-bytes-per-token", str(sim.kv_bytes_per_token)]
         if sim.crash_after is not None:
             argv += ["--crash-after", str(sim.crash_after)]
         if sim.hang_on_sleep:

@@ -173,3 +173,42 @@ def test_sim_speaks_the_protocol(procs: Procs, segment_name: str) -> None:
     proc.terminate()
     proc.wait(10)
     assert not Path(f"/dev/shm/{segment_name}").exists()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_keys_and_errors(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from kvctl import config as config_mod
+    from kvctl.errors import ConfigError
+
+    def conf(instance: str = "", sleep_manager: str = "") -> Path:
+        path = tmp_path / "kvctl.yaml"
+        path.write_text(f"sleep_manager:\n  check_interval_seconds: 1\n{sleep_manager}instances:\n"
+                        f"  - name: a.b\n    model: m\n    engine: sim\n    port: 9\n    engine_env: {{ENABLE_KVCACHED: 'true'}}\n{instance}")
+        return path
+
+    good = config_mod.load(conf("    kv_limit_gb: 1.5\n    sim: {kv_bytes_per_token: 4096}\n",
+                                "  kv_rebalance: true\n  kv_budget_gb: 4\n  kv_min_gb: 1\n"))
+    inst = good.instances[0]
+    assert (inst.kv_limit_gb, inst.sim.kv_bytes_per_token, inst.env["KVCACHED_IPC_NAME"]) == (1.5, 4096, "kvctl_a-b")
+    assert (good.sleep_manager.kv_rebalance, good.sleep_manager.kv_budget_gb, good.sleep_manager.kv_min_gb) == (True, 4.0, 1.0)
+    from kvctl.engines import adapter_for
+
+    assert adapter_for(inst).command(inst)[-2:] == ["--kv-bytes-per-token", "4096"]
+
+    with pytest.raises(ConfigError) as bad:
+        config_mod.load(conf(sleep_manager="  kv_rebalance: true\n"))
+    assert "kv_rebalance: needs sleep_manager.kv_budget_gb" in bad.value.problems[0]
+    with pytest.raises(ConfigError) as bad:
+        config_mod.load(conf(sleep_manager="  kv_budget_gb: 1\n  kv_min_gb: 2\n"))
+    assert "kv_min_gb: 2 is more than kv_budget_gb 1" in bad.value.problems[0]
+
+    # Without NVML and a GPU (this machine), `memory_gb: auto` is an error at the key, exit 2.
+    path = conf("    memory_gb: auto\n")
+    check = subprocess.run([sys.executable, "-m", "kvctl", "config", "check", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 2
+    assert f"{path}:9:16: memory_gb: 'auto' needs each engine's GPU memory from NVML" in check.stderr
