@@ -33,11 +33,12 @@ class _Closed(HttpError):
 class _Exchange:
     """httptools callbacks for one response."""
 
-    __slots__ = ("parser", "status", "complete", "received", "error_body", "_sink")
+    __slots__ = ("parser", "status", "keep_alive", "complete", "received", "error_body", "_sink")
 
     def __init__(self, sink: Callable[[bytes], None]) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
+        self.keep_alive = False
         self.complete = False
         self.received = False
         self.error_body = bytearray()
@@ -45,6 +46,8 @@ class _Exchange:
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        # Read here: once the message is complete the parser has reset and says "no keep-alive".
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, data: bytes) -> None:
         if 200 <= self.status < 300:
@@ -130,7 +133,7 @@ class Pool:
             raise HttpError(f"bad HTTP response: {exc}") from None
         except OSError as exc:
             raise HttpError(f"connection error: {exc or type(exc).__name__}") from None
-        return exchange.parser.should_keep_alive()
+        return exchange.keep_alive
 
     async def close(self) -> None:
         for _, writer in self._idle:
