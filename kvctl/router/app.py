@@ -28,12 +28,13 @@ from kvctl import config as config_mod
 from kvctl import converge
 from kvctl.config import Config
 from kvctl.errors import ConfigError
-from kvctl.router import auth, logs
+from kvctl.router import auth, kv_rebalance, logs
 from kvctl.router.asgi import Receive, Scope, Send
 from kvctl.router.errors import error_response, shorten
 from kvctl.router.events import EventBus
 from kvctl.router.history import History
-from kvctl.router.lifecycle import Lifecycle
+from kvctl.router.kv import GiB, KvControl, limit_request
+from kvctl.router.lifecycle import ActionResult, Lifecycle
 from kvctl.router.metrics import Metrics
 from kvctl.router.proxy import PROXIED_PATHS, Proxy
 from kvctl.router.traffic import MAX_WINDOW_SECONDS, TrafficMonitor
@@ -52,6 +53,8 @@ class RouterApp:
         self.metrics = Metrics()
         self.events = EventBus()
         self.lifecycle = Lifecycle(config, self.metrics, self.events)
+        self.kv = KvControl(config, self.events)  # kvcached segments (SPEC §13)
+        self.lifecycle.on_awake = self.kv.became_awake
         self.models = list(config.models())
         self.digest = _digest(config)  # of the config file the router runs, reported by /health
         self.refused_digest: str | None = None  # of the last file a reload refused
@@ -59,7 +62,7 @@ class RouterApp:
         self.traffic = TrafficMonitor(self.models, config.sleep_manager.idle_threshold_seconds,
                                       self.lifecycle.in_flight, self.lifecycle.queued)
         self.proxy = Proxy(config, self.lifecycle, self.traffic, self.metrics)
-        self.history = History(self.traffic, self.lifecycle)  # for the dashboard's charts
+        self.history = History(self.traffic, self.lifecycle, self.kv)  # for the dashboard's charts
         self.started = time.time()
         self.admin = Starlette(routes=_routes(self), lifespan=self._lifespan,
                                exception_handlers={HTTPException: _http_error})
@@ -74,6 +77,7 @@ class RouterApp:
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         await self.lifecycle.start()
         sampler = asyncio.create_task(self.history.run())
+        rebalancer = asyncio.create_task(kv_rebalance.run(self.kv, self.lifecycle))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread (tests)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -86,6 +90,7 @@ class RouterApp:
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 loop.remove_signal_handler(signal.SIGHUP)
             sampler.cancel()
+            rebalancer.cancel()
             await self.lifecycle.close()
             self.proxy.close()
 
@@ -111,6 +116,7 @@ class RouterApp:
         if converge.needs_router_restart(self.config, config):
             log.warning("reload: router host/port changed; that needs a router restart, which `kvctl up` does")
         self.lifecycle.reload(config)
+        self.kv.configure(config)
         self.proxy.configure(config)
         self.models = list(config.models())
         self.traffic.set_models(self.models, config.sleep_manager.idle_threshold_seconds)
@@ -153,8 +159,17 @@ class RouterApp:
         return {"id": name, "object": "model", "created": int(self.started), "owned_by": "kvctl", "root": model,
                 "parent": None if name == model else model, "state": self.lifecycle.model_state(model)}
 
-    def model_info(self, model: str) -> dict:
+    def instances(self, model: str | None = None) -> list[dict]:
+        """The lifecycle's view of each instance, with its KV cache (`kv`: null when unknown)."""
         instances = self.lifecycle.instances(model)
+        by_name = {inst.name: inst for inst in self.config.instances}
+        for info in instances:
+            inst = by_name.get(info["name"])
+            info["kv"] = self.kv.view(inst) if inst is not None else None
+        return instances
+
+    def model_info(self, model: str) -> dict:
+        instances = self.instances(model)
         first = instances[0] if instances else {}
         return {"endpoint": first.get("url"), "engine": first.get("engine"), "state": self.lifecycle.model_state(model),
                 "aliases": [a for a, m in self.config.aliases().items() if m == model], "instances": instances}
@@ -200,7 +215,7 @@ def _routes(app: RouterApp) -> list[Route]:
         return JSONResponse({"status": "ok", "config": app.digest, "refused_config": app.refused_digest})
 
     async def health_all(request: Request) -> Response:
-        instances = app.lifecycle.instances()
+        instances = app.instances()
         healthy = all(i["healthy"] for i in instances)
         return JSONResponse({"status": "ok" if healthy else "degraded", "instances": instances})
 
@@ -208,7 +223,7 @@ def _routes(app: RouterApp) -> list[Route]:
         model = known(request)
         if isinstance(model, Response):
             return model
-        instances = app.lifecycle.instances(model)
+        instances = app.instances(model)
         healthy = any(i["healthy"] for i in instances)
         body = {"model": model, "status": "ok" if healthy else "unhealthy", "state": app.lifecycle.model_state(model), "instances": instances}
         return JSONResponse(body, status_code=200 if healthy else 503)
@@ -266,7 +281,8 @@ def _routes(app: RouterApp) -> list[Route]:
         window = _seconds(request, "window", 60.0, maximum=MAX_WINDOW_SECONDS)
         if isinstance(window, Response):
             return window
-        return JSONResponse({"traffic_stats": {m: app.traffic.stats(m, window) for m in app.models}, "window_seconds": window})
+        return JSONResponse({"traffic_stats": {m: {**app.traffic.stats(m, window), "kv": app.kv.model_view(m)} for m in app.models},
+                             "window_seconds": window})
 
     async def traffic_model(request: Request) -> Response:
         window = _seconds(request, "window", 60.0, maximum=MAX_WINDOW_SECONDS)
@@ -306,7 +322,7 @@ def _routes(app: RouterApp) -> list[Route]:
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(app.metrics.render(app.lifecycle, app.models), media_type=CONTENT_TYPE_LATEST)
+        return Response(app.metrics.render(app.lifecycle, app.models, app.kv.readings()), media_type=CONTENT_TYPE_LATEST)
 
     async def sleep_status(request: Request) -> Response:
         return JSONResponse(app.lifecycle.sleep_status())
@@ -316,26 +332,53 @@ def _routes(app: RouterApp) -> list[Route]:
         return JSONResponse({"sleep_candidates": candidates, "idle_threshold_seconds": app.config.sleep_manager.idle_threshold_seconds,
                              "auto_sleep_enabled": app.config.sleep_manager.auto_sleep_enabled})
 
-    async def sleep(request: Request) -> Response:
-        model = known(request)
-        if isinstance(model, Response):
-            return model
-        result = await app.lifecycle.sleep_model(model)
-        return JSONResponse(result.to_dict(), status_code=result.status)
+    def model_action(perform: Callable[[str], Awaitable[ActionResult]]) -> Handler:
+        """POST /models/{model}/sleep|wake|stop: the lifecycle's answer, with its HTTP status."""
+        async def handler(request: Request) -> Response:
+            model = known(request)
+            if isinstance(model, Response):
+                return model
+            result = await perform(model)
+            return JSONResponse(result.to_dict(), status_code=result.status)
+        return handler
 
-    async def wake(request: Request) -> Response:
-        model = known(request)
-        if isinstance(model, Response):
-            return model
-        result = await app.lifecycle.wake_model(model)
-        return JSONResponse(result.to_dict(), status_code=result.status)
+    sleep, wake, stop = (model_action(perform) for perform in (app.lifecycle.sleep_model, app.lifecycle.wake_model, app.lifecycle.stop_model))
 
-    async def stop(request: Request) -> Response:
+    async def kv_limit(request: Request) -> Response:
         model = known(request)
         if isinstance(model, Response):
             return model
-        result = await app.lifecycle.stop_model(model)
-        return JSONResponse(result.to_dict(), status_code=result.status)
+        try:
+            body = json.loads(await request.body() or b"null")
+        except ValueError:
+            body = None
+        parsed = limit_request(body)
+        if isinstance(parsed, str):
+            return error_response(400, f"kv_limit: {parsed}.", "invalid_body")
+        kind, value, only = parsed
+        targets = app.kv.instances(model)
+        if only is not None:
+            if only not in {i.name for i in app.config.models().get(model, ())}:
+                return error_response(404, f"Model '{shorten(model)}' has no instance '{shorten(only)}'.", "instance_not_found", "instance")
+            targets = [i for i in targets if i.name == only]
+        if not targets:
+            return error_response(400, f"Model '{shorten(model)}' has no kvcached instance{' ' + shorten(only) if only else ''} (ENABLE_KVCACHED=true in its environment).",
+                                  "kv_unavailable")
+        states = {i["name"]: i["state"] for i in app.lifecycle.instances(model)}
+        results = []
+        for inst in targets:
+            capacity = app.kv.capacity(inst)
+            limit = int(value) if kind == "bytes" else None if capacity is None else int(capacity * value / 100)
+            before = None if limit is None else app.kv.set_limit(inst, limit, "manual", states.get(inst.name, "unknown"))
+            if before is None:
+                results.append({"name": inst.name, "limit_bytes": None, "before": None, "message": f"{inst.name}: no kvcached segment (engine not running?)"})
+                continue
+            over = f"; {before.used_bytes / GiB:.2f} GiB in use: the engine frees it as requests finish" if before.used_bytes > limit else ""
+            results.append({"name": inst.name, "limit_bytes": limit, "before": before.as_json(), "message": f"{inst.name}: kv limit {limit / GiB:.2f} GiB{over}"})
+        ok = any(r["limit_bytes"] is not None for r in results)
+        if not ok:
+            return error_response(409, f"Model '{shorten(model)}': " + "; ".join(r["message"] for r in results), "kv_unavailable")
+        return JSONResponse({"model_name": model, "success": True, "message": "; ".join(r["message"] for r in results), "instances": results})
 
     return [
         Route("/health", health),
@@ -359,6 +402,7 @@ def _routes(app: RouterApp) -> list[Route]:
         Route("/models/{model:path}/sleep", act(sleep), methods=["POST"]),
         Route("/models/{model:path}/wake", act(wake), methods=["POST"]),
         Route("/models/{model:path}/stop", act(stop), methods=["POST"]),
+        Route("/models/{model:path}/kv_limit", act(kv_limit), methods=["POST"]),
         Route("/sleep/model/{model:path}", act(sleep), methods=["POST"]),
         Route("/wake/model/{model:path}", act(wake), methods=["POST"]),
         Route("/action/sleep/{model:path}", act(sleep), methods=["POST"]),
