@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from kvctl.router.kv import KvControl, held_gb
 from kvctl.router.lifecycle import _HOLDS_MEMORY, Lifecycle
 from kvctl.router.traffic import TrafficMonitor
 
@@ -36,9 +37,10 @@ class _Sample:
 
 
 class History:
-    def __init__(self, traffic: TrafficMonitor, lifecycle: Lifecycle) -> None:
+    def __init__(self, traffic: TrafficMonitor, lifecycle: Lifecycle, kv: KvControl | None = None) -> None:
         self._traffic = traffic
         self._lifecycle = lifecycle
+        self._kv = kv
         self._samples: deque[_Sample] = deque(maxlen=int(SPAN_SECONDS / STEP_SECONDS) + 1)
         self._totals: dict[str, int] = {}  # lifetime request count per model at the last sample
         self._last = time.time()
@@ -53,9 +55,12 @@ class History:
         now = time.time()
         elapsed = max(now - self._last, 1e-3)
         held: dict[str, float] = {}
+        # As the budget counts it: declared memory_gb, plus the KV cache kvcached engines really hold.
+        kv_instances = {inst.name: inst for inst in self._kv.instances()} if self._kv is not None else {}
         for inst in self._lifecycle.instances():
             if inst["state"] in _HOLDING:
-                held[inst["model"]] = held.get(inst["model"], 0.0) + (inst["memory_gb"] or 0.0)
+                measured = held_gb(kv_instances[inst["name"]]) if inst["name"] in kv_instances else 0.0
+                held[inst["model"]] = held.get(inst["model"], 0.0) + (inst["memory_gb"] or 0.0) + measured
         points: dict[str, _Point] = {}
         totals: dict[str, int] = {}
         for model in self._traffic.models:  # the configured models now (a reload changes them)

@@ -36,7 +36,7 @@ from kvctl.errors import EngineError, EngineTimeout, KvctlError
 from kvctl.supervisor import Supervisor
 from kvctl.render import RunPaths
 from kvctl import procstate
-from kvctl.router import logs, overload, policy, state_file
+from kvctl.router import kv, logs, overload, policy, state_file
 from kvctl.router.events import Event, EventBus
 
 if TYPE_CHECKING:
@@ -150,7 +150,8 @@ class _Slot:
 
     @property
     def memory(self) -> float:
-        return self.inst.memory_gb or 0.0
+        # A kvcached engine: its weights and fixed buffers plus the KV cache it really holds (SPEC §13).
+        return (self.inst.memory_gb or 0.0) + kv.held_gb(self.inst)
 
     @property
     def holds_memory(self) -> bool:
@@ -158,7 +159,7 @@ class _Slot:
 
 
 # Instance settings that are router policy; every other field shapes the engine's program.
-_POLICY_FIELDS = frozenset({"aliases", "memory_gb", "sleep", "startup_timeout_seconds"})
+_POLICY_FIELDS = frozenset({"aliases", "memory_gb", "memory_auto", "kv_limit_gb", "sleep", "startup_timeout_seconds"})
 
 
 def _engine_fields(inst: Instance) -> dict[str, Any]:
@@ -201,6 +202,8 @@ class Lifecycle:
         self._client: httpx.AsyncClient | None = None
         self._state_path = RunPaths(config.run_dir).router_state
         self._persisted = state_file.read(self._state_path)
+        # Called when an instance becomes awake: (instance, fresh engine rather than a wake, state).
+        self.on_awake: Callable[[Instance, bool, str], None] | None = None
 
     def _index(self) -> None:
         """Rebuild the lookups from `_slots`; a retiring slot keeps its name (for release) but takes no new requests."""
@@ -527,6 +530,8 @@ class Lifecycle:
         if new is not S.FAILED:
             slot.failure = None
         self._emit(slot, old, new, cause, duration)
+        if new is S.AWAKE and old is not S.DRAINING:
+            self._became_awake(slot, old)
         if new in (S.AWAKE, S.ASLEEP, S.STOPPED):
             self._persist(slot)
         self._policy_changed.set()
@@ -540,6 +545,11 @@ class Lifecycle:
                 extra=logs.fields(instance=inst.name, model=inst.model, **{"from": old.value, "to": new.value},
                                   cause=cause, duration_seconds=duration))
         self.events.publish(Event(inst.name, inst.model, old.value, new.value, cause, duration))
+
+    def _became_awake(self, slot: _Slot, old: InstanceState) -> None:
+        """Started, restarted or woken: the KV-cache hook (kv_limit_gb) runs."""
+        if self.on_awake is not None:
+            self.on_awake(slot.inst, old is not S.WAKING, slot.state.value)
 
     def _notify(self) -> None:
         self._changed.set()

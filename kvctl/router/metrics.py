@@ -7,11 +7,14 @@ refreshed from the lifecycle when /metrics is scraped, so the hot path never tou
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
+    from kvctl.config import Instance
+    from kvctl.kvcached import KvInfo
     from kvctl.router.lifecycle import Lifecycle
 
 STATES = ["starting", "awake", "draining", "asleep", "waking", "down", "failed", "stopped"]
@@ -40,9 +43,20 @@ class Metrics:
         self.stops_total = Counter("kvctl_stops", "Instances stopped by kvctl, by cause (manual, policy)", ["model", "cause"], registry=r)
         self.verifications_total = Counter("kvctl_verifications", "Verified wakes, by result (ok, reloaded, restarted)", ["model", "result"], registry=r)
         self.wake_duration_seconds = Histogram("kvctl_wake_duration_seconds", "Time a wake took", ["model"], buckets=_WAKE_BUCKETS, registry=r)
+        # kvcached segments (SPEC §13); an instance whose segment is unknown has no sample.
+        self.kv_used_bytes = Gauge("kvctl_kv_used_bytes", "KV cache in use (kvcached)", ["model", "instance"], registry=r)
+        self.kv_limit_bytes = Gauge("kvctl_kv_limit_bytes", "KV cache limit (kvcached)", ["model", "instance"], registry=r)
+        self.kv_prealloc_bytes = Gauge("kvctl_kv_prealloc_bytes", "KV cache preallocated, not yet in use (kvcached)", ["model", "instance"], registry=r)
 
-    def render(self, lifecycle: Lifecycle | None, models: list[str]) -> bytes:
-        """Refresh the lifecycle mirrors, then produce the Prometheus text format."""
+    def render(self, lifecycle: Lifecycle | None, models: list[str], kv: Iterable[tuple[Instance, KvInfo | None]] = ()) -> bytes:
+        """Refresh the lifecycle mirrors and the KV-cache gauges, then produce the Prometheus text format."""
+        gauges = (self.kv_used_bytes, self.kv_limit_bytes, self.kv_prealloc_bytes)
+        for gauge in gauges:
+            gauge.clear()  # an instance removed, or its segment gone, leaves no stale sample
+        for inst, info in kv:
+            if info is not None:
+                for gauge, value in zip(gauges, (info.used_bytes, info.limit_bytes, info.prealloc_bytes)):
+                    gauge.labels(inst.model, inst.name).set(value)
         if lifecycle is not None:
             for model in models:
                 self.in_flight.labels(model).set(lifecycle.in_flight(model))
