@@ -8,10 +8,10 @@ start since the last reset or healthy start. Standard library only: the launcher
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from kvctl.files import write_private
 
 
 @dataclass(frozen=True)
@@ -35,17 +35,7 @@ def read(run_dir: Path, name: str) -> StartRecord | None:
 
 def write(run_dir: Path, name: str, record: StartRecord) -> None:
     """Replace the record atomically (0600 in a 0700 directory); readers never see half a file."""
-    target = path(run_dir, name)
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # A unique temporary name: the launcher and `kvctl restart` may write at the same time.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(asdict(record), fh)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_private(path(run_dir, name), json.dumps(asdict(record)))
 
 
 def reset(run_dir: Path, name: str) -> None:

@@ -23,6 +23,7 @@ import jinja2
 from kvctl.config import Config, env_digest
 from kvctl.engines import adapter_for
 from kvctl.errors import ConfigError
+from kvctl.files import write_private
 from kvctl.launch import GAVE_UP_EXIT, LaunchSpec
 from kvctl.reaper import marker
 
@@ -218,11 +219,3 @@ def write(config: Config) -> Path:
     write_private(paths.conf, text)
     return paths.conf
 
-
-def write_private(path: Path, text: str) -> None:
-    """Write atomically with mode 0600 from the start (the file may hold secrets)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

@@ -19,6 +19,7 @@ from kvctl.client import RouterClient
 from kvctl.config import Config, Instance
 from kvctl.engines import adapter_for
 from kvctl.errors import KvctlError, NotRunningError, StartupError, UsageError
+from kvctl.files import write_private
 from kvctl.launch import backoff
 from kvctl.render import ROUTER, RunPaths
 from kvctl.supervisor import FAILED_STATES, RUNNING_STATES, ProcessInfo, Supervisor
@@ -85,7 +86,7 @@ def up(config: Config, report: Reporter, *, wait: bool = True) -> UpResult:
             changes.append("router: removed")
         elif config.router.enabled and previous != config and sup.process(ROUTER).state in RUNNING_STATES:
             _reload_router(config, sup, report)
-    render.write_private(paths.applied_config, config.path.read_text(encoding="utf-8"))
+    write_private(paths.applied_config, config.path.read_text(encoding="utf-8"))
     processes = sup.processes()
     # Engines that stay stopped: `start: stopped`, and (on a running tree) those the router
     # stopped by policy or by hand; a request or `kvctl wake` starts them.

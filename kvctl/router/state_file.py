@@ -2,22 +2,22 @@
 why and since when.
 
 Engines that cannot say whether they sleep (SGLang) are reconciled from this file when
-the router restarts, and every engine's sleep cause and start time survive a restart. It is replaced atomically (write a temporary file, then rename),
-mode 0600, so a router killed mid-write leaves the previous version intact.
+the router restarts, and every engine's sleep cause and start time survive a restart. It is
+replaced atomically (kvctl.files), so a router killed mid-write leaves the previous version.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from kvctl.files import write_private
 
 
 @dataclass(frozen=True)
 class Record:
-    state: str  # "asleep" | "awake"
+    state: str  # "asleep" | "awake" | "stopped"
     cause: str | None = None  # why it sleeps: manual | idle | budget | policy
     since: float | None = None  # wall clock of the sleep
 
@@ -35,18 +35,4 @@ def read(path: Path) -> dict[str, Record]:
 
 
 def write(path: Path, records: dict[str, Record]) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    body = json.dumps({"instances": {name: asdict(record) for name, record in sorted(records.items())}}, indent=1)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".router-state.", suffix=".tmp")  # created 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_private(path, json.dumps({"instances": {name: asdict(record) for name, record in sorted(records.items())}}, indent=1))
