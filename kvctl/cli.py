@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from kvctl import config as config_mod
-from kvctl import tables, tree
+from kvctl import gpu, kvcached, reaper, tables, tree
 from kvctl.client import RouterClient, json_object, model_path
 from kvctl.config import Config
 from kvctl.errors import ConfigError, KvctlError, StartupError, UsageError
@@ -34,6 +35,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Validate or render the config file.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+kv_app = typer.Typer(help="kvcached KV cache: see and cap each engine's KV cache.", no_args_is_help=True)
+app.add_typer(kv_app, name="kv")
 
 # Piped output gets a wide page rather than rich's 80 columns, so tables stay one line a row.
 out = Console(width=shutil.get_terminal_size((160, 24)).columns)
@@ -156,8 +159,12 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
     """Programs, health and model states. Exit 0 healthy, 1 degraded, 3 not running."""
     config = _load(config_path)
     result = tree.status(config, _router_instances(config))
+    measured = _measured(config, result)
     if as_json:
-        out.print_json(json.dumps(result.as_json()))
+        data = result.as_json()
+        for entry in data["instances"]:  # type: ignore[union-attr]
+            entry["kv"], entry["gpu_memory_bytes"] = measured[entry["name"]]
+        out.print_json(json.dumps(data))
         raise typer.Exit(result.exit_code)
     if not result.running:
         err.print(f"kvctl is not running (no supervisord at {RunPaths(config.run_dir).socket}).", markup=False)
@@ -165,7 +172,7 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
     rows: list[list[Cell]] = []
     if result.router is not None:
         router_health = "ok" if result.router_healthy else "failing"
-        rows.append([ROUTER, "", "", str(config.router.port), result.router.state, str(result.router.pid or ""), _uptime(result.router.uptime), _health(router_health), ""])
+        rows.append([ROUTER, "", "", str(config.router.port), result.router.state, str(result.router.pid or ""), _uptime(result.router.uptime), _health(router_health), "", "", ""])
     for inst in result.instances:
         process = inst.process
         rows.append([
@@ -178,6 +185,8 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
             _uptime(process.uptime if process else None),
             _health(inst.health),
             Text(inst.state, style=_STATE_STYLE.get(inst.state, "")),
+            _kv_cell(measured[inst.name][0]),
+            _gib(measured[inst.name][1], "{:.1f}G"),
         ])
     table = tables.fit(_STATUS_COLUMNS, rows, out.width, title=Text(f"kvctl — {config.path}"), title_justify="left",
                        box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
@@ -190,11 +199,37 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
     raise typer.Exit(result.exit_code)
 
 
-# At 80 columns with long model names, engine, pid, port and uptime give way (in that order).
+# At 80 columns with long model names, GPU, engine, pid, KV, port and uptime give way (in that order).
 _STATUS_COLUMNS = [
-    Column("name"), Column("model"), Column("engine", drop=4), Column("port", "right", drop=2), Column("process"),
-    Column("pid", "right", drop=3), Column("uptime", "right", drop=1), Column("health"), Column("state"),
+    Column("name"), Column("model"), Column("engine", drop=6), Column("port", "right", drop=2), Column("process"),
+    Column("pid", "right", drop=5), Column("uptime", "right", drop=1), Column("health"), Column("state"),
+    Column("KV", "right", drop=4), Column("GPU", "right", drop=7),
 ]
+
+
+def _measured(config: Config, result: tree.TreeStatus) -> dict[str, tuple[dict[str, int] | None, int | None]]:
+    """Per instance: its kvcached segment (used/limit/prealloc, None when unknown) and the GPU
+    memory of its engine's process tree through NVML (None without NVML and a GPU)."""
+    nvml = gpu.unavailable_reason() is None
+    measured = {}
+    for inst, status in zip(config.instances, result.instances):
+        info = kvcached.for_env(inst.env)
+        pid = status.process.pid if status.process and status.process.pid else None
+        gpu_bytes = gpu.process_memory_bytes({pid, *reaper.descendants(pid)}) if nvml and pid else None
+        measured[inst.name] = (info.as_json() if info is not None else None, gpu_bytes)
+    return measured
+
+
+def _gib(n: int | float | None, fmt: str = "{:.1f}") -> str:
+    return fmt.format(n / 2**30) if isinstance(n, (int, float)) else "-"
+
+
+def _kv_cell(kv: dict[str, Any] | None) -> Text:
+    """`used/limitG` (GiB); red when more is used than the limit allows (it was lowered)."""
+    if not kv:
+        return Text("-")
+    over = kv["used_bytes"] > kv["limit_bytes"]
+    return Text(f"{_gib(kv['used_bytes'])}/{_gib(kv['limit_bytes'])}G", style="red" if over else "")
 
 
 def _router_instances(config: Config) -> dict[str, dict[str, Any]] | None:
@@ -307,6 +342,79 @@ def _event_line(event: dict[str, Any]) -> Text:
     if isinstance(duration, (int, float)):
         line.append(f" [{duration:.1f}s]")
     return line
+
+
+# --------------------------------------------------------------------------- kvcached
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def _kv_size(text: str) -> dict[str, float | int]:
+    """`512M`, `2G`, `1.5GiB`, `1073741824` (bytes) -> {"bytes": N}; `30%` -> {"percent": 30}."""
+    if text.strip().endswith("%"):
+        try:
+            percent = float(text.strip()[:-1])
+        except ValueError:
+            percent = -1.0
+        if not 0 < percent <= 100:
+            raise UsageError(f"SIZE '{text[:40]}': a percentage must be in (0, 100]")
+        return {"percent": percent}
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"SIZE '{text[:40]}' is not a size: use e.g. 512M, 2G, 1.5GiB, a number of bytes, or 30% of the capacity")
+    return {"bytes": int(float(match.group(1)) * _UNITS.get((match.group(2) or "").lower(), 1))}
+
+
+@kv_app.command("limit")
+def kv_limit(
+    model: Annotated[str, typer.Argument(help="Model name (or alias).")],
+    size: Annotated[str, typer.Argument(help="512M, 2G (binary units), or 30% of each instance's KV capacity.")],
+    instance: Annotated[Optional[str], typer.Option("--instance", help="Only this replica of the model.")] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """Set the KV-cache limit of a model's kvcached engines (through the router; logged there)."""
+    config = _load(config_path)
+    body: dict[str, Any] = _kv_size(size)
+    if instance is not None:
+        body["instance"] = instance
+    with RouterClient(config) as client:
+        result = client.post(f"/models/{model_path(model)}/kv_limit", body=body)
+    for entry in result.get("instances") or ():
+        mark = "ok" if entry.get("limit_bytes") is not None else "failed"
+        out.print(Text.assemble((mark, _MARKS[mark]), f" {entry.get('message')}"), soft_wrap=True)
+
+
+@kv_app.command("list")
+def kv_list(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Every kvcached segment kvctl names (/dev/shm/kvctl_*): this config's instances, then others."""
+    config = _load(config_path)
+    segments = kvcached.list_owned()
+    rows: list[dict[str, Any]] = []
+    for inst in config.instances:
+        if kvcached.enabled(inst.env):
+            name = kvcached.segment_name(inst.env)
+            info = segments.pop(name, None)
+            rows.append({"instance": inst.name, "model": inst.model, "segment": name, "kv": info.as_json() if info else None})
+    rows += [{"instance": None, "model": None, "segment": name, "kv": info.as_json()} for name, info in segments.items()]
+    if as_json:
+        out.print_json(json.dumps({"segments": rows}))
+        return
+    cells: list[list[Cell]] = []
+    for row in rows:
+        kv = row["kv"] or {}
+        used, limit = kv.get("used_bytes"), kv.get("limit_bytes")
+        share = f"{100 * used / limit:.0f}" if isinstance(used, int) and limit else "-"
+        cells.append([Text(row["instance"] or "(other)"), Text(row["model"] or ""), Text(row["segment"]), _gib(used, "{:.2f}"),
+                      _gib(kv.get("prealloc_bytes"), "{:.2f}"), _gib(limit, "{:.2f}"), share])
+    if not cells:
+        out.print("no kvcached instance (ENABLE_KVCACHED=true) in this config and no kvctl_* segment in /dev/shm", markup=False)
+        return
+    columns = [Column("instance"), Column("model", drop=2), Column("segment", drop=1), Column("used", "right"), Column("prealloc", "right", drop=3),
+               Column("limit", "right"), Column("use%", "right")]
+    out.print(tables.fit(columns, cells, out.width, title=Text("kvcached KV cache (GiB)"), title_justify="left", box=box.SIMPLE_HEAD,
+                         pad_edge=False, collapse_padding=True))
 
 
 # --------------------------------------------------------------------------- config

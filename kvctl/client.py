@@ -54,8 +54,8 @@ class RouterClient:
     def get(self, path: str, **params: Any) -> Any:
         return self._request("GET", path, params=params or None)
 
-    def post(self, path: str, timeout: float | None = None) -> Any:
-        return self._request("POST", path, timeout=timeout)
+    def post(self, path: str, timeout: float | None = None, body: Any = None) -> Any:
+        return self._request("POST", path, timeout=timeout, body=body)
 
     def events(self, *, follow: bool) -> Iterator[dict[str, Any]]:
         """The router's state changes from `GET /events` (SSE): its recent history, then, with
@@ -71,8 +71,10 @@ class RouterClient:
         except httpx.HTTPError as exc:
             raise RouterUnreachable(f"router at {self.url}: event stream failed: {exc or type(exc).__name__}") from None
 
-    def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+    def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None, timeout: float | None = None, body: Any = None) -> Any:
         kwargs: dict[str, Any] = {"params": params}
+        if body is not None:
+            kwargs["json"] = body
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:

@@ -61,6 +61,11 @@ def segment_name(env: Mapping[str, str]) -> str:
     return sanitize(env.get("KVCACHED_IPC_NAME") or DEFAULT_NAME)
 
 
+def for_env(env: Mapping[str, str]) -> KvInfo | None:
+    """The segment of the engine with this environment; None when it runs no kvcached or has none."""
+    return read(segment_name(env)) if enabled(env) else None
+
+
 def path(name: str) -> Path:
     return SHM_DIR / name
 

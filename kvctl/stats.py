@@ -65,6 +65,7 @@ def _row(model: str, configured: list[Any], traffic: dict[str, Any], info: dict[
         "idle_seconds": traffic.get("idle_time_seconds"),
         "sleep_candidate": model in candidates,
         "memory_gb": sum(memory) if declared else None,
+        "kv": traffic.get("kv"),  # kvcached: {"used_bytes", "limit_bytes", "prealloc_bytes"} of its instances, or null
     }
 
 
@@ -80,11 +81,12 @@ _COLUMNS = [
     Column("model"), Column("state"), Column("inst", "right", drop=6), Column("run", "right"), Column("queue", "right", drop=7),
     Column("req/s", "right"), Column("total", "right", drop=5), Column("ok%", "right"), Column("p50", "right", drop=1),
     Column("p95", "right", drop=8), Column("ttft50", "right", drop=9), Column("idle", "right", drop=2), Column("GB", "right", drop=4),
+    Column("KV", "right", drop=3),
 ]
 
 
 def render(snapshot: dict[str, Any], width: int) -> RenderableType:
-    from kvctl.cli import _STATE_STYLE, _uptime  # the CLI's colours and duration format, shared
+    from kvctl.cli import _STATE_STYLE, _kv_cell, _uptime  # the CLI's colours and formats, shared
 
     window = snapshot["window_seconds"]
     auto = snapshot.get("auto_sleep_enabled")
@@ -108,6 +110,7 @@ def render(snapshot: dict[str, Any], width: int) -> RenderableType:
             _num(row["ttft_p50_ms"], "{:.1f}"),
             Text(idle_text, style="yellow" if row["sleep_candidate"] else ""),  # yellow: would be slept now
             _num(row["memory_gb"], "{:g}"),
+            _kv_cell(row.get("kv")),
         ])
     title = Text(f"kvctl stats — {snapshot['router']} — {window:g}s window, latency ms — {sleeping}")
     return fit(_COLUMNS, rows, width, title=title, title_justify="left", box=box.SIMPLE_HEAVY, pad_edge=False, collapse_padding=True)

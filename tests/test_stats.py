@@ -23,7 +23,7 @@ ADMIN = "stats-admin"
 KEY = "stats-key"
 FIELDS = {"state", "instances", "instances_awake", "in_flight", "queued", "request_rate", "window_requests", "total_requests",
           "successful_requests", "failed_requests", "success_rate", "latency_p50_ms", "latency_p95_ms", "ttft_p50_ms",
-          "idle_seconds", "sleep_candidate", "memory_gb"}
+          "idle_seconds", "sleep_candidate", "memory_gb", "kv"}
 
 
 def kvctl(*args: str, columns: int = 200) -> subprocess.CompletedProcess[str]:

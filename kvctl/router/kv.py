@@ -22,7 +22,7 @@ GiB = 2**30
 
 
 def read(inst: Instance) -> KvInfo | None:
-    return kvcached.read(kvcached.segment_name(inst.env)) if kvcached.enabled(inst.env) else None
+    return kvcached.for_env(inst.env)
 
 
 def held_gb(inst: Instance) -> float:
