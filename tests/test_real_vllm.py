@@ -52,8 +52,8 @@ class Setup:
 
     def wakes(self) -> float:
         text = httpx.get(self.url + "/metrics", timeout=10).text
-        match = re.search(r'^kvctl_wakes_total\{model="[^"]*",result="ok",cause="[^"]*"\} (\S+)$', text, re.M)
-        return float(match.group(1)) if match else 0.0
+        # Every successful wake, whatever its cause (labels print in alphabetical order).
+        return sum(float(v) for v in re.findall(r'^kvctl_wakes_total\{[^}]*result="ok"[^}]*\} (\S+)$', text, re.M))
 
     def complete(self, max_tokens: int = 8) -> httpx.Response:
         body = {"model": self.model, "prompt": "the model", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
