@@ -20,6 +20,7 @@ import ctypes
 import http.client
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -262,6 +263,9 @@ def _size(path: str) -> int:
         return 0
 
 
+_ERROR_LINE = re.compile(r"error|exception|fatal|refus|denied|not supported|no such|cannot|failed", re.IGNORECASE)
+
+
 def _gist(log: str, offset: int) -> str:
     """The engine's last non-empty log line since it started, shortened to one line."""
     # supervisord copies the engine's output from a pipe into the file: let it catch up.
@@ -282,7 +286,9 @@ def _gist(log: str, offset: int) -> str:
     lines = [" ".join(line.split()) for line in text.splitlines() if line.strip() and not line.startswith(_LOG_PREFIX)]
     if not lines:
         return ""
-    last = lines[-1]
+    # The last line naming an error says more than a trailer such as pydantic's "For further
+    # information visit …" after vLLM's real complaint.
+    last = next((line for line in reversed(lines[-20:]) if _ERROR_LINE.search(line)), lines[-1])
     return last if len(last) <= 200 else last[:197] + "..."
 
 
