@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
@@ -39,8 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -110,7 +112,7 @@ def ensure_nginx() -> str:
     path = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if path is None:
         print("installing nginx (apt-get install -y nginx) ...", flush=True)
-        if subprocess.run(["apt-get", "install", "-y", "nginx"], stdout=subprocess.DEVNULL).returncode != 0:
+        if subprocess.run(["apt-get", "install", "-y", "nginx"], stdout=subprocess.DEVNULL, check=False).returncode != 0:
             subprocess.run(["apt-get", "update"], stdout=subprocess.DEVNULL, check=True)
             subprocess.run(["apt-get", "install", "-y", "nginx"], stdout=subprocess.DEVNULL, check=True)
         path = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -125,12 +127,12 @@ def ensure_vllm_router() -> tuple[Path | None, str]:
         steps = ([sys.executable, "-m", "venv", "--clear", str(VLLM_ROUTER_VENV)],
                  [str(VLLM_ROUTER_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--only-binary", ":all:", "vllm-router"])
         for step in steps:
-            done = subprocess.run(step, capture_output=True, text=True)
+            done = subprocess.run(step, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 lines = (done.stderr or done.stdout).strip().splitlines()
                 return None, lines[-1] if lines else f"{step[0]} failed"
     version = subprocess.run([str(VLLM_ROUTER_VENV / "bin" / "python"), "-m", "pip", "show", "vllm-router"],
-                             capture_output=True, text=True).stdout
+                             capture_output=True, text=True, check=False).stdout
     return exe, next((line.split()[1] for line in version.splitlines() if line.startswith("Version:")), "?")
 
 
@@ -201,7 +203,7 @@ async def run_load(base: str, model: str, n: int, concurrency: int, stream: bool
             start = time.perf_counter()
             first: list[float] = []
 
-            def sink(data: bytes) -> None:
+            def sink(data: bytes, start: float = start, first: list[float] = first) -> None:
                 nonlocal chunks
                 if not first:
                     first.append(time.perf_counter() - start)
@@ -264,9 +266,9 @@ async def cut_streams(port: int, model: str, n: int) -> int:
 # ---------------------------------------------------------------------- main
 
 
-def measure(label: str, pid: int, coro_factory: Callable) -> dict:
+def measure(label: str, pid: int, load: Coroutine[Any, Any, dict]) -> dict:
     cpu0 = cpu_seconds(pid)
-    result = asyncio.run(coro_factory())
+    result = asyncio.run(load)
     result["cpu_s"] = cpu_seconds(pid) - cpu0
     print(f"  {label:24} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
           f"cpu {result['cpu_s']:.2f}s  failures {result['failures']}", flush=True)
@@ -294,7 +296,7 @@ def storm(name: str, port: int, state_url: str, n: int, rounds: int) -> dict:
 
 
 def span(values: list[float], fmt: str = "{:.1f}") -> str:
-    values = [v for v in values if v == v]
+    values = [v for v in values if not math.isnan(v)]
     if not values:
         return "-"
     lo, hi = min(values), max(values)
@@ -382,13 +384,11 @@ def main() -> None:
             order = targets[rep % len(targets):] + targets[:rep % len(targets)]
             for t in order:
                 print(f"rep {rep + 1}, {t.name}:", flush=True)
-                run: dict = {"serial": measure("1 at a time", t.pid_fast,
-                                               lambda: run_load(t.base_fast, "bench/fast", args.serial, 1, False, 16))}
+                run: dict = {"serial": measure("1 at a time", t.pid_fast, run_load(t.base_fast, "bench/fast", args.serial, 1, False, 16))}
                 for c in concurrencies:
-                    plain = measure(f"non-streamed, c={c}", t.pid_fast,
-                                    lambda: run_load(t.base_fast, "bench/fast", args.requests, c, False, 16))
+                    plain = measure(f"non-streamed, c={c}", t.pid_fast, run_load(t.base_fast, "bench/fast", args.requests, c, False, 16))
                     streamed = measure(f"paced streams, c={c}", t.pid_paced,
-                                       lambda: run_load(t.base_paced, "bench/paced", args.streams * c, c, True, args.stream_tokens))
+                                       run_load(t.base_paced, "bench/paced", args.streams * c, c, True, args.stream_tokens))
                     run[f"plain{c}"] = plain
                     run[f"stream{c}"] = streamed
                     run[f"cpu_us_per_request{c}"] = plain["cpu_s"] / plain["requests"] * 1e6

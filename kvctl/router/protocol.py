@@ -46,7 +46,7 @@ _LINGER_SECONDS = 2.0
 class ClientLimits:
     """The limits every connection applies, from the router's config."""
 
-    __slots__ = ("max_header_bytes", "header_timeout", "body_timeout", "keepalive_timeout", "max_connections")
+    __slots__ = ("body_timeout", "header_timeout", "keepalive_timeout", "max_connections", "max_header_bytes")
 
     def __init__(self, router: RouterConfig) -> None:
         self.max_header_bytes = router.max_header_bytes
@@ -85,7 +85,11 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        cycle = self.cycle
         super().connection_lost(exc)
+        lost = getattr(cycle, "on_client_lost", None)
+        if lost is not None and not cycle.response_complete:  # type: ignore[union-attr]
+            lost()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -146,8 +150,9 @@ class LimitedProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         self._body_pending = True
         cycle = self.cycle
-        if self.scope["http_version"] == "1.0" and cycle is not None and cycle.scope is self.scope:
-            cycle.__class__ = _UntilCloseCycle  # before its task first runs: created just now
+        if cycle is not None and cycle.scope is self.scope:  # created just now: its task has not run yet
+            cycle.__class__ = _UntilCloseCycle if self.scope["http_version"] == "1.0" else Cycle
+            self.scope["kvctl.cycle"] = cycle  # type: ignore[typeddict-unknown-key]  # the proxy writes its answers to the transport itself
 
     def on_body(self, body: bytes) -> None:
         if self._body_timer is not None:  # only a body spread over reads is timed
@@ -224,7 +229,14 @@ class LimitedProtocol(HttpToolsProtocol):
             self._body_timer = None
 
 
-class _UntilCloseCycle(RequestResponseCycle):
+class Cycle(RequestResponseCycle):
+    """uvicorn's request cycle, plus the proxy's hook for a client that goes away (instead of
+    a task per request waiting on receive() for the disconnect: ~6 µs per request)."""
+
+    on_client_lost: Callable[[], None] | None = None
+
+
+class _UntilCloseCycle(Cycle):
     """A response to an HTTP/1.0 request: without a declared length its body simply ends
     when the connection closes (HTTP/1.0 has no chunked encoding)."""
 

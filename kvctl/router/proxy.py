@@ -15,14 +15,16 @@ import re
 import time
 from typing import TYPE_CHECKING
 
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
 from kvctl.config import Config, Instance
 from kvctl.router import logs, overload
 from kvctl.router.asgi import Receive, Scope, Send
 from kvctl.router.auth import DUPLICATE_CODE, DUPLICATE_MESSAGE, bearer, matches
 from kvctl.router.errors import send_error, shorten, sse_error_event
 from kvctl.router.lifecycle import Unavailable
-from kvctl.router.upstream import (ConnectFailed, Connection, Pool, RouterOverloaded, UpstreamClosed, UpstreamError,
-                                    UpstreamTimeout)
+from kvctl.router.protocol import Cycle
+from kvctl.router.upstream import ConnectFailed, Connection, Pool, RouterOverloaded, UpstreamClosed, UpstreamError, UpstreamTimeout
 
 if TYPE_CHECKING:
     from kvctl.router.lifecycle import Lifecycle
@@ -50,30 +52,50 @@ def _without_connection_options(forwarded: list[bytes], connection: bytes) -> li
     return [part for i in range(0, len(forwarded), 4) if forwarded[i] not in named for part in forwarded[i:i + 4]]
 
 
-class ResponseCut(Exception):
-    """A non-streamed answer broke mid-body: raised so that uvicorn closes the connection
-    (a truncated body must not look complete). Its log record is filtered out in server.py."""
-
-
 class _ClientGone(Exception):
     """The client disconnected while sending its request."""
 
 
 class _Exchange:
-    """Per-request state shared with the client-disconnect watcher."""
+    """Per-request state shared with the client-disconnect hook."""
 
-    __slots__ = ("task", "finished", "gone")
+    __slots__ = ("finished", "gone", "task")
 
     def __init__(self, task: asyncio.Task | None) -> None:
         self.task = task
         self.finished = False
         self.gone = False
 
-    def client_left(self, _watcher: asyncio.Task) -> None:
-        # receive() also returns once the response is complete; only a real disconnect counts.
+    def client_left(self) -> None:
         if not self.finished and self.task is not None:
             self.gone = True
             self.task.cancel()
+
+
+class _Writer:
+    """The sink of a relayed body: called from the engine connection's data_received with
+    each read, it writes to the client at once (chunk-framed when the client's answer is
+    chunked) — no task wakes up, no timer, no ASGI message per chunk."""
+
+    __slots__ = ("chunked", "conn", "first", "flow", "sent", "transport")
+
+    def __init__(self, cycle: Cycle, conn: Connection, chunked: bool) -> None:
+        self.transport = cycle.transport
+        self.flow = cycle.flow
+        self.conn = conn
+        self.chunked = chunked
+        self.sent = 0
+        self.first: float | None = None  # when the first body byte went out (TTFT)
+
+    def __call__(self, data: bytes) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+        self.sent += len(data)
+        if self.transport.is_closing():
+            return  # the client is gone; the disconnect hook aborts the engine's request
+        self.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        if self.flow.write_paused:
+            self.conn.pause()  # the relay task waits for the client, then resumes the engine
 
 
 class Proxy:
@@ -178,7 +200,7 @@ class Proxy:
             path += b"?" + scope["query_string"]
         head = b"".join((b"POST ", path, b" HTTP/1.1\r\ncontent-length: ", str(len(body)).encode(),
                          b"\r\nx-request-id: ", rid, b"\r\n", *forwarded))
-        await self._forward(canonical, head, body, rid_header, receive, send, t0)
+        await self._forward(canonical, head, body, rid_header, scope, send, t0)
 
     def authorized(self, header: bytes | None) -> bool:
         """Constant-time check of `Authorization: Bearer KEY` against every configured key."""
@@ -216,18 +238,23 @@ class Proxy:
         _access(model, status, time.monotonic() - t0, None, None, rid, code)
 
     # ------------------------------------------------------------------ forwarding
-    async def _forward(self, model: str, head: bytes, body: bytes, rid_header: tuple, receive: Receive, send: Send, t0: float) -> None:
+    async def _forward(self, model: str, head: bytes, body: bytes, rid_header: tuple, scope: Scope, send: Send, t0: float) -> None:
         lifecycle = self.lifecycle
         assert lifecycle is not None, "the data plane needs the lifecycle"
+        cycle: Cycle | None = scope.get("kvctl.cycle")
+        if cycle is None:
+            raise RuntimeError("the data plane runs under kvctl's HTTP protocol (kvctl.router.protocol)")
         ex = _Exchange(asyncio.current_task())
-        watcher = asyncio.ensure_future(receive())
-        watcher.add_done_callback(ex.client_left)
         status = 0
         reason: str | None = None
         ttft: float | None = None
         sent: int | None = None
         exclude: tuple[str, ...] = ()
         try:
+            if cycle.disconnected:  # gone after its body arrived, before the hook was set
+                ex.gone = True
+                raise asyncio.CancelledError
+            cycle.on_client_lost = ex.client_left
             for attempt in (0, 1):
                 try:
                     inst = await lifecycle.acquire(model, exclude)
@@ -237,7 +264,7 @@ class Proxy:
                     await send_error(send, exc.status, exc.message, exc.code, headers=headers)
                     return
                 try:
-                    status, ttft, reason, sent = await self._exchange(inst, head, body, rid_header, send, ex, t0)
+                    status, ttft, reason, sent = await self._exchange(inst, head, body, rid_header, cycle, send, ex, t0)
                     return
                 except ConnectFailed as exc:
                     lifecycle.report_connect_failure(inst)
@@ -263,13 +290,14 @@ class Proxy:
                 await send_error(send, 503, _SHUTDOWN_MESSAGE, _SHUTDOWN_CODE,
                                  headers=(*rid_header, (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)))
         finally:
-            ex.finished = True  # the watcher ends by itself: receive() returns once the response is complete
+            ex.finished = True
+            cycle.on_client_lost = None
             latency = time.monotonic() - t0
             self._account(model, status, reason, latency, ttft)
             _access(model, status, latency, ttft, sent, rid_header[0][1], reason)
 
-    async def _exchange(self, inst: Instance, head: bytes, body: bytes, rid_header: tuple, send: Send, ex: _Exchange,
-                        t0: float) -> tuple[int, float | None, str | None, int | None]:
+    async def _exchange(self, inst: Instance, head: bytes, body: bytes, rid_header: tuple, cycle: Cycle, send: Send,
+                        ex: _Exchange, t0: float) -> tuple[int, float | None, str | None, int | None]:
         """One request to one instance. Returns (status sent, ttft, failure reason or None, body bytes sent)."""
         pool = self._pools.get(inst.name)
         if pool is None:
@@ -305,12 +333,14 @@ class Proxy:
         except BaseException:
             conn.abort()
             raise
-        return await self._relay(conn, inst, rid_header, send, ex, t0)
+        return await self._relay(conn, inst, rid_header, cycle, ex, t0)
 
-    async def _relay(self, conn: Connection, inst: Instance, rid_header: tuple, send: Send, ex: _Exchange,
+    async def _relay(self, conn: Connection, inst: Instance, rid_header: tuple, cycle: Cycle, ex: _Exchange,
                      t0: float) -> tuple[int, float | None, str | None, int]:
+        """Answer the client with the engine's response, written to its transport directly
+        (not through ASGI send(): ~4 µs per message for checks this path does not need)."""
         status = conn.status
-        headers = list(rid_header)
+        head = [STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status, b"x-request-id: ", rid_header[0][1], b"\r\n"]
         sse = False
         for name, value in conn.headers:
             name = name.lower()
@@ -318,52 +348,69 @@ class Proxy:
                 continue
             if name == b"content-type" and value.startswith(b"text/event-stream"):
                 sse = True
-            headers.append((name, value))
+            head += (name, b": ", value, b"\r\n")
         if sse:
-            headers.append((b"x-accel-buffering", b"no"))
-        ttft = None
-        sent = 0
-        timeout = self._idle_timeout
+            head.append(b"x-accel-buffering: no\r\n")
+        # The engine's chunked framing is parsed and framed again: the same bytes either way
+        # (one formatted write per read), and the error event can always follow a whole chunk.
+        # An HTTP/1.0 client gets an unframed body that ends when the connection closes.
+        chunked = not conn.has_length and cycle.keep_alive and status not in (204, 304)
+        if chunked:
+            head.append(b"transfer-encoding: chunked\r\n")
+        if not cycle.keep_alive:
+            head.append(b"connection: close\r\n")
+        head.append(b"\r\n")
+        transport = cycle.transport
+        writer = _Writer(cycle, conn, chunked)
+        cycle.response_started = True
         try:
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            while True:
-                data = await conn.read(timeout)
-                if data and ttft is None and sse:
-                    ttft = time.monotonic() - t0
-                sent += len(data)
-                if conn.complete:
-                    ex.finished = True
-                    await send({"type": "http.response.body", "body": data, "more_body": False})
-                    break
-                if data:
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
+            data = conn.relay(writer)
+            if data:
+                writer.sent = len(data)
+                writer.first = time.monotonic()
+                head.append(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+            if conn.done and chunked:
+                head.append(b"0\r\n\r\n")
+            transport.write(b"".join(head))  # a whole non-streamed answer is one write (one syscall)
+            if not conn.done:
+                while not await conn.relayed(self._idle_timeout):
+                    await cycle.flow.drain()  # the client is slow: wait for it, then read on
+                    conn.resume()
+                if chunked:
+                    transport.write(b"0\r\n\r\n")
         except (UpstreamClosed, UpstreamTimeout) as exc:
             conn.abort()
+            ttft = _ttft(writer, sse, t0)
+            if not sse:  # a truncated body must not look complete: close the connection
+                _close(cycle)
+                return status, ttft, exc.reason, writer.sent
             timed_out = isinstance(exc, UpstreamTimeout)
-            if not sse:
-                raise ResponseCut(f"{inst.name}: {exc}") from None
-            message = (f"Model '{inst.model}': engine {inst.name} sent nothing for {timeout:g}s" if timed_out
+            message = (f"Model '{inst.model}': engine {inst.name} sent nothing for {self._idle_timeout:g}s" if timed_out
                        else f"Model '{inst.model}': engine {inst.name} broke the stream: {exc}")
             code = "stream_timeout" if timed_out else "engine_disconnected"
             ex.finished = True
-            await send({"type": "http.response.body", "body": sse_error_event(message, code), "more_body": False})
-            return status, ttft, code, sent
+            _end_with(cycle, sse_error_event(message, code), chunked)
+            return status, ttft, code, writer.sent
         except asyncio.CancelledError:
             conn.abort()
             if ex.gone:
                 raise
             # The server stops and its grace ran out (uvicorn's graceful-shutdown timeout, or a
             # second SIGTERM from `kvctl down --timeout`): a stream says so before it ends.
-            if not sse:
-                raise ResponseCut(f"{inst.name}: {_SHUTDOWN_MESSAGE}") from None
             ex.finished = True
-            await send({"type": "http.response.body", "body": sse_error_event(_SHUTDOWN_MESSAGE, _SHUTDOWN_CODE), "more_body": False})
-            return status, ttft, _SHUTDOWN_CODE, sent
+            if sse:
+                _end_with(cycle, sse_error_event(_SHUTDOWN_MESSAGE, _SHUTDOWN_CODE), chunked)
+            else:
+                _close(cycle)
+            return status, _ttft(writer, sse, t0), _SHUTDOWN_CODE, writer.sent
         except BaseException:
             conn.abort()
+            _close(cycle)
             raise
+        ex.finished = True
         conn.finish()
-        return status, ttft, (f"engine_{status}" if status >= 400 else None), sent
+        _complete(cycle)
+        return status, _ttft(writer, sse, t0), (f"engine_{status}" if status >= 400 else None), writer.sent
 
     # ------------------------------------------------------------------ accounting
     def _account(self, model: str, status: int, reason: str | None, latency: float, ttft: float | None) -> None:
@@ -399,3 +446,30 @@ def _access(model: str | None, status: int, latency: float, ttft: float | None, 
             "-" if sent is None else sent, request_id, f" ({reason})" if reason else "",
             extra=logs.fields(model=model, status=status, latency_seconds=round(latency, 6),
                               ttft_seconds=None if ttft is None else round(ttft, 6), bytes=sent, request_id=request_id, reason=reason))
+
+
+def _ttft(writer: _Writer, sse: bool, t0: float) -> float | None:
+    return writer.first - t0 if sse and writer.first is not None else None
+
+
+def _complete(cycle: Cycle) -> None:
+    """The answer is whole: what uvicorn's send() does after the last body message."""
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()  # keep-alive timer, next pipelined request
+
+
+def _end_with(cycle: Cycle, data: bytes, chunked: bool) -> None:
+    """End a streamed answer with a last piece (the SSE error event)."""
+    if not cycle.transport.is_closing():
+        cycle.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if chunked else data)
+    _complete(cycle)
+
+
+def _close(cycle: Cycle) -> None:
+    """End an answer that cannot be completed: closing tells the client it is truncated."""
+    cycle.keep_alive = False
+    cycle.response_complete = True
+    cycle.transport.close()

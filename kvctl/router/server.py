@@ -18,16 +18,6 @@ from kvctl.router.protocol import protocol_for
 log = logging.getLogger("kvctl.router")
 
 
-class _QuietCuts(logging.Filter):
-    """A response the engine broke mid-body is ended by raising ResponseCut (the only way to
-    make uvicorn close the connection); that is expected, not a traceback for the log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from kvctl.router.proxy import ResponseCut
-
-        return not (record.exc_info and isinstance(record.exc_info[1], ResponseCut))
-
-
 def check_bind(config: Config) -> None:
     router = config.router
     if not router.is_loopback and not router.api_keys and not router.allow_unauthenticated:
@@ -47,7 +37,6 @@ def serve(config: Config) -> None:
     from kvctl.router.app import create_app
 
     logs.configure(config.router.log_level, config.router.log_format, config.router.access_log)
-    logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
     _raise_fd_limit(config)
     app = create_app(config)
     server = _Server(uvicorn.Config(

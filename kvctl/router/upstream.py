@@ -4,14 +4,16 @@ Why not httpx or aiohttp: measured per request on the router's hot path, httpx c
 ~3 ms of CPU and aiohttp ~0.5 ms; this client is a few tens of µs (see benchmarks/).
 It does exactly what the proxy needs and nothing else: one request at a time per
 connection, a keep-alive pool per engine instance, the response head parsed by
-httptools and the body handed over chunk by chunk as it arrives, with backpressure
-(reading from the engine pauses while the client has not taken what was read).
+httptools; then the body is pushed to a sink as each read arrives (`relay`), from the
+protocol callback itself: no task wakes up per chunk. Backpressure: the sink pauses
+reading from the engine while the client is not taking what was written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import httptools
 
@@ -67,12 +69,18 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._error: UpstreamError | None = None
         self._until_close = False  # body delimited by connection close (no length, not chunked)
+        self._sink: Callable[[bytes], None] | None = None  # where body bytes go once relayed
+        self._held = False  # reading paused until the client takes what was relayed
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout = 0.0
+        self._since = 0.0  # start of the current wait, or the last read during it
         self.reused = False
         self.received = False  # any byte of the current response arrived
         self.idle_since = 0.0
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done = False
+        self.has_length = False  # the response declares its Content-Length
         self.done = False
         self.keep_alive = False
 
@@ -82,11 +90,19 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
+        if self._waiter is not None:
+            self._since = self._loop.time()  # activity: the idle timer re-arms from here
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamClosed(f"malformed response from the engine: {exc}"))
             self.abort()
+            return
+        # Relaying: what this read carried goes on at once, as one piece (one client write).
+        chunks = self._chunks
+        if self._sink is not None and chunks:
+            self._chunks = []
+            self._sink(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -113,17 +129,19 @@ class Connection(asyncio.Protocol):
         self.status = self._parser.get_status_code()
         self.keep_alive = self._parser.should_keep_alive()
         names = {name.lower() for name, _ in self.headers}
-        self._until_close = b"content-length" not in names and b"transfer-encoding" not in names and self.status not in (204, 304)
+        self.has_length = b"content-length" in names
+        self._until_close = not self.has_length and b"transfer-encoding" not in names and self.status not in (204, 304)
         self.head_done = True
         self._wake()
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
+        if self._sink is not None:
+            return  # data_received hands it on
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         self.done = True
@@ -141,28 +159,41 @@ class Connection(asyncio.Protocol):
                 raise self._error
             await self._wait(timeout)
 
-    async def read(self, timeout: float) -> bytes:
-        """Body bytes received so far (waiting up to `timeout` for some); b"" at the end."""
-        while True:
-            chunks = self._chunks
-            if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self._chunks = []
-                self._buffered = 0
-                if self._paused and self._transport is not None:
-                    self._paused = False
-                    self._transport.resume_reading()
-                return data
-            if self.done:
-                return b""
+    def relay(self, sink: Callable[[bytes], None]) -> bytes:
+        """Body bytes from now on go to `sink`, one call per read from the engine.
+        Returns the bytes that arrived before (with the head, typically)."""
+        chunks = self._chunks
+        self._chunks = []
+        self._buffered = 0
+        self._sink = sink
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def relayed(self, timeout: float) -> bool:
+        """Wait until the relayed response is complete (True) or the sink paused it (False).
+        UpstreamTimeout when no byte came for `timeout` (the client's slowness does not count)."""
+        while not self.done:
             if self._error is not None:
                 raise self._error
+            if self._held:
+                return False
             await self._wait(timeout)
+        return True
 
-    @property
-    def complete(self) -> bool:
-        """The whole response was received and handed over."""
-        return self.done and not self._chunks
+    def pause(self) -> None:
+        """Stop reading from the engine until resume(): the client is not keeping up."""
+        if not self._held and self._transport is not None:
+            self._held = True
+            self._transport.pause_reading()
+            self._wake()
+
+    def resume(self) -> None:
+        if self._held:
+            self._held = False
+            if self._transport is not None:
+                self._transport.resume_reading()
 
     def abort(self) -> None:
         """Drop the connection at once (the engine sees the disconnect and aborts)."""
@@ -180,6 +211,9 @@ class Connection(asyncio.Protocol):
         self.headers = []
         self.head_done = self.done = self.received = False
         self.status = 0
+        self.has_length = False
+        self._sink = None
+        self.resume()  # the response ended during a pause for the client
 
     # -- internals
     def _wake(self) -> None:
@@ -193,19 +227,28 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     async def _wait(self, timeout: float) -> None:
-        waiter = self._loop.create_future()
-        self._waiter = waiter
-        timer = self._loop.call_later(timeout, _expire, waiter)
+        """Until _wake(), or UpstreamTimeout after `timeout` without a read. One timer per
+        wait, re-armed only when it fires (not one per read: a stream's reads cost no timer)."""
+        loop = self._loop
+        waiter = self._waiter = loop.create_future()
+        self._timeout = timeout
+        self._since = loop.time()
+        self._timer = loop.call_later(timeout, self._check_idle)
         try:
             await waiter
         finally:
-            timer.cancel()
-            self._waiter = None
+            self._timer.cancel()
+            self._waiter = self._timer = None
 
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(UpstreamTimeout("timed out"))
+    def _check_idle(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        remaining = self._since + self._timeout - self._loop.time()
+        if remaining > 0:
+            self._timer = self._loop.call_later(remaining, self._check_idle)
+        else:
+            waiter.set_exception(UpstreamTimeout("timed out"))
 
 
 class Pool:
@@ -237,7 +280,7 @@ class Pool:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(lambda: Connection(self), self.host, self.port), self.connect_timeout
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ConnectFailed(f"connecting to {self.host}:{self.port} timed out after {self.connect_timeout:g}s") from None
         except OSError as exc:
             if exc.errno in EXHAUSTED:
