@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from rich.text import Text
 from kvctl.bench_http import HttpError, Pool
 from kvctl.config import Config
 from kvctl.errors import KvctlError, UsageError
+from kvctl.percentile import percentile
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 PERCENTILES = (50, 90, 99)
@@ -268,20 +270,14 @@ class _Tally:
 
 
 def _distribution(seconds: list[float]) -> dict[str, float | None]:
-    values = sorted(seconds)
-    result: dict[str, float | None] = {f"p{q}": _percentile(values, q) for q in PERCENTILES}
-    result["mean"] = sum(values) / len(values) * 1000 if values else None
+    """Percentiles and mean, in milliseconds."""
+    result: dict[str, float | None] = {f"p{q}": _in_ms(percentile(seconds, q)) for q in PERCENTILES}
+    result["mean"] = statistics.fmean(seconds) * 1000 if seconds else None
     return result
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks, in milliseconds (monotonic in q)."""
-    if not values:
-        return None
-    pos = (len(values) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(values) - 1)
-    return (values[low] + (values[high] - values[low]) * (pos - low)) * 1000
+def _in_ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
 
 
 # --------------------------------------------------------------------------- the run

@@ -13,6 +13,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from kvctl.percentile import percentile
+
 MAX_WINDOW_SECONDS = 3600
 _SAMPLES = 1024
 
@@ -67,13 +69,6 @@ class _ModelTraffic:
                 failed += self._failed[slot]
                 lat += self._lat_sum[slot]
         return count, ok, failed, lat
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values.sort()
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 class TrafficMonitor:
@@ -136,11 +131,11 @@ class TrafficMonitor:
             "lifetime_failed_requests": state.failed,
             "request_rate": count / window,
             "avg_response_time": lat / count if count else None,
-            "p50_latency": _percentile(latencies, 0.50),
-            "p95_latency": _percentile(latencies, 0.95),
+            "p50_latency": percentile(latencies, 50),
+            "p95_latency": percentile(latencies, 95),
             "avg_ttft": sum(ttfts) / len(ttfts) if ttfts else None,
-            "p50_ttft": _percentile(ttfts, 0.50),
-            "p95_ttft": _percentile(ttfts, 0.95),
+            "p50_ttft": percentile(ttfts, 50),
+            "p95_ttft": percentile(ttfts, 95),
             "last_activity_time": state.last_activity,
             "idle_time_seconds": idle,
             "is_idle": idle >= threshold,
