@@ -167,6 +167,23 @@ class Segment:
         os.close(self._fd)
 
 
+def in_use(name: str) -> bool:
+    """Whether a live process has the segment mapped or open (an engine of another kvctl tree
+    may use the same name): /proc, for the processes this user may read."""
+    target = str(path(name))
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if target in (proc / "maps").read_text():
+                return True
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def remove(name: str) -> bool:
     """Delete a segment (an engine that died cannot); False when there was none."""
     try:

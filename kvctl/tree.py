@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from kvctl import config as config_mod
-from kvctl import converge, procstate, reaper, render
+from kvctl import converge, kvcached, procstate, reaper, render
 from kvctl.client import RouterClient
 from kvctl.config import Config, Instance
 from kvctl.engines import adapter_for
@@ -249,6 +249,11 @@ def down(config: Config, timeout: float, report: Reporter) -> bool:
     leftovers = reaper.end_run(config.run_dir)
     if leftovers:
         report("leftovers", f"ended {len(leftovers)} process(es) of an earlier run", True)
+    # Every engine has ended: a kvcached segment still there belongs to one that died (a clean exit removes its own).
+    names = {kvcached.segment_name(i.env) for i in config.launched if kvcached.enabled(i.env)}
+    stale = [name for name in names if kvcached.path(name).exists() and not kvcached.in_use(name) and kvcached.remove(name)]
+    if stale:
+        report("kvcached", f"removed {len(stale)} segment(s) of engines that died: {', '.join(sorted(stale))}", True)
     return running or bool(leftovers)
 
 

@@ -212,3 +212,206 @@ def test_config_keys_and_errors(tmp_path: Path) -> None:
     check = subprocess.run([sys.executable, "-m", "kvctl", "config", "check", "-c", str(path)], capture_output=True, text=True, timeout=60)
     assert check.returncode == 2
     assert f"{path}:9:16: memory_gb: 'auto' needs each engine's GPU memory from NVML" in check.stderr
+
+
+# --------------------------------------------------------------------------- end to end: real trees of sims
+
+from test_tree import Tree, engine_pid, kvtree, sim_instance, tree_pids  # noqa: E402,F401  (kvtree: the fixture)
+
+KV_ENV = "kvcached:\n  enable_kvcached: true\n"  # upper-cased into every engine's environment
+
+
+def _kv_sim(name: str, port: int, memory_gb: float, kv_bytes: int, tps: float = 10, extra: str = "", model: str | None = None) -> str:
+    return sim_instance(name, port, model=model, extra=f"    sim: {{memory_gb: {memory_gb}, kv_bytes_per_token: {kv_bytes}, tokens_per_second: {tps}}}\n{extra}")
+
+
+def _json(tree: Tree, *args: str) -> dict:
+    result = tree.kvctl(*args, "--json")
+    assert result.returncode == 0, result.stderr + result.stdout
+    return json.loads(result.stdout)
+
+
+def _stream(url: str, model: str, prompt_words: int, max_tokens: int) -> int:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    chunks = client.completions.create(model=model, prompt="w " * prompt_words, max_tokens=max_tokens, stream=True)
+    return sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].text)
+
+
+def _engine_metric(port: int, name: str) -> float:
+    return _metric(f"http://127.0.0.1:{port}", name)
+
+
+def _kv_events(tree: Tree) -> list[dict]:
+    events = [json.loads(line) for line in tree.kvctl("events", "--json").stdout.splitlines() if line.strip()]
+    return [e for e in events if "kv limit" in e["cause"]]
+
+
+def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
+    ports = [free_port(), free_port()]
+    # alpha.1: a '.' in the name; 1 MiB per token, capacity 40 % of 1000 MiB = 400 MiB; a request of
+    # 50 prompt words + 20 tokens reserves 70 MiB. beta: kv_limit_gb applied whenever it is ready.
+    kvtree.write(_kv_sim("alpha.1", ports[0], 1000 / 1024, MiB) + _kv_sim("beta", ports[1], 1000 / 1024, MiB, extra="    kv_limit_gb: 0.25\n"), KV_ENV)
+    up = kvtree.kvctl("up")
+    assert up.returncode == 0, up.stderr + up.stdout
+    alpha, beta = "kvctl_alpha-1", "kvctl_beta"  # what the sim made of KVCACHED_IPC_NAME with kvcached's sanitizer: kvctl's name unchanged
+    assert raw(alpha) == (400 * MiB, 0, 0)
+    wait_for(lambda: raw(beta)[0] == 256 * MiB, what="kv_limit_gb applied at ready")
+
+    # Used rises while long streams run and falls after, in `kvctl stats --json`.
+    pool = [threading.Thread(target=_stream, args=(kvtree.router_url, "org/alpha.1", 50, 20)) for _ in range(3)]
+    for t in pool:
+        t.start()
+    wait_for(lambda: (_json(kvtree, "stats")["models"]["org/alpha.1"]["kv"] or {}).get("used_bytes", 0) >= 150 * MiB, what="stats: used rising")
+    metrics = httpx.get(kvtree.router_url + "/metrics", timeout=5).text
+    for gauge in ("kvctl_kv_used_bytes", "kvctl_kv_limit_bytes", "kvctl_kv_prealloc_bytes"):
+        assert f'{gauge}{{instance="alpha.1",model="org/alpha.1"}}' in metrics
+    samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("kvctl_kv_"))
+    assert float(samples['kvctl_kv_limit_bytes{instance="beta",model="org/beta"}']) == 256 * MiB
+    for t in pool:
+        t.join(60)
+    wait_for(lambda: _json(kvtree, "stats")["models"]["org/alpha.1"]["kv"]["used_bytes"] == 0, what="stats: used back to 0")
+
+    # `kv limit M 50%`: the segment's limit halves (read raw), 2 requests fit where 5 did; the rest wait in the engine.
+    limit = kvtree.kvctl("kv", "limit", "org/alpha.1", "50%")
+    assert limit.returncode == 0, limit.stderr + limit.stdout
+    assert raw(alpha)[0] == 200 * MiB
+    results: list[int] = []
+    pool = [threading.Thread(target=lambda: results.append(_stream(kvtree.router_url, "org/alpha.1", 50, 20))) for _ in range(4)]
+    for t in pool:
+        t.start()
+    wait_for(lambda: (_engine_metric(ports[0], "vllm:num_requests_running"), _engine_metric(ports[0], "vllm:num_requests_waiting")) == (2, 2),
+             what="2 running, 2 waiting for KV room")
+    assert kvtree.kvctl("kv", "limit", "org/alpha.1", "1G", "--instance", "alpha.1").returncode == 0  # raising lets them through
+    assert raw(alpha)[0] == GiB
+    for t in pool:
+        t.join(60)
+    assert results == [20] * 4
+    log = kvtree.kvctl("logs", "router", "-n", "200").stdout
+    assert "alpha.1 org/alpha.1: kv limit 400 MiB -> 200 MiB (manual)" in log and "kv limit 200 MiB -> 1.0 GiB (manual)" in log
+    assert {(e["instance"], e["cause"]) for e in _kv_events(kvtree)} >= {("alpha.1", "kv limit 400 MiB -> 200 MiB (manual)"),
+                                                                         ("beta", "kv limit 400 MiB -> 256 MiB (config: kv_limit_gb)")}
+
+    # A limit set by another writer (as kvcached's own tool does) is what kvctl shows.
+    write_raw(alpha, 300 * MiB)
+    listed = {row["segment"]: row for row in _json(kvtree, "kv", "list")["segments"]}
+    assert listed[alpha]["instance"] == "alpha.1" and listed[alpha]["kv"]["limit_bytes"] == 300 * MiB
+    assert {i["name"]: i["kv"]["limit_bytes"] for i in _json(kvtree, "status")["instances"]} == {"alpha.1": 300 * MiB, "beta": 256 * MiB}
+    models = httpx.get(kvtree.router_url + "/models", timeout=5).json()["models"]
+    assert models["org/alpha.1"]["instances"][0]["kv"] == {"used_bytes": 0, "limit_bytes": 300 * MiB, "prealloc_bytes": 0}
+    assert "0.0/0.3G" in kvtree.kvctl("status").stdout
+
+    # kv_limit_gb again after a wake (another writer changed it meanwhile) and after a restart.
+    assert kvtree.kvctl("sleep", "org/beta").returncode == 0
+    write_raw(beta, 300 * MiB)
+    assert kvtree.kvctl("wake", "org/beta").returncode == 0
+    wait_for(lambda: raw(beta)[0] == 256 * MiB, what="kv_limit_gb applied after a wake")
+    assert kvtree.kvctl("restart", "beta").returncode == 0
+    wait_for(lambda: raw(beta)[0] == 256 * MiB, what="kv_limit_gb applied after a restart")
+
+    # Bad requests: one-line errors, never a traceback.
+    bad = kvtree.kvctl("kv", "limit", "org/alpha.1", "lots")
+    assert bad.returncode != 0 and "is not a size" in bad.stderr and "Traceback" not in bad.stderr
+    missing = kvtree.kvctl("kv", "limit", "org/alpha.1", "1G", "--instance", "beta")
+    assert missing.returncode != 0 and "has no instance 'beta'" in missing.stderr
+    assert httpx.post(kvtree.router_url + "/models/org/alpha.1/kv_limit", json={"bytes": -1}, timeout=5).status_code == 400
+
+    # An engine that dies leaves its segment; `kvctl down` removes it (a clean stop removes its own).
+    supervisord = int((kvtree.run_dir / "supervisord.pid").read_text())
+    engine = engine_pid(kvtree.pids()["alpha.1"])
+    os.kill(supervisord, 9)
+    os.kill(engine, 9)
+    wait_for(lambda: not Path(f"/proc/{engine}").exists() or Path(f"/proc/{engine}/stat").read_text().split(")")[1].split()[0] == "Z", what="engine dead")
+    assert Path(f"/dev/shm/{alpha}").exists()
+    down = kvtree.kvctl("down", "--timeout", "5")
+    assert down.returncode == 0, down.stderr
+    assert not Path(f"/dev/shm/{alpha}").exists() and not Path(f"/dev/shm/{beta}").exists()
+
+
+def test_budget_counts_measured_kv(kvtree: Tree) -> None:
+    """Declared weights fit (3 x 2 GB in 7 GB), measured KV does not: waking c must sleep b."""
+    ports = [free_port() for _ in range(3)]
+    sims = "".join(_kv_sim(n, p, 10, 4 * MiB, extra="    memory_gb: 2\n" + ("    sleep: {start: asleep}\n" if n == "c" else ""))
+                   for n, p in zip("abc", ports))
+    kvtree.write(sims, KV_ENV + "sleep_manager:\n  memory_budget_gb: 7\n")
+    up = kvtree.kvctl("up")
+    assert up.returncode == 0, up.stderr + up.stdout
+    wait_for(lambda: {i["name"]: i["state"] for i in _json(kvtree, "status")["instances"]} == {"a": "awake", "b": "awake", "c": "asleep"}, what="c asleep")
+    stream = threading.Thread(target=_stream, args=(kvtree.router_url, "org/a", 400, 100))  # 400 x 4 MiB = 1.6 GiB of KV held for 10 s
+    stream.start()
+    wait_for(lambda: raw("kvctl_a")[1] >= 1600 * MiB, what="a holds 1.6 GiB of KV")
+    wake = kvtree.kvctl("wake", "org/c")
+    assert wake.returncode == 0, wake.stderr + wake.stdout
+    instances = {i["name"]: i for i in _json(kvtree, "status")["instances"]}
+    assert (instances["a"]["state"], instances["c"]["state"]) == ("awake", "awake")
+    models = httpx.get(kvtree.router_url + "/models", timeout=5).json()["models"]
+    assert models["org/b"]["instances"][0]["state"] in ("draining", "asleep") and models["org/b"]["instances"][0]["cause"] in (None, "budget")
+    wait_for(lambda: httpx.get(kvtree.router_url + "/models", timeout=5).json()["models"]["org/b"]["instances"][0]["cause"] == "budget", what="b slept for the budget")
+    stream.join(60)
+
+
+def test_rebalance_moves_limit_to_the_busy_instance_and_holds(kvtree: Tree) -> None:
+    """kv_budget_gb 1, kv_min_gb 0.25: idle -> 256 MiB, busy -> 768 MiB; then nothing moves.
+    Checks every 0.5 s, observed for 15 s (30 checks) once converged -- the behaviour's own
+    period, not a minute, to keep the suite short."""
+    ports = [free_port(), free_port()]
+    kvtree.write(_kv_sim("busy", ports[0], 1000 / 1024, MiB) + _kv_sim("idle", ports[1], 1000 / 1024, MiB),
+                 KV_ENV + "sleep_manager:\n  check_interval_seconds: 0.5\n  kv_rebalance: true\n  kv_budget_gb: 1\n  kv_min_gb: 0.25\n")
+    up = kvtree.kvctl("up")
+    assert up.returncode == 0, up.stderr + up.stdout
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            _stream(kvtree.router_url, "org/busy", 50, 20)  # 70 MiB each; 8 of them do not fit in 400 MiB
+
+    workers = [threading.Thread(target=load) for _ in range(8)]
+    for w in workers:
+        w.start()
+    try:
+        wait_for(lambda: (raw("kvctl_busy")[0], raw("kvctl_idle")[0]) == (768 * MiB, 256 * MiB), timeout=60, what="limits rebalanced")
+        moves = len(_kv_events(kvtree))
+        deadline = __import__("time").monotonic() + 15
+        while __import__("time").monotonic() < deadline:  # observing a period: every poll must see the same limits
+            assert (raw("kvctl_busy")[0], raw("kvctl_idle")[0]) == (768 * MiB, 256 * MiB)
+            stop.wait(0.5)
+        assert len(_kv_events(kvtree)) == moves
+        assert _engine_metric(ports[0], "vllm:num_requests_running") > 0  # the load was there all along
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(60)
+    causes = {(e["instance"], e["cause"].split("(")[-1]) for e in _kv_events(kvtree)}
+    assert ("busy", "rebalance: busy)") in causes and ("idle", "rebalance: idle)") in causes
+
+
+def test_colliding_ipc_names_are_a_config_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "kvctl.yaml"
+    path.write_text("instances:\n" + sim_instance("a.b", 9001) + sim_instance("a-b", 9002))
+    check = subprocess.run([sys.executable, "-m", "kvctl", "config", "check", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 2 and "its kvcached IPC name 'kvctl_a-b' is also that of instance 'a.b'" in check.stderr
+
+
+def test_rebalance_plan() -> None:
+    from kvctl.router.kv_rebalance import Member, plan
+
+    budget, minimum = GiB, 256 * MiB
+    # One busy (requests wait), one idle: idle to the minimum (or what it still holds), busy gets the rest.
+    moves = plan([Member("b", 400 * MiB, 380 * MiB, 3, False), Member("i", 400 * MiB, 0, 0, True)], budget, minimum)
+    assert moves == {"b": (768 * MiB, "rebalance: busy"), "i": (256 * MiB, "rebalance: idle")}
+    assert plan([Member("b", 400 * MiB, 100 * MiB, 0, False), Member("i", 400 * MiB, 300 * MiB + 1, 0, True)], budget, minimum)["i"][0] == 302 * MiB
+    # The fixed point plans nothing: busy stays busy until idle, so it keeps its share.
+    assert plan([Member("b", 768 * MiB, 400 * MiB, 0, False, was_busy=True), Member("i", 256 * MiB, 0, 0, True)], budget, minimum) == {}
+    # Neither busy nor idle keeps its limit; moves smaller than the step are not made.
+    assert plan([Member("a", 500 * MiB, 10 * MiB, 0, False), Member("c", 490 * MiB, 0, 0, False)], budget, minimum) == {}
+    assert plan([Member("b", 760 * MiB, 700 * MiB, 1, False), Member("i", 256 * MiB, 0, 0, True)], budget, minimum) == {}
+    # Over the budget (one woke with a large limit): the in-between give way so a busy one keeps the minimum.
+    moves = plan([Member("w", 2 * GiB, 0, 0, False), Member("b", 256 * MiB, 250 * MiB, 2, False)], budget, minimum)
+    assert moves["w"] == (768 * MiB, "rebalance: over kv_budget_gb") and "b" not in moves
+    # Two busy ones share equally; never below the minimum.
+    moves = plan([Member("x", 100 * MiB, 99 * MiB, 1, False), Member("y", 100 * MiB, 99 * MiB, 1, False)], budget, minimum)
+    assert moves == {"x": (512 * MiB, "rebalance: busy"), "y": (512 * MiB, "rebalance: busy")}

@@ -78,6 +78,7 @@ class RouterApp:
         await self.lifecycle.start()
         sampler = asyncio.create_task(self.history.run())
         rebalancer = asyncio.create_task(kv_rebalance.run(self.kv, self.lifecycle))
+        kv_watch = asyncio.create_task(self.kv.watch(lambda: {i["name"]: i["state"] for i in self.lifecycle.instances()}))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread (tests)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -91,6 +92,7 @@ class RouterApp:
                 loop.remove_signal_handler(signal.SIGHUP)
             sampler.cancel()
             rebalancer.cancel()
+            kv_watch.cancel()
             await self.lifecycle.close()
             self.proxy.close()
 

@@ -8,7 +8,10 @@ is missing (engine not started, died, no kvcached) is unknown: None, never an er
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
 from kvctl import kvcached
@@ -43,6 +46,26 @@ class KvControl:
         # The limit each engine's segment had when the router first saw that engine ready:
         # the engine creates it with its capacity. `30%` in `kvctl kv limit` is of this.
         self._capacity: dict[str, int] = {}
+        self._segment: dict[str, int | None] = {}  # the inode of each instance's segment, as last seen
+
+    def _identity(self, inst: Instance) -> int | None:
+        try:
+            return os.stat(kvcached.path(kvcached.segment_name(inst.env))).st_ino
+        except OSError:
+            return None
+
+    async def watch(self, states: Callable[[], dict[str, str]]) -> None:
+        """A restarted engine makes a new segment (its capacity as the limit), often between
+        two health probes, so the router never sees it down: a new segment of an awake
+        instance counts as a fresh engine. Until cancelled."""
+        while True:
+            await asyncio.sleep(self.config.router.health_check_interval_seconds)
+            for inst in self.instances():
+                seen, now = self._segment.get(inst.name), self._identity(inst)
+                self._segment[inst.name] = now
+                state = states().get(inst.name)
+                if now is not None and seen is not None and now != seen and state == "awake":
+                    self.became_awake(inst, True, state)
 
     def configure(self, config: Config) -> None:
         self.config = config
@@ -84,6 +107,7 @@ class KvControl:
             return
         if fresh or inst.name not in self._capacity:
             self._capacity[inst.name] = info.limit_bytes
+            self._segment[inst.name] = self._identity(inst)
         if inst.kv_limit_gb is not None:
             self.set_limit(inst, int(inst.kv_limit_gb * GiB), "config: kv_limit_gb", state)
 

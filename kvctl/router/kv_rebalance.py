@@ -5,8 +5,8 @@ kvcached KV limit from idle awake instances to busy ones, never below `kv_min_gb
 every `check_interval_seconds` and writes what `plan` decides. It does not oscillate:
 
 * busy (requests waiting in the engine or the router, or KV held >= 90 % of the limit) and
-  idle (nothing in flight for IDLE_CHECKS checks in a row) are far apart, and an instance in
-  between keeps its limit;
+  idle (nothing in flight for IDLE_CHECKS checks in a row) are far apart: an instance that
+  became busy stays busy until it is idle, and one that is neither keeps its limit;
 * a busy instance gets an equal share of what the others leave, an idle one shrinks to
   `kv_min_gb` (or what it still holds) — so the next check, seeing the same, computes the same;
 * limits move in whole 2 MiB pages (kvcached's page) and only by at least MIN_MOVE.
@@ -44,10 +44,11 @@ class Member:
     held: int  # used + prealloc
     waiting: int  # requests waiting for it: inside the engine (no KV room) or queued in the router
     idle: bool  # nothing in flight for IDLE_CHECKS checks
+    was_busy: bool = False  # busy at the previous check
 
     @property
     def busy(self) -> bool:
-        return self.waiting > 0 or self.held >= BUSY_SHARE * self.limit
+        return self.waiting > 0 or self.held >= BUSY_SHARE * self.limit or (self.was_busy and not self.idle)
 
 
 def plan(members: list[Member], budget: int, minimum: int) -> dict[str, tuple[int, str]]:
@@ -83,6 +84,7 @@ def plan(members: list[Member], budget: int, minimum: int) -> dict[str, tuple[in
 async def run(control: KvControl, lifecycle: Lifecycle) -> None:
     """Every check_interval_seconds while `kv_rebalance` is on: measure, plan, write. Until cancelled."""
     last_active: dict[str, float] = {}
+    busy: set[str] = set()
     async with httpx.AsyncClient(timeout=_SCRAPE_TIMEOUT_SECONDS) as client:
         while True:
             sm = control.config.sleep_manager
@@ -90,12 +92,13 @@ async def run(control: KvControl, lifecycle: Lifecycle) -> None:
             if not sm.kv_rebalance or sm.kv_budget_gb is None:
                 continue
             try:
-                await _check(control, lifecycle, client, last_active)
+                busy = await _check(control, lifecycle, client, last_active, busy)
             except Exception:  # one bad check must not end rebalancing
                 log.exception("kv rebalance: the check failed")
 
 
-async def _check(control: KvControl, lifecycle: Lifecycle, client: httpx.AsyncClient, last_active: dict[str, float]) -> None:
+async def _check(control: KvControl, lifecycle: Lifecycle, client: httpx.AsyncClient, last_active: dict[str, float], busy: set[str]) -> set[str]:
+    """One round; returns the instances that were busy in it."""
     sm = control.config.sleep_manager
     assert sm.kv_budget_gb is not None
     now = time.monotonic()
@@ -110,7 +113,7 @@ async def _check(control: KvControl, lifecycle: Lifecycle, client: httpx.AsyncCl
         if states[inst.name]["in_flight"] or engine_waiting or inst.name not in last_active:
             last_active[inst.name] = now  # first seen counts as active: a woken instance is not idle at once
         members.append(Member(inst.name, info.limit_bytes, info.held_bytes, engine_waiting + lifecycle.queued(inst.model),
-                              now - last_active[inst.name] >= IDLE_CHECKS * sm.check_interval_seconds))
+                              now - last_active[inst.name] >= IDLE_CHECKS * sm.check_interval_seconds, inst.name in busy))
     for name in set(last_active) - {m.name for m in members}:
         del last_active[name]  # asleep or gone: starts over when awake again
     moves = plan(members, int(sm.kv_budget_gb * kv.GiB), int(sm.kv_min_gb * kv.GiB))
@@ -119,6 +122,7 @@ async def _check(control: KvControl, lifecycle: Lifecycle, client: httpx.AsyncCl
     for name in sorted(moves, key=lambda n: moves[n][0] - current[n]):  # shrinks first: the budget holds throughout
         limit, why = moves[name]
         control.set_limit(by_name[name], limit, why, "awake")
+    return {m.name for m in members if m.busy}
 
 
 async def _engine_waiting(client: httpx.AsyncClient, inst: Instance) -> int:
