@@ -24,7 +24,12 @@ class UsageError(KvctlError):
 
 
 class SupervisorError(KvctlError):
-    """supervisord could not be started, reached or controlled."""
+    """supervisord could not be started, reached or controlled. `fault` is supervisord's
+    fault code (supervisor.xmlrpc.Faults) when it refused a call."""
+
+    def __init__(self, message: str, fault: int | None = None) -> None:
+        self.fault = fault
+        super().__init__(message)
 
 
 class NotRunningError(SupervisorError):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor.xmlrpc import SupervisorTransport
+from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from kvctl.errors import NotRunningError, SupervisorError
 from kvctl.render import RunPaths
@@ -69,7 +69,7 @@ class Supervisor:
         try:
             return target(*args)
         except xmlrpc.client.Fault as fault:
-            raise SupervisorError(f"supervisord: {method}: {fault.faultString}") from None
+            raise SupervisorError(f"supervisord: {method}: {fault.faultString}", fault.faultCode) from None
         except (OSError, xmlrpc.client.ProtocolError, http.client.HTTPException) as exc:
             # A failed call leaves the cached connection half-used ("Request-sent"): drop it.
             self._transport.close()
@@ -130,14 +130,14 @@ class Supervisor:
         try:
             self._call("supervisor.stopProcess", name, wait)
         except SupervisorError as exc:
-            if "NOT_RUNNING" not in str(exc):
+            if exc.fault != Faults.NOT_RUNNING:
                 raise
 
     def start(self, name: str) -> None:
         try:
             self._call("supervisor.startProcess", name, False)
         except SupervisorError as exc:
-            if "ALREADY_STARTED" not in str(exc):
+            if exc.fault != Faults.ALREADY_STARTED:
                 raise
 
     def signal(self, name: str, signame: str) -> None:
