@@ -23,13 +23,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from kvctl import config as config_mod
 from kvctl import converge
 from kvctl.config import Config
 from kvctl.errors import ConfigError
 from kvctl.router import auth, kv_rebalance, logs
-from kvctl.router.asgi import Receive, Scope, Send
 from kvctl.router.errors import error_response, shorten
 from kvctl.router.events import EventBus
 from kvctl.router.history import History

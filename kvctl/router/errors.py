@@ -6,8 +6,7 @@ import json
 from collections.abc import Iterable
 
 from starlette.responses import JSONResponse
-
-from kvctl.router.asgi import Send
+from starlette.types import Send
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
