@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from conftest import free_port, wait_for
-from test_tree import KVCTL, Tree, kvtree, sim_instance  # noqa: F401  (kvtree is a fixture)
+from test_tree import KVCTL, LineStream, Tree, kvtree, sim_instance  # noqa: F401  (kvtree is a fixture)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -262,24 +262,13 @@ def test_ctrl_c_during_up_says_what_keeps_running(kvtree: Tree) -> None:
 def test_down_timeout_ends_a_long_stream_with_the_error_event(kvtree: Tree) -> None:
     kvtree.write(sim_instance("m", free_port(), extra="    sim: {tokens_per_second: 5}\n"))
     assert kvtree.kvctl("up").returncode == 0
-    lines: list[str] = []
-    started = threading.Event()
-
-    def stream() -> None:
-        body = {"model": "org/m", "prompt": "x", "max_tokens": 500, "stream": True}
-        with httpx.stream("POST", kvtree.router_url + "/v1/completions", json=body, timeout=60) as response:
-            for line in response.iter_lines():
-                if line:
-                    lines.append(line)
-                    started.set()
-
-    reader = threading.Thread(target=stream, daemon=True)
+    reader = LineStream(kvtree.router_url, "org/m", 500)
     reader.start()
-    assert started.wait(30)
+    assert reader.started.wait(30)
     down = kvtree.kvctl("down", "--timeout", "1")
     assert down.returncode == 0, down.stderr
     reader.join(30)
     assert not reader.is_alive()
-    last = json.loads(lines[-1][len("data: "):])
-    assert last["error"]["code"] == "router_shutdown", lines[-3:]
-    assert "data: [DONE]" not in lines
+    last = json.loads(reader.lines[-1][len("data: "):])
+    assert last["error"]["code"] == "router_shutdown", reader.lines[-3:]
+    assert "data: [DONE]" not in reader.lines

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -240,31 +241,35 @@ def test_status_reports_degraded_when_an_engine_is_down(kvtree: Tree) -> None:
     assert "alpha" in result.stdout and "STOPPED" in result.stdout
 
 
-def test_down_under_load_lets_in_flight_streams_finish(kvtree: Tree) -> None:
-    import threading
+class LineStream(threading.Thread):
+    """A streamed completion read line by line in the background while a test acts on the tree."""
 
+    def __init__(self, url: str, model: str, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body = url, {"model": model, "prompt": "count slowly", "max_tokens": max_tokens, "stream": True}
+        self.lines: list[str] = []
+        self.started = threading.Event()  # the first line arrived
+
+    def run(self) -> None:
+        with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line:
+                    self.lines.append(line)
+                    self.started.set()
+
+
+def test_down_under_load_lets_in_flight_streams_finish(kvtree: Tree) -> None:
     kvtree.write(sim_instance("slow", free_port(), extra="    sim: {tokens_per_second: 20}\n"))
     assert kvtree.kvctl("up").returncode == 0
     supervisord_pid = int((kvtree.run_dir / "supervisord.pid").read_text())
     everything = tree_pids(supervisord_pid)
-    first_chunk = threading.Event()
-    chunks: list[str] = []
-
-    def stream() -> None:
-        body = {"model": "org/slow", "prompt": "count slowly", "max_tokens": 40, "stream": True}
-        with httpx.stream("POST", kvtree.router_url + "/v1/completions", json=body, timeout=60) as response:
-            for line in response.iter_lines():
-                if line:
-                    chunks.append(line)
-                    first_chunk.set()
-
-    client = threading.Thread(target=stream)
+    client = LineStream(kvtree.router_url, "org/slow", 40)
     client.start()
-    assert first_chunk.wait(30)
-    assert "data: [DONE]" not in chunks  # `down` starts while the stream still runs (~2 s to go)
+    assert client.started.wait(30)
+    assert "data: [DONE]" not in client.lines  # `down` starts while the stream still runs (~2 s to go)
     down = kvtree.kvctl("down")
     client.join(60)
     assert down.returncode == 0, down.stderr
-    assert chunks[-1] == "data: [DONE]"
-    assert len([c for c in chunks if '"text"' in c]) == 40
+    assert client.lines[-1] == "data: [DONE]"
+    assert len([c for c in client.lines if '"text"' in c]) == 40
     assert [pid for pid in everything if alive(pid)] == []
