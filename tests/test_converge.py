@@ -12,6 +12,7 @@ import threading
 import httpx
 import openai
 import pytest
+
 from conftest import free_port, wait_for
 from test_tree import KVCTL, LineStream, Tree, kvtree, sim_instance  # noqa: F401  (kvtree is a fixture)
 
