@@ -410,6 +410,7 @@ def main() -> None:
         print(f"kvctl: {args.unknown} unknown-model requests ({got_404} x 404): RSS {rss_before:.1f} -> {rss_after:.1f} MB", flush=True)
     finally:
         procs.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     report(runs, concurrencies, args.reps)
     results["ratios"] = ratios(runs, concurrencies)
@@ -455,7 +456,7 @@ def ratios(runs: dict[str, list[dict]], concurrencies: list[int]) -> dict[str, d
             if ref not in runs:
                 continue
             out[f"{ours} / {ref}"] = {
-                f"{what} c={c}": [a[f"cpu_us_per_{what}{c}"] / b[f"cpu_us_per_{what}{c}"] for a, b in zip(runs[ours], runs[ref])]
+                f"{what} c={c}": [a[f"cpu_us_per_{what}{c}"] / b[f"cpu_us_per_{what}{c}"] for a, b in zip(runs[ours], runs[ref], strict=True)]
                 for what in ("request", "chunk") for c in concurrencies}
     return out
 

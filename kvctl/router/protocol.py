@@ -66,7 +66,7 @@ class LimitedProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = self.current_limits()  # fixed for the connection's life
-        self.timeout_keep_alive = self.limits.keepalive_timeout
+        self.timeout_keep_alive = self.limits.keepalive_timeout  # type: ignore[assignment]  # uvicorn says int; a float works
         self._in_head = True  # between a request's first byte (or the connection's start) and its headers' end
         self._head_bytes = 0  # bytes received while the head is incomplete
         self._head_size = 0  # request target and header lines parsed so far
@@ -88,7 +88,7 @@ class LimitedProtocol(HttpToolsProtocol):
         cycle = self.cycle
         super().connection_lost(exc)
         lost = getattr(cycle, "on_client_lost", None)
-        if lost is not None and not cycle.response_complete:  # type: ignore[union-attr]
+        if lost is not None and not cycle.response_complete:
             lost()
 
     def data_received(self, data: bytes) -> None:
