@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -125,3 +126,95 @@ def test_replicas_share_load_and_a_dead_one_is_skipped_then_used_again(tmp_path:
     wait_for(lambda: next(i for i in httpx.get(base + "/health/all").json()["instances"] if i["name"] == "r2")["state"] == "awake", what="r2 awake again")
     assert _streams(base, "rep", 4, 25) == [200] * 4
     assert sim_state(r2)["requests_served"] >= 1
+
+
+def test_a_long_fast_stream_reaches_a_small_window_whole_and_well_framed(tmp_path: Path, procs: Procs) -> None:
+    """The router frames each read from the engine as one chunk of its own answer; through a
+    client's small TCP window (writes taken in pieces) every event arrives, in order, in
+    valid chunked framing, and the stream ends with [DONE] and the last chunk."""
+    config = write_config(tmp_path, [sim_instance("m", name="m")])  # unpaced: as fast as the engine can
+    inst = config.instances[0]
+    _start(procs, inst)
+    start_router(procs, config)
+    tokens = 8000  # the sim's context is 8192
+    body = json.dumps({"model": "m", "prompt": "hello", "max_tokens": tokens, "stream": True}).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", config.router.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        data = b""
+        while not data.endswith(b"\r\n0\r\n\r\n"):
+            chunk = sock.recv(1024)
+            assert chunk, "the router closed the stream early"
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head
+    events = [line for line in _dechunk(payload).split(b"\n\n") if line]
+    assert len(events) == tokens + 1 and events[-1] == b"data: [DONE]"
+    assert all(json.loads(event.removeprefix(b"data: "))["choices"][0]["index"] == 0 for event in events[:-1])
+    assert sim_state(inst)["aborted"] == 0
+
+
+def _dechunk(payload: bytes) -> bytes:
+    out = b""
+    while True:
+        size_line, _, rest = payload.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return out
+        out += rest[:size]
+        assert rest[size:size + 2] == b"\r\n"
+        payload = rest[size + 2:]
+
+
+async def test_relay_pauses_reading_from_the_engine_until_resumed() -> None:
+    """upstream.Connection's backpressure, against a real socket: a sink that cannot keep up
+    pauses reading from the engine (relayed() returns False), resume() reads on, and every
+    byte arrives once, in order."""
+    import asyncio
+
+    from kvctl.router.upstream import Pool
+
+    pieces = [b"%d" % i * 1000 for i in range(5)]
+    relaying = asyncio.Event()
+    taken = asyncio.Event()
+
+    async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await relaying.wait()
+        for piece in pieces:  # one read each: the next is written once the sink took this one
+            taken.clear()
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await taken.wait()
+        writer.write(b"0\r\n\r\n")
+        await reader.read()  # until the router closes
+
+    server = await asyncio.start_server(engine, "127.0.0.1", 0)
+    pool = Pool("127.0.0.1", server.sockets[0].getsockname()[1], connect_timeout=5)
+    try:
+        conn = await pool.get()
+        conn.send(b"POST /v1/completions HTTP/1.1\r\n" + pool.host_header)
+        await conn.read_head(10)
+        got: list[bytes] = []
+
+        def sink(data: bytes) -> None:
+            got.append(data)
+            conn.pause()  # as the proxy does when the client's transport is full
+            taken.set()
+
+        got.append(conn.relay(sink))
+        relaying.set()
+        pauses = 0
+        while not await conn.relayed(10):
+            pauses += 1
+            assert not conn._transport.is_reading()  # type: ignore[union-attr]
+            conn.resume()
+        assert pauses == len(pieces) and b"".join(got) == b"".join(pieces)
+        conn.abort()
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
