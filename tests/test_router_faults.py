@@ -11,12 +11,13 @@ import threading
 from pathlib import Path
 
 import httpx
-from conftest import Procs, wait_for
-from test_lifecycle_support import sim_instance, sim_state, write_config
-from test_router_support import cut, open_stream, start_router
 
 from kvctl.config import Instance
 from kvctl.engines import adapter_for
+
+from conftest import Procs, wait_for
+from test_lifecycle_support import sim_instance, sim_state, write_config
+from test_router_support import cut, open_stream, start_router
 
 
 def _start(procs: Procs, inst: Instance) -> subprocess.Popen:
