@@ -10,21 +10,30 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.text import Text
 
-from kvctl import config as config_mod
-from kvctl import gpu, kvcached, reaper, tables, tree
-from kvctl.client import RouterClient, json_object, model_path
-from kvctl.config import Config
+from kvctl import tables
 from kvctl.errors import ConfigError, KvctlError, StartupError, UsageError
-from kvctl.render import ROUTER, RunPaths, render_text
-from kvctl.supervisor import tail_file
+from kvctl.lazy import lazy_module
 from kvctl.tables import Cell, Column
+
+# The modules a command needs are imported when it runs: `kvctl --help` or `kvctl logs`
+# should not pay for httpx, jinja2 and supervisor's XML-RPC (~100 ms of start-up).
+if TYPE_CHECKING:
+    from kvctl import client as client_mod
+    from kvctl import config as config_mod
+    from kvctl import gpu, kvcached, reaper, tree
+    from kvctl import render as render_mod
+    from kvctl import supervisor as supervisor_mod
+    from kvctl.config import Config
+else:
+    client_mod, config_mod, gpu, kvcached, reaper, render_mod, supervisor_mod, tree = map(lazy_module, (
+        "kvctl.client", "kvctl.config", "kvctl.gpu", "kvctl.kvcached", "kvctl.reaper", "kvctl.render", "kvctl.supervisor", "kvctl.tree"))
 
 app = typer.Typer(
     name="kvctl",
@@ -167,12 +176,12 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
         out.print_json(json.dumps(data))
         raise typer.Exit(result.exit_code)
     if not result.running:
-        err.print(f"kvctl is not running (no supervisord at {RunPaths(config.run_dir).socket}).", markup=False)
+        err.print(f"kvctl is not running (no supervisord at {render_mod.RunPaths(config.run_dir).socket}).", markup=False)
         raise typer.Exit(3)
     rows: list[list[Cell]] = []
     if result.router is not None:
         router_health = "ok" if result.router_healthy else "failing"
-        rows.append([ROUTER, "", "", str(config.router.port), result.router.state, str(result.router.pid or ""), _uptime(result.router.uptime), _health(router_health), "", "", ""])
+        rows.append([render_mod.ROUTER, "", "", str(config.router.port), result.router.state, str(result.router.pid or ""), _uptime(result.router.uptime), _health(router_health), "", "", ""])
     for inst in result.instances:
         process = inst.process
         rows.append([
@@ -237,8 +246,8 @@ def _router_instances(config: Config) -> dict[str, dict[str, Any]] | None:
     if not config.router.enabled:
         return None
     try:
-        with RouterClient(config, timeout=3) as client:
-            body = json_object(client.get("/health/all"))
+        with client_mod.RouterClient(config, timeout=3) as client:
+            body = client_mod.json_object(client.get("/health/all"))
     except KvctlError:
         return None
     return {str(i["name"]): i for i in body.get("instances") or () if isinstance(i, dict) and "name" in i}
@@ -268,13 +277,13 @@ def logs(
 ) -> None:
     """Print a program's log (router, supervisord or an instance)."""
     config = _load(config_path)
-    known = [ROUTER, "supervisord", *(i.name for i in config.launched)]
+    known = [render_mod.ROUTER, "supervisord", *(i.name for i in config.launched)]
     if name not in known:
         raise UsageError(f"no program named '{name}' (choose from: {', '.join(known)})")
-    path = RunPaths(config.run_dir).log(name)
+    path = render_mod.RunPaths(config.run_dir).log(name)
     if not path.exists():
         raise KvctlError(f"no log yet for '{name}' ({path}); has `kvctl up` run?")
-    text = tail_file(path, lines)
+    text = supervisor_mod.tail_file(path, lines)
     if text:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
@@ -316,7 +325,7 @@ def events(
 ) -> None:
     """The router's recent state changes (sleeps, wakes, failures), one line each, with their causes."""
     config = _load(config_path)
-    with RouterClient(config) as client:
+    with client_mod.RouterClient(config) as client:
         try:
             for event in client.events(follow=follow):
                 if as_json:
@@ -379,8 +388,8 @@ def kv_limit(
     body: dict[str, Any] = _kv_size(size)
     if instance is not None:
         body["instance"] = instance
-    with RouterClient(config) as client:
-        result = client.post(f"/models/{model_path(model)}/kv_limit", body=body)
+    with client_mod.RouterClient(config) as client:
+        result = client.post(f"/models/{client_mod.model_path(model)}/kv_limit", body=body)
     for entry in result.get("instances") or ():
         mark = "ok" if entry.get("limit_bytes") is not None else "failed"
         out.print(Text.assemble((mark, _MARKS[mark]), f" {entry.get('message')}"), soft_wrap=True)
@@ -424,7 +433,7 @@ def kv_list(config_path: ConfigOption = None, as_json: JsonOption = False) -> No
 def config_check(config_path: ConfigOption = None) -> None:
     """Validate the config file: every problem as FILE:LINE:COL, exit 2 on errors."""
     config = _load(config_path, warn=True)
-    render_text(config)  # proves the rendered supervisord.conf round-trips
+    render_mod.render_text(config)  # proves the rendered supervisord.conf round-trips
     models = config.models()
     out.print(f"{config.path}: ok ({len(config.instances)} instances, {len(models)} models, {len(config.warnings)} warnings)", markup=False, highlight=False)
 
@@ -432,7 +441,7 @@ def config_check(config_path: ConfigOption = None) -> None:
 @config_app.command("render")
 def config_render(config_path: ConfigOption = None) -> None:
     """Print the supervisord.conf that `kvctl up` would write."""
-    sys.stdout.write(render_text(_load(config_path)))
+    sys.stdout.write(render_mod.render_text(_load(config_path)))
 
 
 # --------------------------------------------------------------------------- router
@@ -455,16 +464,16 @@ def _model_action(action: str, model: str | None, all_models: bool, config_path:
     wanted = {"sleep": "asleep", "stop": "stopped", "wake": "awake"}[action]
     results: dict[str, dict[str, Any]] = {}  # canonical model name -> the router's answer
     evicted_for: dict[str, str] = {}  # instance name -> the model whose wake put it to sleep
-    with RouterClient(config, timeout=600) as client:
+    with client_mod.RouterClient(config, timeout=600) as client:
         for name in list(config.models()) if all_models else [model]:
             assert name is not None
-            result = client.post(f"/models/{model_path(name)}/{action}")
+            result = client.post(f"/models/{client_mod.model_path(name)}/{action}")
             results[str(result.get("model_name") or name)] = result
             evicted_for.update({str(inst): str(result.get("model_name") or name) for inst in result.get("evicted") or ()})
-        final = json_object(client.get("/models").get("models"))
+        final = client_mod.json_object(client.get("/models").get("models"))
     failed = False
     for name, result in results.items():
-        info = json_object(final.get(name))
+        info = client_mod.json_object(final.get(name))
         state = str(info.get("state", result.get("state")))
         if state == wanted:
             out.print(_model_line("ok", name, state), soft_wrap=True)
@@ -475,9 +484,9 @@ def _model_action(action: str, model: str | None, all_models: bool, config_path:
         reason = _evicted(info, evicted_for) or message or _cause(info) or "changed again after the router answered"
         out.print(_model_line("failed", name, state, f" — {reason}"), soft_wrap=True)
     for name, info in final.items():
-        reason = _evicted(json_object(info), evicted_for)
+        reason = _evicted(client_mod.json_object(info), evicted_for)
         if name not in results and reason:
-            out.print(_model_line("note", name, str(json_object(info).get("state")), f" ({reason})"), soft_wrap=True)
+            out.print(_model_line("note", name, str(client_mod.json_object(info).get("state")), f" ({reason})"), soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
@@ -551,7 +560,7 @@ def stats(
     if live and as_json:
         raise UsageError("--live and --json do not go together")
     config = _load(config_path)
-    with RouterClient(config, timeout=min(10.0, max(2.0, interval))) as client:
+    with client_mod.RouterClient(config, timeout=min(10.0, max(2.0, interval))) as client:
         if live:
             try:
                 stats_mod.live(client, config, window, interval, out)
