@@ -221,7 +221,7 @@ def _measured(config: Config, result: tree.TreeStatus) -> dict[str, tuple[dict[s
     memory of its engine's process tree through NVML (None without NVML and a GPU)."""
     nvml = gpu.unavailable_reason() is None
     measured = {}
-    for inst, status in zip(config.instances, result.instances):
+    for inst, status in zip(config.instances, result.instances, strict=True):
         info = kvcached.for_env(inst.env)
         pid = status.process.pid if status.process and status.process.pid else None
         gpu_bytes = gpu.process_memory_bytes({pid, *reaper.descendants(pid)}) if nvml and pid else None

@@ -7,7 +7,10 @@ import fcntl
 import json
 import os
 import struct
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Procs, free_port, wait_for
 from kvctl import kvcached
+
+from conftest import Procs, free_port, wait_for
 
 GiB = 2**30
 MiB = 2**20
@@ -179,9 +183,6 @@ def test_sim_speaks_the_protocol(procs: Procs, segment_name: str) -> None:
 
 
 def test_config_keys_and_errors(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     from kvctl import config as config_mod
     from kvctl.errors import ConfigError
 
@@ -219,6 +220,9 @@ def test_config_keys_and_errors(tmp_path: Path) -> None:
 from test_tree import Tree, engine_pid, kvtree, sim_instance, tree_pids  # noqa: E402,F401  (kvtree: the fixture)
 
 KV_ENV = "kvcached:\n  enable_kvcached: true\n"  # upper-cased into every engine's environment
+# Segment names are per machine: unique instance names keep concurrent runs of these tests apart.
+T = uuid.uuid4().hex[:6]
+ALPHA, BETA, BUSY, IDLE, A, B, C = f"alpha.{T}", f"beta{T}", f"busy{T}", f"idle{T}", f"a{T}", f"b{T}", f"c{T}"
 
 
 def _kv_sim(name: str, port: int, memory_gb: float, kv_bytes: int, tps: float = 10, extra: str = "", model: str | None = None) -> str:
@@ -252,74 +256,76 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
     ports = [free_port(), free_port()]
     # alpha.1: a '.' in the name; 1 MiB per token, capacity 40 % of 1000 MiB = 400 MiB; a request of
     # 50 prompt words + 20 tokens reserves 70 MiB. beta: kv_limit_gb applied whenever it is ready.
-    kvtree.write(_kv_sim("alpha.1", ports[0], 1000 / 1024, MiB) + _kv_sim("beta", ports[1], 1000 / 1024, MiB, extra="    kv_limit_gb: 0.25\n"), KV_ENV)
+    kvtree.write(_kv_sim(ALPHA, ports[0], 1000 / 1024, MiB) + _kv_sim(BETA, ports[1], 1000 / 1024, MiB, extra="    kv_limit_gb: 0.25\n"), KV_ENV)
     up = kvtree.kvctl("up")
     assert up.returncode == 0, up.stderr + up.stdout
-    alpha, beta = "kvctl_alpha-1", "kvctl_beta"  # what the sim made of KVCACHED_IPC_NAME with kvcached's sanitizer: kvctl's name unchanged
+    alpha, beta = "kvctl_alpha-" + T, "kvctl_" + BETA  # what the sim made of KVCACHED_IPC_NAME with kvcached's sanitizer: kvctl's name unchanged
     assert raw(alpha) == (400 * MiB, 0, 0)
     wait_for(lambda: raw(beta)[0] == 256 * MiB, what="kv_limit_gb applied at ready")
 
     # Used rises while long streams run and falls after, in `kvctl stats --json`.
-    pool = [threading.Thread(target=_stream, args=(kvtree.router_url, "org/alpha.1", 50, 20)) for _ in range(3)]
+    pool = [threading.Thread(target=_stream, args=(kvtree.router_url, "org/" + ALPHA, 50, 20)) for _ in range(3)]
     for t in pool:
         t.start()
-    wait_for(lambda: (_json(kvtree, "stats")["models"]["org/alpha.1"]["kv"] or {}).get("used_bytes", 0) >= 150 * MiB, what="stats: used rising")
+    wait_for(lambda: (_json(kvtree, "stats")["models"]["org/" + ALPHA]["kv"] or {}).get("used_bytes", 0) >= 150 * MiB, what="stats: used rising")
     metrics = httpx.get(kvtree.router_url + "/metrics", timeout=5).text
     for gauge in ("kvctl_kv_used_bytes", "kvctl_kv_limit_bytes", "kvctl_kv_prealloc_bytes"):
-        assert f'{gauge}{{instance="alpha.1",model="org/alpha.1"}}' in metrics
+        assert f'{gauge}{{instance="{ALPHA}",model="org/{ALPHA}"}}' in metrics
     samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("kvctl_kv_"))
-    assert float(samples['kvctl_kv_limit_bytes{instance="beta",model="org/beta"}']) == 256 * MiB
+    assert float(samples[f'kvctl_kv_limit_bytes{{instance="{BETA}",model="org/{BETA}"}}']) == 256 * MiB
     for t in pool:
         t.join(60)
-    wait_for(lambda: _json(kvtree, "stats")["models"]["org/alpha.1"]["kv"]["used_bytes"] == 0, what="stats: used back to 0")
+    wait_for(lambda: _json(kvtree, "stats")["models"]["org/" + ALPHA]["kv"]["used_bytes"] == 0, what="stats: used back to 0")
 
     # `kv limit M 50%`: the segment's limit halves (read raw), 2 requests fit where 5 did; the rest wait in the engine.
-    limit = kvtree.kvctl("kv", "limit", "org/alpha.1", "50%")
+    limit = kvtree.kvctl("kv", "limit", "org/" + ALPHA, "50%")
     assert limit.returncode == 0, limit.stderr + limit.stdout
     assert raw(alpha)[0] == 200 * MiB
     results: list[int] = []
-    pool = [threading.Thread(target=lambda: results.append(_stream(kvtree.router_url, "org/alpha.1", 50, 20))) for _ in range(4)]
+    pool = [threading.Thread(target=lambda: results.append(_stream(kvtree.router_url, "org/" + ALPHA, 50, 20))) for _ in range(4)]
     for t in pool:
         t.start()
     wait_for(lambda: (_engine_metric(ports[0], "vllm:num_requests_running"), _engine_metric(ports[0], "vllm:num_requests_waiting")) == (2, 2),
              what="2 running, 2 waiting for KV room")
-    assert kvtree.kvctl("kv", "limit", "org/alpha.1", "1G", "--instance", "alpha.1").returncode == 0  # raising lets them through
+    assert kvtree.kvctl("kv", "limit", "org/" + ALPHA, "1G", "--instance", ALPHA).returncode == 0  # raising lets them through
     assert raw(alpha)[0] == GiB
     for t in pool:
         t.join(60)
     assert results == [20] * 4
     log = kvtree.kvctl("logs", "router", "-n", "200").stdout
-    assert "alpha.1 org/alpha.1: kv limit 400 MiB -> 200 MiB (manual)" in log and "kv limit 200 MiB -> 1.0 GiB (manual)" in log
-    assert {(e["instance"], e["cause"]) for e in _kv_events(kvtree)} >= {("alpha.1", "kv limit 400 MiB -> 200 MiB (manual)"),
-                                                                         ("beta", "kv limit 400 MiB -> 256 MiB (config: kv_limit_gb)")}
+    assert f"{ALPHA} org/{ALPHA}: kv limit 400 MiB -> 200 MiB (manual)" in log and "kv limit 200 MiB -> 1.0 GiB (manual)" in log
+    assert {(e["instance"], e["cause"]) for e in _kv_events(kvtree)} >= {(ALPHA, "kv limit 400 MiB -> 200 MiB (manual)"),
+                                                                         (BETA, "kv limit 400 MiB -> 256 MiB (config: kv_limit_gb)")}
 
     # A limit set by another writer (as kvcached's own tool does) is what kvctl shows.
     write_raw(alpha, 300 * MiB)
     listed = {row["segment"]: row for row in _json(kvtree, "kv", "list")["segments"]}
-    assert listed[alpha]["instance"] == "alpha.1" and listed[alpha]["kv"]["limit_bytes"] == 300 * MiB
-    assert {i["name"]: i["kv"]["limit_bytes"] for i in _json(kvtree, "status")["instances"]} == {"alpha.1": 300 * MiB, "beta": 256 * MiB}
+    assert listed[alpha]["instance"] == ALPHA and listed[alpha]["kv"]["limit_bytes"] == 300 * MiB
+    assert {i["name"]: i["kv"]["limit_bytes"] for i in _json(kvtree, "status")["instances"]} == {ALPHA: 300 * MiB, BETA: 256 * MiB}
     models = httpx.get(kvtree.router_url + "/models", timeout=5).json()["models"]
-    assert models["org/alpha.1"]["instances"][0]["kv"] == {"used_bytes": 0, "limit_bytes": 300 * MiB, "prealloc_bytes": 0}
-    assert "0.0/0.3G" in kvtree.kvctl("status").stdout
+    assert models["org/" + ALPHA]["instances"][0]["kv"] == {"used_bytes": 0, "limit_bytes": 300 * MiB, "prealloc_bytes": 0}
+    wide = subprocess.run([sys.executable, "-m", "kvctl", "status", "-c", str(kvtree.config)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert "0.0/0.3G" in wide.stdout  # the KV column: used/limit GiB
 
     # kv_limit_gb again after a wake (another writer changed it meanwhile) and after a restart.
-    assert kvtree.kvctl("sleep", "org/beta").returncode == 0
+    assert kvtree.kvctl("sleep", "org/" + BETA).returncode == 0
     write_raw(beta, 300 * MiB)
-    assert kvtree.kvctl("wake", "org/beta").returncode == 0
+    assert kvtree.kvctl("wake", "org/" + BETA).returncode == 0
     wait_for(lambda: raw(beta)[0] == 256 * MiB, what="kv_limit_gb applied after a wake")
-    assert kvtree.kvctl("restart", "beta").returncode == 0
+    assert kvtree.kvctl("restart", BETA).returncode == 0
     wait_for(lambda: raw(beta)[0] == 256 * MiB, what="kv_limit_gb applied after a restart")
 
     # Bad requests: one-line errors, never a traceback.
-    bad = kvtree.kvctl("kv", "limit", "org/alpha.1", "lots")
+    bad = kvtree.kvctl("kv", "limit", "org/" + ALPHA, "lots")
     assert bad.returncode != 0 and "is not a size" in bad.stderr and "Traceback" not in bad.stderr
-    missing = kvtree.kvctl("kv", "limit", "org/alpha.1", "1G", "--instance", "beta")
-    assert missing.returncode != 0 and "has no instance 'beta'" in missing.stderr
-    assert httpx.post(kvtree.router_url + "/models/org/alpha.1/kv_limit", json={"bytes": -1}, timeout=5).status_code == 400
+    missing = kvtree.kvctl("kv", "limit", "org/" + ALPHA, "1G", "--instance", BETA)
+    assert missing.returncode != 0 and f"has no instance '{BETA}'" in missing.stderr
+    assert httpx.post(kvtree.router_url + f"/models/org/{ALPHA}/kv_limit", json={"bytes": -1}, timeout=5).status_code == 400
 
     # An engine that dies leaves its segment; `kvctl down` removes it (a clean stop removes its own).
     supervisord = int((kvtree.run_dir / "supervisord.pid").read_text())
-    engine = engine_pid(kvtree.pids()["alpha.1"])
+    engine = engine_pid(kvtree.pids()[ALPHA])
     os.kill(supervisord, 9)
     os.kill(engine, 9)
     wait_for(lambda: not Path(f"/proc/{engine}").exists() or Path(f"/proc/{engine}/stat").read_text().split(")")[1].split()[0] == "Z", what="engine dead")
@@ -332,22 +338,22 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
 def test_budget_counts_measured_kv(kvtree: Tree) -> None:
     """Declared weights fit (3 x 2 GB in 7 GB), measured KV does not: waking c must sleep b."""
     ports = [free_port() for _ in range(3)]
-    sims = "".join(_kv_sim(n, p, 10, 4 * MiB, extra="    memory_gb: 2\n" + ("    sleep: {start: asleep}\n" if n == "c" else ""))
-                   for n, p in zip("abc", ports))
+    sims = "".join(_kv_sim(n, p, 10, 4 * MiB, extra="    memory_gb: 2\n" + ("    sleep: {start: asleep}\n" if n == C else ""))
+                   for n, p in zip((A, B, C), ports, strict=True))
     kvtree.write(sims, KV_ENV + "sleep_manager:\n  memory_budget_gb: 7\n")
     up = kvtree.kvctl("up")
     assert up.returncode == 0, up.stderr + up.stdout
-    wait_for(lambda: {i["name"]: i["state"] for i in _json(kvtree, "status")["instances"]} == {"a": "awake", "b": "awake", "c": "asleep"}, what="c asleep")
-    stream = threading.Thread(target=_stream, args=(kvtree.router_url, "org/a", 400, 100))  # 400 x 4 MiB = 1.6 GiB of KV held for 10 s
+    wait_for(lambda: {i["name"]: i["state"] for i in _json(kvtree, "status")["instances"]} == {A: "awake", B: "awake", C: "asleep"}, what="c asleep")
+    stream = threading.Thread(target=_stream, args=(kvtree.router_url, "org/" + A, 400, 100))  # 400 x 4 MiB = 1.6 GiB of KV held for 10 s
     stream.start()
-    wait_for(lambda: raw("kvctl_a")[1] >= 1600 * MiB, what="a holds 1.6 GiB of KV")
-    wake = kvtree.kvctl("wake", "org/c")
+    wait_for(lambda: raw("kvctl_" + A)[1] >= 1600 * MiB, what="a holds 1.6 GiB of KV")
+    wake = kvtree.kvctl("wake", "org/" + C)
     assert wake.returncode == 0, wake.stderr + wake.stdout
     instances = {i["name"]: i for i in _json(kvtree, "status")["instances"]}
-    assert (instances["a"]["state"], instances["c"]["state"]) == ("awake", "awake")
+    assert (instances[A]["state"], instances[C]["state"]) == ("awake", "awake")
     models = httpx.get(kvtree.router_url + "/models", timeout=5).json()["models"]
-    assert models["org/b"]["instances"][0]["state"] in ("draining", "asleep") and models["org/b"]["instances"][0]["cause"] in (None, "budget")
-    wait_for(lambda: httpx.get(kvtree.router_url + "/models", timeout=5).json()["models"]["org/b"]["instances"][0]["cause"] == "budget", what="b slept for the budget")
+    assert models["org/" + B]["instances"][0]["state"] in ("draining", "asleep") and models["org/" + B]["instances"][0]["cause"] in (None, "budget")
+    wait_for(lambda: httpx.get(kvtree.router_url + "/models", timeout=5).json()["models"]["org/" + B]["instances"][0]["cause"] == "budget", what="b slept for the budget")
     stream.join(60)
 
 
@@ -356,7 +362,7 @@ def test_rebalance_moves_limit_to_the_busy_instance_and_holds(kvtree: Tree) -> N
     Checks every 0.5 s, observed for 15 s (30 checks) once converged -- the behaviour's own
     period, not a minute, to keep the suite short."""
     ports = [free_port(), free_port()]
-    kvtree.write(_kv_sim("busy", ports[0], 1000 / 1024, MiB) + _kv_sim("idle", ports[1], 1000 / 1024, MiB),
+    kvtree.write(_kv_sim(BUSY, ports[0], 1000 / 1024, MiB) + _kv_sim(IDLE, ports[1], 1000 / 1024, MiB),
                  KV_ENV + "sleep_manager:\n  check_interval_seconds: 0.5\n  kv_rebalance: true\n  kv_budget_gb: 1\n  kv_min_gb: 0.25\n")
     up = kvtree.kvctl("up")
     assert up.returncode == 0, up.stderr + up.stdout
@@ -364,17 +370,17 @@ def test_rebalance_moves_limit_to_the_busy_instance_and_holds(kvtree: Tree) -> N
 
     def load() -> None:
         while not stop.is_set():
-            _stream(kvtree.router_url, "org/busy", 50, 20)  # 70 MiB each; 8 of them do not fit in 400 MiB
+            _stream(kvtree.router_url, "org/" + BUSY, 50, 20)  # 70 MiB each; 8 of them do not fit in 400 MiB
 
     workers = [threading.Thread(target=load) for _ in range(8)]
     for w in workers:
         w.start()
     try:
-        wait_for(lambda: (raw("kvctl_busy")[0], raw("kvctl_idle")[0]) == (768 * MiB, 256 * MiB), timeout=60, what="limits rebalanced")
+        wait_for(lambda: (raw("kvctl_" + BUSY)[0], raw("kvctl_" + IDLE)[0]) == (768 * MiB, 256 * MiB), timeout=60, what="limits rebalanced")
         moves = len(_kv_events(kvtree))
-        deadline = __import__("time").monotonic() + 15
-        while __import__("time").monotonic() < deadline:  # observing a period: every poll must see the same limits
-            assert (raw("kvctl_busy")[0], raw("kvctl_idle")[0]) == (768 * MiB, 256 * MiB)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # observing a period: every poll must see the same limits
+            assert (raw("kvctl_" + BUSY)[0], raw("kvctl_" + IDLE)[0]) == (768 * MiB, 256 * MiB)
             stop.wait(0.5)
         assert len(_kv_events(kvtree)) == moves
         assert _engine_metric(ports[0], "vllm:num_requests_running") > 0  # the load was there all along
@@ -383,13 +389,10 @@ def test_rebalance_moves_limit_to_the_busy_instance_and_holds(kvtree: Tree) -> N
         for w in workers:
             w.join(60)
     causes = {(e["instance"], e["cause"].split("(")[-1]) for e in _kv_events(kvtree)}
-    assert ("busy", "rebalance: busy)") in causes and ("idle", "rebalance: idle)") in causes
+    assert (BUSY, "rebalance: busy)") in causes and (IDLE, "rebalance: idle)") in causes
 
 
 def test_colliding_ipc_names_are_a_config_error(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     path = tmp_path / "kvctl.yaml"
     path.write_text("instances:\n" + sim_instance("a.b", 9001) + sim_instance("a-b", 9002))
     check = subprocess.run([sys.executable, "-m", "kvctl", "config", "check", "-c", str(path)], capture_output=True, text=True, timeout=60)

@@ -46,7 +46,7 @@ class KvControl:
         # The limit each engine's segment had when the router first saw that engine ready:
         # the engine creates it with its capacity. `30%` in `kvctl kv limit` is of this.
         self._capacity: dict[str, int] = {}
-        self._segment: dict[str, int | None] = {}  # the inode of each instance's segment, as last seen
+        self._segment: dict[str, int | None] = {}  # the inode of each instance's segment, as last handled
 
     def _identity(self, inst: Instance) -> int | None:
         try:
@@ -57,15 +57,15 @@ class KvControl:
     async def watch(self, states: Callable[[], dict[str, str]]) -> None:
         """A restarted engine makes a new segment (its capacity as the limit), often between
         two health probes, so the router never sees it down: a new segment of an awake
-        instance counts as a fresh engine. Until cancelled."""
+        instance counts as a fresh engine (also one that appeared after the instance became
+        ready). Until cancelled."""
         while True:
             await asyncio.sleep(self.config.router.health_check_interval_seconds)
+            current = states()
             for inst in self.instances():
-                seen, now = self._segment.get(inst.name), self._identity(inst)
-                self._segment[inst.name] = now
-                state = states().get(inst.name)
-                if now is not None and seen is not None and now != seen and state == "awake":
-                    self.became_awake(inst, True, state)
+                now = self._identity(inst)
+                if now is not None and now != self._segment.get(inst.name) and current.get(inst.name) == "awake":
+                    self.became_awake(inst, True, "awake")  # records `now`
 
     def configure(self, config: Config) -> None:
         self.config = config

@@ -106,7 +106,7 @@ async def _check(control: KvControl, lifecycle: Lifecycle, client: httpx.AsyncCl
     awake = [inst for inst in control.instances() if states.get(inst.name, {}).get("state") == "awake"]
     waiting = await asyncio.gather(*(_engine_waiting(client, inst) for inst in awake))
     members = []
-    for inst, engine_waiting in zip(awake, waiting):
+    for inst, engine_waiting in zip(awake, waiting, strict=True):
         info = kv.read(inst)
         if info is None:
             continue
