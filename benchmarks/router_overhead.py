@@ -97,7 +97,9 @@ class Procs:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        # In the log's directory: `python -m` puts the working directory first on sys.path,
+        # so from the repository root a baseline's PYTHONPATH would be ignored.
+        proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=log.parent)
         self.procs.append(proc)
         return proc
 

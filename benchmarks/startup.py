@@ -1,0 +1,88 @@
+"""How long `kvctl --help` and `kvctl status` take to start, and which imports cost most.
+
+Each command runs `--runs` times as a fresh process (`python -m kvctl ...`); the figure is
+the median wall time. `status` runs against examples/sim.yaml with nothing running (it
+still loads the config and asks supervisord). `--baseline REV` runs the kvctl of that git
+revision too (git archive, same venv), for before/after in one run. Then
+`python -X importtime` names the slowest top-level imports of each command.
+
+    .venv/bin/python benchmarks/startup.py [--runs 15] [--baseline REV]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = {"kvctl --help": ["--help"], "kvctl status": ["status", "-c", str(ROOT / "examples" / "sim.yaml")]}
+
+
+def wall_ms(args: list[str], env: dict[str, str], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "kvctl", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, cwd=env["KVCTL_CWD"])
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def slowest_imports(args: list[str], env: dict[str, str], top: int = 8) -> list[tuple[int, str]]:
+    """(cumulative µs, module) of the top-level imports (those `kvctl` itself triggers)."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "kvctl", *args], env=env, capture_output=True, text=True, check=False, cwd=env["KVCTL_CWD"])
+    rows = []
+    for line in done.stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _, cumulative, name = line.removeprefix("import time:").split("|")
+        if name.startswith(" ") and not name.startswith("   "):  # depth 0 and 1 under kvctl
+            rows.append((int(cumulative), name.strip()))
+    return sorted(rows, reverse=True)[:top]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--baseline", metavar="REV", help="also time the kvctl of this git revision")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="kvctl-startup-"))
+    # Run from the temp dir: `python -m` puts the working directory first on sys.path, so
+    # from the repository root a baseline's PYTHONPATH would be ignored.
+    variants = {"now": dict(os.environ, KVCTL_CWD=str(tmp))}
+    try:
+        if args.baseline:
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "kvctl"], capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+            variants[args.baseline] = dict(os.environ, KVCTL_CWD=str(tmp), PYTHONPATH=str(tmp))
+        wall_ms(["--help"], variants["now"], 2)  # warm the page cache and .pyc files
+        for command, argv in COMMANDS.items():
+            for name, env in variants.items():
+                wall_ms(argv, env, 2)
+                print(f"{command:14} {name:>10}: median {wall_ms(argv, env, args.runs):6.0f} ms over {args.runs} runs", flush=True)
+        print(f"\nbare interpreter: {wall_ms_python(args.runs):.0f} ms")
+        for command, argv in COMMANDS.items():
+            print(f"\nslowest imports of `{command}` (cumulative ms):")
+            for micros, module in slowest_imports(argv, variants["now"]):
+                print(f"  {micros / 1000:6.1f}  {module}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wall_ms_python(runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=False)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+if __name__ == "__main__":
+    main()
