@@ -171,7 +171,7 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
     measured = _measured(config, result)
     if as_json:
         data = result.as_json()
-        for entry in data["instances"]:  # type: ignore[union-attr]
+        for entry in data["instances"]:  # type: ignore[attr-defined]
             entry["kv"], entry["gpu_memory_bytes"] = measured[entry["name"]]
         out.print_json(json.dumps(data))
         raise typer.Exit(result.exit_code)

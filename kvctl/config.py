@@ -526,7 +526,7 @@ class _Reader:
             verify=sleep_raw.get("verify", False),
         )
         engine_name = engines.engine_name(engine)
-        if not ok or port is None or python is None:
+        if not ok or port is None or python is None or engine_name is None:
             return None
         inst = Instance(
             name=name,

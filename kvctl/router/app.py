@@ -17,6 +17,7 @@ import math
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -156,12 +157,12 @@ class RouterApp:
     def canonical(self, name: str) -> str | None:
         return self.proxy.routes.get(name)
 
-    def model_object(self, name: str, model: str) -> dict:
+    def model_object(self, name: str, model: str) -> dict[str, Any]:
         """An entry of GET /v1/models (a model or an alias of one) with its state."""
         return {"id": name, "object": "model", "created": int(self.started), "owned_by": "kvctl", "root": model,
                 "parent": None if name == model else model, "state": self.lifecycle.model_state(model)}
 
-    def instances(self, model: str | None = None) -> list[dict]:
+    def instances(self, model: str | None = None) -> list[dict[str, Any]]:
         """The lifecycle's view of each instance, with its KV cache (`kv`: null when unknown)."""
         instances = self.lifecycle.instances(model)
         by_name = {inst.name: inst for inst in self.config.instances}
@@ -170,7 +171,7 @@ class RouterApp:
             info["kv"] = self.kv.view(inst) if inst is not None else None
         return instances
 
-    def model_info(self, model: str) -> dict:
+    def model_info(self, model: str) -> dict[str, Any]:
         instances = self.instances(model)
         first = instances[0] if instances else {}
         return {"endpoint": first.get("url"), "engine": first.get("engine"), "state": self.lifecycle.model_state(model),
@@ -367,12 +368,12 @@ def _routes(app: RouterApp) -> list[Route]:
             return error_response(400, f"Model '{shorten(model)}' has no kvcached instance{' ' + shorten(only) if only else ''} (ENABLE_KVCACHED=true in its environment).",
                                   "kv_unavailable")
         states = {i["name"]: i["state"] for i in app.lifecycle.instances(model)}
-        results = []
+        results: list[dict[str, Any]] = []
         for inst in targets:
             capacity = app.kv.capacity(inst)
             limit = int(value) if kind == "bytes" else None if capacity is None else int(capacity * value / 100)
             before = None if limit is None else app.kv.set_limit(inst, limit, "manual", states.get(inst.name, "unknown"))
-            if before is None:
+            if before is None or limit is None:
                 results.append({"name": inst.name, "limit_bytes": None, "before": None, "message": f"{inst.name}: no kvcached segment (engine not running?)"})
                 continue
             over = f"; {before.used_bytes / GiB:.2f} GiB in use: the engine frees it as requests finish" if before.used_bytes > limit else ""
@@ -413,7 +414,7 @@ def _routes(app: RouterApp) -> list[Route]:
     ]
 
 
-def _sse(data: dict) -> bytes:
+def _sse(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data).encode() + b"\n\n"
 
 

@@ -81,6 +81,7 @@ class Generation:
 
 
 def parse_generation(body: dict[str, Any], chat: bool) -> Generation:
+    text: str | tuple[str, int]
     if chat:
         text = _messages_text(body.get("messages"))
         max_tokens = _max_tokens(body, "max_completion_tokens")
