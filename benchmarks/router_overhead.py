@@ -13,7 +13,8 @@ One run, same machine, same fast sim engines (`python -m kvctl.sim`), targets in
   * RSS of the router before and after many requests naming random unknown models.
 
 CPU is utime+stime of the proxy's process (all its threads) from /proc/PID/stat: the most
-stable figure on a shared machine. References: nginx, one process (master_process off),
+stable figure on a shared machine. No proxy writes an access log (kvctl's default is on:
+`--access-log`). References: nginx, one process (master_process off),
 proxy_buffering off, upstream keepalive, installed with apt-get if missing; and the Rust
 vllm-router (PyPI `vllm-router`, installed into its own venv under ~/.cache/kvctl-bench;
 skipped with a line saying why when it cannot be installed). vllm-router does not route
@@ -163,6 +164,7 @@ KVCTL_CONF = """
 router:
   router_port: {port}
   health_check_interval_seconds: 10   # probes are not what is measured
+  access_log: {access_log}   # off like nginx's and vllm-router's here (--access-log: on, ~10 µs a request)
 instances:
   - name: fast
     model: bench/fast
@@ -318,6 +320,7 @@ def main() -> None:
     ap.add_argument("--unknown", type=int, default=30000, help="requests naming random unknown models")
     ap.add_argument("--baseline", metavar="REV", help="also run the kvctl router of this git revision")
     ap.add_argument("--no-vllm-router", action="store_true")
+    ap.add_argument("--access-log", action="store_true", help="run kvctl with its access log on (its default)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -344,7 +347,7 @@ def main() -> None:
         pids: dict[str, int] = {}
         for name, port in routers.items():
             conf = tmp / f"{name.replace('/', '_')}.yaml"
-            conf.write_text(KVCTL_CONF.format(port=port, fast=ports["fast"], paced=ports["paced"]))
+            conf.write_text(KVCTL_CONF.format(port=port, fast=ports["fast"], paced=ports["paced"], access_log=str(args.access_log).lower()))
             env = dict(os.environ, PYTHONPATH=str(tmp / "baseline")) if "@" in name else None
             pids[name] = procs.start([PY, "-m", "kvctl", "router", "-c", str(conf)], tmp / f"{name}.log", env).pid
         for sub in ("body", "proxy", "fcgi", "uwsgi", "scgi"):

@@ -25,18 +25,18 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {"kvctl --help": ["--help"], "kvctl status": ["status", "-c", str(ROOT / "examples" / "sim.yaml")]}
 
 
-def wall_ms(args: list[str], env: dict[str, str], runs: int) -> float:
+def wall_ms(args: list[str], env: dict[str, str], runs: int, cwd: Path) -> float:
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "kvctl", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, cwd=env["KVCTL_CWD"])
+        subprocess.run([sys.executable, "-m", "kvctl", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, cwd=cwd)
         times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 
 
-def slowest_imports(args: list[str], env: dict[str, str], top: int = 8) -> list[tuple[int, str]]:
+def slowest_imports(args: list[str], env: dict[str, str], cwd: Path, top: int = 8) -> list[tuple[int, str]]:
     """(cumulative µs, module) of the top-level imports (those `kvctl` itself triggers)."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "kvctl", *args], env=env, capture_output=True, text=True, check=False, cwd=env["KVCTL_CWD"])
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "kvctl", *args], env=env, capture_output=True, text=True, check=False, cwd=cwd)
     rows = []
     for line in done.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
@@ -55,21 +55,22 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kvctl-startup-"))
     # Run from the temp dir: `python -m` puts the working directory first on sys.path, so
     # from the repository root a baseline's PYTHONPATH would be ignored.
-    variants = {"now": dict(os.environ, KVCTL_CWD=str(tmp))}
+    variants = {"now": dict(os.environ)}
     try:
         if args.baseline:
             archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "kvctl"], capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
-            variants[args.baseline] = dict(os.environ, KVCTL_CWD=str(tmp), PYTHONPATH=str(tmp))
-        wall_ms(["--help"], variants["now"], 2)  # warm the page cache and .pyc files
+            (tmp / "baseline").mkdir()
+            subprocess.run(["tar", "-x", "-C", str(tmp / "baseline")], input=archive, check=True)
+            variants[args.baseline] = dict(os.environ, PYTHONPATH=str(tmp / "baseline"))
+        wall_ms(["--help"], variants["now"], 2, tmp)  # warm the page cache and .pyc files
         for command, argv in COMMANDS.items():
             for name, env in variants.items():
-                wall_ms(argv, env, 2)
-                print(f"{command:14} {name:>10}: median {wall_ms(argv, env, args.runs):6.0f} ms over {args.runs} runs", flush=True)
+                wall_ms(argv, env, 2, tmp)
+                print(f"{command:14} {name:>10}: median {wall_ms(argv, env, args.runs, tmp):6.0f} ms over {args.runs} runs", flush=True)
         print(f"\nbare interpreter: {wall_ms_python(args.runs):.0f} ms")
         for command, argv in COMMANDS.items():
             print(f"\nslowest imports of `{command}` (cumulative ms):")
-            for micros, module in slowest_imports(argv, variants["now"]):
+            for micros, module in slowest_imports(argv, variants["now"], tmp):
                 print(f"  {micros / 1000:6.1f}  {module}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
