@@ -61,7 +61,7 @@ class Stack:
 
         self.log = tmp / "router.log"
         self.router = subprocess.Popen([PY, "-m", "kvctl", "router", "-c", str(tmp / "kvctl.yaml")], stdout=self.log.open("wb"),
-                                       stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=limit)
+                                       stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=limit)  # noqa: PLW1509 - setrlimit in the child, before any thread exists
         self.procs.procs.append(self.router)
         self.base = f"http://127.0.0.1:{self.port}"
         wait_ok(self.base + "/health")
@@ -230,7 +230,7 @@ async def slowloris_part(tmp: Path, slow: int, normal_clients: int) -> dict:
                 start = time.perf_counter()
                 try:
                     status, _ = await pool.send(request, lambda d: None)
-                except Exception:  # noqa: BLE001 - an error is what is counted
+                except Exception:
                     status = 0
                 if status == 200:
                     current["latencies"].append(time.perf_counter() - start)  # type: ignore[union-attr]
@@ -283,7 +283,7 @@ def main() -> None:
     ap.add_argument("--slow", type=int, default=1000)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the load generator holds a socket a stream too
     figures: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="kvctl-limits-") as tmp:

@@ -34,11 +34,7 @@ ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 PERCENTILES = (50, 90, 99)
 _MAX_ERRORS_KEPT = 5
 _BODIES_PER_MODEL = 32  # distinct prompts, cycled; enough to defeat a prefix cache
-_WORDS = (
-    "time year people way day man thing woman life child world school state family student group country problem hand "
-    "part place case week company system program question work government number night point home water room mother "
-    "area money story fact month lot right study book eye job word business issue side kind head house service friend"
-).split()
+_WORDS = ["time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world", "school", "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week", "company", "system", "program", "question", "work", "government", "number", "night", "point", "home", "water", "room", "mother", "area", "money", "story", "fact", "month", "lot", "right", "study", "book", "eye", "job", "word", "business", "issue", "side", "kind", "head", "house", "service", "friend"]
 
 
 @dataclass(frozen=True)
@@ -149,7 +145,7 @@ def _served_models(target: str, api_key: str | None) -> list[str]:
 class _Reader:
     """Consumes one response body (SSE or JSON) and times its tokens."""
 
-    __slots__ = ("stream", "buf", "first", "last", "chunks", "usage_tokens", "done", "error")
+    __slots__ = ("buf", "chunks", "done", "error", "first", "last", "stream", "usage_tokens")
 
     def __init__(self, stream: bool) -> None:
         self.stream = stream

@@ -33,7 +33,7 @@ class _Closed(HttpError):
 class _Exchange:
     """httptools callbacks for one response."""
 
-    __slots__ = ("parser", "status", "keep_alive", "complete", "received", "error_body", "_sink")
+    __slots__ = ("_sink", "complete", "error_body", "keep_alive", "parser", "received", "status")
 
     def __init__(self, sink: Callable[[bytes], None]) -> None:
         self.parser = httptools.HttpResponseParser(self)

@@ -10,7 +10,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -52,7 +52,7 @@ out = Console(width=shutil.get_terminal_size((160, 24)).columns)
 err = Console(stderr=True)
 
 ConfigOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="Config file (default: $KVCTL_CONFIG, then ./kvctl.yaml).", show_default=False),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable; see README).")]
@@ -296,7 +296,7 @@ def logs(
 
 def _follow(path: Path) -> None:
     """Print what is appended to `path`, reopening it when supervisord rotates it."""
-    fh = open(path, "rb")
+    fh = open(path, "rb")  # noqa: SIM115 - reopened when the log rotates, closed in `finally`
     fh.seek(0, os.SEEK_END)
     try:
         while True:
@@ -311,7 +311,7 @@ def _follow(path: Path) -> None:
                 rotated = False
             if rotated:
                 fh.close()
-                fh = open(path, "rb")
+                fh = open(path, "rb")  # noqa: SIM115 - as above
             time.sleep(0.25)  # polling a file: no event to wait on without inotify
     finally:
         fh.close()
@@ -380,7 +380,7 @@ def _kv_size(text: str) -> dict[str, float | int]:
 def kv_limit(
     model: Annotated[str, typer.Argument(help="Model name (or alias).")],
     size: Annotated[str, typer.Argument(help="512M, 2G (binary units), or 30% of each instance's KV capacity.")],
-    instance: Annotated[Optional[str], typer.Option("--instance", help="Only this replica of the model.")] = None,
+    instance: Annotated[str | None, typer.Option("--instance", help="Only this replica of the model.")] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """Set the KV-cache limit of a model's kvcached engines (through the router; logged there)."""
@@ -522,7 +522,7 @@ def _cause(info: dict[str, Any]) -> str:
 
 @app.command()
 def sleep(
-    model: Annotated[Optional[str], typer.Argument(help="Model name (or alias).")] = None,
+    model: Annotated[str | None, typer.Argument(help="Model name (or alias).")] = None,
     all_models: Annotated[bool, typer.Option("--all", help="Every configured model.")] = False,
     stop: Annotated[bool, typer.Option("--stop", help="Stop the engine's process too (frees host memory; the next request starts it).")] = False,
     config_path: ConfigOption = None,
@@ -533,7 +533,7 @@ def sleep(
 
 @app.command()
 def wake(
-    model: Annotated[Optional[str], typer.Argument(help="Model name (or alias).")] = None,
+    model: Annotated[str | None, typer.Argument(help="Model name (or alias).")] = None,
     all_models: Annotated[bool, typer.Option("--all", help="Every configured model.")] = False,
     config_path: ConfigOption = None,
 ) -> None:
@@ -577,19 +577,19 @@ def stats(
 @app.command()
 def bench(
     config_path: ConfigOption = None,
-    url: Annotated[Optional[str], typer.Option("--url", help="Any OpenAI-compatible base URL (with or without /v1) instead of the config's router.")] = None,
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Model to load (repeatable; default: every configured model, or GET /v1/models with --url).")] = None,
-    concurrency: Annotated[Optional[int], typer.Option(help="Closed loop: this many requests in flight (default 8). With --rate: the connection cap (default 256).", show_default=False)] = None,
-    rate: Annotated[Optional[float], typer.Option(help="Open loop: Poisson arrivals at this many requests/s (seeded).", show_default=False)] = None,
-    requests: Annotated[Optional[int], typer.Option(help="Requests in total, round-robin over the models (default 100).", show_default=False)] = None,
-    duration: Annotated[Optional[float], typer.Option(help="Run for this many seconds instead of a request count.", show_default=False)] = None,
+    url: Annotated[str | None, typer.Option("--url", help="Any OpenAI-compatible base URL (with or without /v1) instead of the config's router.")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Model to load (repeatable; default: every configured model, or GET /v1/models with --url).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Closed loop: this many requests in flight (default 8). With --rate: the connection cap (default 256).", show_default=False)] = None,
+    rate: Annotated[float | None, typer.Option(help="Open loop: Poisson arrivals at this many requests/s (seeded).", show_default=False)] = None,
+    requests: Annotated[int | None, typer.Option(help="Requests in total, round-robin over the models (default 100).", show_default=False)] = None,
+    duration: Annotated[float | None, typer.Option(help="Run for this many seconds instead of a request count.", show_default=False)] = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Stream responses (needed for TTFT and ITL).")] = True,
     endpoint: Annotated[str, typer.Option(help="chat or completions.")] = "chat",
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length in (roughly) tokens.")] = 128,
     max_tokens: Annotated[int, typer.Option(help="max_tokens of each request.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed for prompts and arrival times.")] = 0,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the full result as JSON to this file.", show_default=False)] = None,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="OPENAI_API_KEY", help="Bearer key (default: $OPENAI_API_KEY, then the config's first api_key).", show_default=False)] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the full result as JSON to this file.", show_default=False)] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="OPENAI_API_KEY", help="Bearer key (default: $OPENAI_API_KEY, then the config's first api_key).", show_default=False)] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the first byte and between chunks.")] = 600.0,
     allow_errors: Annotated[bool, typer.Option("--allow-errors", help="Exit 0 even when requests failed.")] = False,
 ) -> None:

@@ -324,8 +324,8 @@ def _yaml_problem(exc: MarkedYAMLError, text: str) -> tuple[tuple[int, int], str
     key = _KEY_LINE.match(here)
     # A key indented differently from its neighbours: ruamel sees a scalar continued by a
     # stray ':' (deeper) or a block that ends where none can (shallower).
-    if key and (problem.startswith("expected <block end>") and col == key.start(2)
-                or problem == "mapping values are not allowed here" and col == key.end(3)):
+    if key and ((problem.startswith("expected <block end>") and col == key.start(2))
+                or (problem == "mapping values are not allowed here" and col == key.end(3))):
         return (line, key.start(3)), _misaligned(lines, line, key)
     if problem == "mapping values are not allowed here":
         return (line, col), "YAML syntax error: ': ' inside a value (quote the value)"

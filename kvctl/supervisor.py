@@ -95,8 +95,9 @@ class Supervisor:
     def start_daemon(self, timeout: float = 20.0) -> None:
         """Start supervisord on RUN_DIR/supervisord.conf; it daemonizes itself."""
         self.paths.socket.unlink(missing_ok=True)  # a stale socket from a killed supervisord
-        result = subprocess.run(
+        result = subprocess.run(  # its exit status is checked below, with its output
             [sys.executable, "-m", "supervisor.supervisord", "-c", str(self.paths.conf)],
+            check=False,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

@@ -413,7 +413,6 @@ def _health(inst: Instance, process: ProcessInfo | None, state: str, *, probed: 
     if state == "stopped" and (process is None or process.state not in RUNNING_STATES):
         return "stopped"  # on purpose, and the router starts it on demand: not a fault
     # An engine loads its weights for a while before it answers: that is not a failure yet.
-    if process is not None and process.state in ("STARTING", "RUNNING"):
-        if process.uptime is None or process.uptime < inst.startup_timeout_seconds:
-            return "loading"
+    if process is not None and process.state in ("STARTING", "RUNNING") and (process.uptime is None or process.uptime < inst.startup_timeout_seconds):
+        return "loading"
     return "failing"

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from conftest import ROOT, Procs, free_port, wait_for, wait_http_ok
 from test_lifecycle_support import sim_instance, start_engines, write_config
 from test_router_support import start_router
@@ -63,7 +64,7 @@ def test_bench_through_router_reports_every_metric(tree, tmp_path: Path) -> None
     overall = report["overall"]
     check_metrics(overall)
     # Measured against the sim's known pacing, within a sane factor.
-    assert TTFT_MS <= overall["ttft_ms"]["p50"] and overall["ttft_ms"]["p99"] <= 5 * TTFT_MS + 50
+    assert overall["ttft_ms"]["p50"] >= TTFT_MS and overall["ttft_ms"]["p99"] <= 5 * TTFT_MS + 50
     itl = 1000 / TOKENS_PER_SECOND
     assert 0.5 * itl <= overall["itl_ms"]["p50"] and overall["itl_ms"]["p99"] <= 5 * itl + 50
     assert overall["e2e_latency_ms"]["p50"] >= TTFT_MS + 7 * 0.5 * itl

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import httpx
+
 from conftest import ROOT, Procs, free_port, wait_for
 from test_tree import Tree, kvtree, sim_instance  # noqa: F401 (kvtree is a fixture)
 

@@ -12,13 +12,14 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Procs
-from test_lifecycle_support import asim_state, sim_instance, start_engine, start_engines, until, write_config
 
 from kvctl.config import Config
 from kvctl.render import RunPaths
 from kvctl.router.lifecycle import Lifecycle, Unavailable
 from kvctl.router.metrics import Metrics
+
+from conftest import Procs
+from test_lifecycle_support import asim_state, sim_instance, start_engine, start_engines, until, write_config
 
 pytestmark = pytest.mark.timeout(120)
 

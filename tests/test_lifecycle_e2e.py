@@ -18,10 +18,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import Procs, wait_for, wait_http_ok
-from test_lifecycle_support import sim_instance, sim_state, start_engines, write_config
 
 from kvctl.config import Config
+
+from conftest import Procs, wait_for, wait_http_ok
+from test_lifecycle_support import sim_instance, sim_state, start_engines, write_config
 
 pytestmark = pytest.mark.timeout(180)
 

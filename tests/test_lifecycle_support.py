@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import Procs, free_port, wait_http_ok
 
 from kvctl.config import Config, Instance, load
 from kvctl.engines import adapter_for
+
+from conftest import Procs, free_port, wait_http_ok
 
 
 def sim_instance(model: str, *, name: str | None = None, dialect: str = "vllm", memory_gb: float | None = None, sleep: dict[str, Any] | None = None, **sim: Any) -> dict[str, Any]:

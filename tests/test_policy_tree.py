@@ -10,6 +10,7 @@ import time
 import httpx
 import openai
 import pytest
+
 from conftest import free_port, wait_for
 from test_tree import Tree, alive, kvtree, sim_instance  # noqa: F401  (kvtree is a fixture)
 

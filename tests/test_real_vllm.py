@@ -22,11 +22,12 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from conftest import Procs, free_port, wait_for, wait_http_ok
-from test_lifecycle_support import write_config
 
 from kvctl.config import Config
 from kvctl.engines import adapter_for
+
+from conftest import Procs, free_port, wait_for, wait_http_ok
+from test_lifecycle_support import write_config
 
 DIR = Path(os.environ.get("KVCTL_REAL_VLLM_DIR", Path.home() / ".cache" / "kvctl-real-vllm"))
 PYTHON = DIR / "venv" / "bin" / "python"

@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Procs, free_port, wait_for
 from kvctl import procstate
 from kvctl.launch import LaunchSpec
+
+from conftest import Procs, free_port, wait_for
 from test_tree import Tree, alive, engine_pid, kvtree, sim_instance, tree_pids  # noqa: F401  (kvtree is a fixture)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
 from conftest import ROOT, Procs, wait_for
 from test_lifecycle_support import sim_instance, start_engines, write_config
 from test_router_support import start_router
@@ -56,7 +57,7 @@ def test_stats_json_agrees_with_the_requests_sent(tree) -> None:
     config, client = tree
     for _ in range(3):
         client.completions.create(model="org/model-a", prompt="hello", max_tokens=4)
-    for chunk in client.chat.completions.create(model="org/model-a", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True):
+    for _chunk in client.chat.completions.create(model="org/model-a", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True):
         pass
     client.completions.create(model="model-b", prompt="hello", max_tokens=2)
     for _ in range(2):

@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import free_port, wait_for
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
@@ -18,14 +17,16 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from test_lifecycle_e2e import Router, router  # noqa: F401 - the fixture, reused
-from test_lifecycle_support import sim_instance, sim_state, write_config
-from test_tree import Tree, kvtree  # noqa: F401 - the fixture, reused
-from test_tree import sim_instance as tree_instance
 
 from kvctl.config import Instance
 from kvctl.router.history import SPAN_SECONDS, STEP_SECONDS, History
 from kvctl.router.lifecycle import Lifecycle
 from kvctl.router.traffic import TrafficMonitor
+
+from conftest import free_port, wait_for
+from test_lifecycle_support import sim_instance, sim_state, write_config
+from test_tree import Tree, kvtree  # noqa: F401 - the fixture, reused
+from test_tree import sim_instance as tree_instance
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -109,7 +110,7 @@ def test_dashboard_shows_every_model_follows_traffic_and_sleeps_on_click(router:
     assert "asleep for" in text(browser, "org/a", ".timer") and "manual" in text(browser, "org/a", ".timer")
     wait_for(lambda: "draining → asleep" in browser.find_element(By.ID, "events").text, 10, what="the change in the event list")
     first = browser.find_element(By.CSS_SELECTOR, "#events .event")
-    assert "a" == first.find_element(By.CSS_SELECTOR, ".ev-inst").text and "manual" in first.text
+    assert first.find_element(By.CSS_SELECTOR, ".ev-inst").text == "a" and "manual" in first.text
     assert "0 / 40 GB" in text(browser, "org/a", ".meter.mem")
     assert text(browser, "org/b", ".state") == "awake"
     assert browser.execute_script("return window.kvctlMarker") == 1

@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from kvctl import procstate
 from kvctl.config import Config, Instance
 from kvctl.engines import EngineAdapter, adapter_for
 from kvctl.errors import EngineError, EngineTimeout, KvctlError
-from kvctl.supervisor import Supervisor
 from kvctl.render import RunPaths
-from kvctl import procstate
 from kvctl.router import kv, logs, overload, policy, state_file
 from kvctl.router.events import Event, EventBus
+from kvctl.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from kvctl.router.metrics import Metrics
@@ -54,7 +54,7 @@ _FAST_PROBE_SECONDS = 0.25
 ENGINE_STOP_TIMEOUT_SECONDS = 30.0  # SIGTERM, then SIGKILL (supervisord's stopasgroup/killasgroup)
 
 
-class InstanceState(str, enum.Enum):
+class InstanceState(enum.StrEnum):
     STARTING = "starting"
     AWAKE = "awake"
     DRAINING = "draining"
@@ -220,7 +220,7 @@ class Lifecycle:
         """Probe every engine once, reconcile states in config order, start the loops."""
         self._client = httpx.AsyncClient(timeout=_PROBE_TIMEOUT_SECONDS)
         healthy = await asyncio.gather(*(self._probe(slot) for slot in self._slots))
-        for slot, ok in zip(self._slots, healthy):
+        for slot, ok in zip(self._slots, healthy, strict=True):
             if ok:  # in config order, so the first instances keep their place in the budget
                 await self._came_up(slot, trust_state_file=True)
             else:

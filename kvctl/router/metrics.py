@@ -55,7 +55,7 @@ class Metrics:
             gauge.clear()  # an instance removed, or its segment gone, leaves no stale sample
         for inst, info in kv:
             if info is not None:
-                for gauge, value in zip(gauges, (info.used_bytes, info.limit_bytes, info.prealloc_bytes)):
+                for gauge, value in zip(gauges, (info.used_bytes, info.limit_bytes, info.prealloc_bytes), strict=True):
                     gauge.labels(inst.model, inst.name).set(value)
         if lifecycle is not None:
             for model in models:

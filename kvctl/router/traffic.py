@@ -20,8 +20,20 @@ _SAMPLES = 1024
 
 
 class _ModelTraffic:
-    __slots__ = ("total", "ok", "failed", "_sec", "_count", "_ok", "_failed", "_lat_sum", "latencies", "ttfts",
-                 "last_activity", "since")
+    __slots__ = (
+        "_count",
+        "_failed",
+        "_lat_sum",
+        "_ok",
+        "_sec",
+        "failed",
+        "last_activity",
+        "latencies",
+        "ok",
+        "since",
+        "total",
+        "ttfts",
+    )
 
     def __init__(self, now: float) -> None:
         self.total = self.ok = self.failed = 0

@@ -21,12 +21,7 @@ DEFAULT_MAX_TOKENS = 16
 EMBEDDING_DIM = 32
 GARBAGE_TOKEN = "!"  # what an engine emits when its weights were released and never reloaded
 
-_VOCAB = (
-    "the of and to in is that it for was on are as with his they at be this from have or by one had not "
-    "but what all were when we there can an your which their said if do will each about how up out them "
-    "then she many some so these would other into has more her two like him see time could no make than "
-    "first been its who now people my made over did down only way find use may water long little very"
-).split()
+_VOCAB = ["the", "of", "and", "to", "in", "is", "that", "it", "for", "was", "on", "are", "as", "with", "his", "they", "at", "be", "this", "from", "have", "or", "by", "one", "had", "not", "but", "what", "all", "were", "when", "we", "there", "can", "an", "your", "which", "their", "said", "if", "do", "will", "each", "about", "how", "up", "out", "them", "then", "she", "many", "some", "so", "these", "would", "other", "into", "has", "more", "her", "two", "like", "him", "see", "time", "could", "no", "make", "than", "first", "been", "its", "who", "now", "people", "my", "made", "over", "did", "down", "only", "way", "find", "use", "may", "water", "long", "little", "very"]
 _MASK = (1 << 64) - 1
 
 
@@ -157,7 +152,7 @@ def _messages_text(messages: Any) -> str:
 class Shapes:
     """Response bodies and SSE chunks of one request, prefixes built once."""
 
-    __slots__ = ("gen", "model", "_id", "_created", "_head")
+    __slots__ = ("_created", "_head", "_id", "gen", "model")
 
     def __init__(self, gen: Generation, model: str) -> None:
         self.gen = gen

@@ -28,7 +28,7 @@ class Settings:
     port: int
     host: str = "127.0.0.1"
     memory_gb: float = 1.0
-    sim: SimSettings = SimSettings()
+    sim: SimSettings = field(default_factory=SimSettings)
     engine_args: tuple[str, ...] = field(default=())  # the real engine's flags: accepted, mostly ignored
 
 
@@ -229,7 +229,7 @@ class EngineState:
             if mode == "abort":
                 self.abort_epoch += 1
             elif mode == "wait":
-                while self.running:
+                while self.running:  # noqa: ASYNC110 - polls its running count as vLLM's wait mode does
                     await asyncio.sleep(0.01)
             else:  # keep
                 self.frozen = True
