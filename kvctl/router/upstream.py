@@ -234,7 +234,7 @@ class Connection(asyncio.Protocol):
 
         The connection's one timer is not set per wait (nor per read): it stays armed and,
         when it fires, re-arms itself for the current wait's deadline, or lapses if nothing
-        waits. With timeouts of minutes, a request or a chunk costs no timer (~2 µs each
+        waits. With timeouts of minutes, a request or a chunk costs no timer (~2.5 µs each
         for call_later + cancel, and a heap of cancelled timers)."""
         loop = self._loop
         waiter = self._waiter = loop.create_future()
