@@ -4,7 +4,7 @@ Every µs here is paid per request, and per streamed chunk. What each trick buys
 measured in-process or with benchmarks/router_overhead.py on the 2-core dev machine):
 
 * a raw ASGI handler dispatched before Starlette (no Request/Response objects, no
-  middleware): a Starlette + httpx proxy cost ~3000 µs a request, this path ~100;
+  middleware): a Starlette + httpx proxy cost ~3000 µs a request, this path 90–150;
 * the upstream client of `upstream.py` (asyncio Protocol + httptools, keep-alive pool):
   httpx ~3000 µs a request, aiohttp ~500, it a few tens;
 * the engine's body is pushed to the client from the upstream protocol's callback
