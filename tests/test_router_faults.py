@@ -7,15 +7,17 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
 from kvctl.config import Instance
 from kvctl.engines import adapter_for
 
-from conftest import Procs, wait_for
+from conftest import Procs, free_port, wait_for
 from test_lifecycle_support import sim_instance, sim_state, write_config
 from test_router_support import cut, open_stream, start_router
 
@@ -219,3 +221,17 @@ async def test_relay_pauses_reading_from_the_engine_until_resumed() -> None:
         pool.close()
         server.close()
         await server.wait_closed()
+
+
+def test_a_non_streamed_answer_cut_mid_body_closes_and_counts_as_failed(tmp_path: Path, procs: Procs) -> None:
+    from test_router_errors import _BROKEN_ENGINE  # "cut": a head, part of the body, then close
+
+    port = free_port()
+    config = write_config(tmp_path, [{"model": "cut", "name": "cut", "engine": "sim", "port": port, "external": True}])
+    procs.start([sys.executable, "-c", _BROKEN_ENGINE, str(port), "cut"])
+    base = start_router(procs, config)
+    with pytest.raises(httpx.RemoteProtocolError):  # never a short body that looks complete
+        httpx.post(base + "/v1/completions", json={"model": "cut", "prompt": "x"}, timeout=10)
+    wait_for(lambda: httpx.get(base + "/traffic/stats/cut").json()["model_stats"]["lifetime_failed_requests"] == 1,
+             what="the cut answer counted as failed")
+    assert 'kvctl_errors_total{model="cut",reason="engine_closed"} 1.0' in httpx.get(base + "/metrics").text
