@@ -14,13 +14,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import Procs, free_port, wait_for, wait_http_ok
-from test_lifecycle_support import sim_instance, start_engine, write_config
-from test_router_support import start_router
 
 from kvctl.config import Config
 from kvctl.errors import UsageError
 from kvctl.router.server import check_bind
+
+from conftest import Procs, free_port, wait_for, wait_http_ok
+from test_lifecycle_support import sim_instance, start_engine, write_config
+from test_router_support import start_router
 
 LIMIT = 65536
 

@@ -21,10 +21,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import Procs, wait_for, wait_http_ok
-from test_lifecycle_support import sim_instance, sim_state, start_engines, write_config
 
 from kvctl.config import Config
+
+from conftest import Procs, wait_for, wait_http_ok
+from test_lifecycle_support import sim_instance, sim_state, start_engines, write_config
 
 
 @dataclass
@@ -258,7 +259,7 @@ def test_connections_beyond_max_connections_get_503_while_the_others_proceed(tmp
 # ---------------------------------------------------------------------- file descriptors
 
 
-def _fd_limit(soft: int, hard: int):  # noqa: ANN202 - a preexec_fn
+def _fd_limit(soft: int, hard: int):
     def apply() -> None:
         import resource
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import sys
 
 import httpx
-from conftest import Procs, wait_for, wait_http_ok
 
 from kvctl.config import Config
+
+from conftest import Procs, wait_for, wait_http_ok
 
 
 def start_router(procs: Procs, config: Config, *, awake: bool = True, token: str | None = None) -> str:
@@ -26,7 +28,7 @@ def start_router(procs: Procs, config: Config, *, awake: bool = True, token: str
 
 def open_stream(port: int, model: str, max_tokens: int = 1000) -> socket.socket:
     """A raw client that sent a streamed completion request and read its first bytes."""
-    body = ('{"model": "%s", "prompt": "hello", "max_tokens": %d, "stream": true}' % (model, max_tokens)).encode()
+    body = json.dumps({"model": model, "prompt": "hello", "max_tokens": max_tokens, "stream": True}).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
     assert b"200 OK" in sock.recv(65536)

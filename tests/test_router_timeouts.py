@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import httpx
+
 from conftest import Procs
 from test_lifecycle_support import sim_instance, start_engines, write_config
 from test_router_support import start_router

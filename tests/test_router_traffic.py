@@ -7,10 +7,10 @@ import json
 import random
 from pathlib import Path
 
-from test_lifecycle_support import sim_instance, write_config
-
 from kvctl.router import create_app
 from kvctl.router.traffic import MAX_WINDOW_SECONDS, TrafficMonitor
+
+from test_lifecycle_support import sim_instance, write_config
 
 
 async def _call(app, body: bytes) -> int:
@@ -44,7 +44,7 @@ async def test_unknown_models_create_no_state(tmp_path: Path) -> None:
     rng = random.Random(7)
     alphabet = "abcdefghijklmnopqrstuvwxyz/.%-_ü模"
     statuses = set()
-    for i in range(100_000):
+    for _ in range(100_000):
         name = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 64)))
         statuses.add(await _call(app, json.dumps({"model": name, "prompt": "x"}).encode()))
     assert statuses == {404}
