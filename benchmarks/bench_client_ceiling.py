@@ -47,8 +47,16 @@ def _start_sim(port: int) -> subprocess.Popen:
 
 
 def _kvctl_bench(url: str, requests: int, concurrency: int, stream: bool, max_tokens: int) -> tuple[float, float, int]:
-    spec = bench.BenchSpec(base_url=url, models=("fast",), endpoint="completions", stream=stream, concurrency=concurrency,
-                           requests=requests, prompt_tokens=32, max_tokens=max_tokens)
+    spec = bench.BenchSpec(
+        base_url=url,
+        models=("fast",),
+        endpoint="completions",
+        stream=stream,
+        concurrency=concurrency,
+        requests=requests,
+        prompt_tokens=32,
+        max_tokens=max_tokens,
+    )
     cpu = time.process_time()
     result = bench.run(spec)
     cpu = time.process_time() - cpu

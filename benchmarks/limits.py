@@ -60,8 +60,13 @@ class Stack:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (router_nofile, router_nofile))
 
         self.log = tmp / "router.log"
-        self.router = subprocess.Popen([PY, "-m", "kvctl", "router", "-c", str(tmp / "kvctl.yaml")], stdout=self.log.open("wb"),
-                                       stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=limit)  # noqa: PLW1509 - setrlimit in the child, before any thread exists
+        self.router = subprocess.Popen(
+            [PY, "-m", "kvctl", "router", "-c", str(tmp / "kvctl.yaml")],
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=limit,  # noqa: PLW1509 - setrlimit in the child, before any thread exists
+        )
         self.procs.procs.append(self.router)
         self.base = f"http://127.0.0.1:{self.port}"
         wait_ok(self.base + "/health")
@@ -116,7 +121,10 @@ async def streams_part(tmp: Path, n: int, tokens: int, rate: float, router_nofil
     stack = Stack(tmp, ["--tokens-per-second", str(rate)], router_nofile)
     try:
         body = completion(True, tokens)
-        request = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        request = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (
+            len(body),
+            body,
+        )
         rss0, cpu0, t0 = stack.rss(), stack.cpu(), time.monotonic()
         peak = {"rss": rss0, "in_flight": 0}
         done = asyncio.Event()
@@ -148,11 +156,19 @@ async def streams_part(tmp: Path, n: int, tokens: int, rate: float, router_nofil
         await sampler
         elapsed = time.monotonic() - t0
         cpu = stack.cpu() - cpu0
-        return {"streams": n, "tokens_each": tokens, "tokens_per_second": rate, "router_fd_limit": stack.fd_limit(),
-                "outcomes": outcomes, "peak_in_flight_at_engine": peak["in_flight"], "seconds": round(elapsed, 1),
-                "router_rss_mb": {"before": round(rss0, 1), "peak": round(peak["rss"], 1), "after": round(stack.rss(), 1)},
-                "router_cpu_seconds": round(cpu, 2), "router_cpu_ms_per_stream": round(cpu / n * 1e3, 2),
-                "log_lines_out_of_fds": sum("out of file descriptors" in line for line in stack.log.read_text().splitlines())}
+        return {
+            "streams": n,
+            "tokens_each": tokens,
+            "tokens_per_second": rate,
+            "router_fd_limit": stack.fd_limit(),
+            "outcomes": outcomes,
+            "peak_in_flight_at_engine": peak["in_flight"],
+            "seconds": round(elapsed, 1),
+            "router_rss_mb": {"before": round(rss0, 1), "peak": round(peak["rss"], 1), "after": round(stack.rss(), 1)},
+            "router_cpu_seconds": round(cpu, 2),
+            "router_cpu_ms_per_stream": round(cpu / n * 1e3, 2),
+            "log_lines_out_of_fds": sum("out of file descriptors" in line for line in stack.log.read_text().splitlines()),
+        }
     finally:
         stack.procs.stop()
 
@@ -182,8 +198,15 @@ async def rss_part(tmp: Path, n: int, every: int, concurrency: int) -> dict:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         await pool.close()
         elapsed = time.monotonic() - t0
-        return {"requests": sent, "failures": failures, "seconds": round(elapsed, 1), "rps": round(sent / elapsed),
-                "router_cpu_us_per_request": round((stack.cpu() - cpu0) / sent * 1e6, 1), "rss_mb_every": every, "rss_curve": curve}
+        return {
+            "requests": sent,
+            "failures": failures,
+            "seconds": round(elapsed, 1),
+            "rps": round(sent / elapsed),
+            "router_cpu_us_per_request": round((stack.cpu() - cpu0) / sent * 1e6, 1),
+            "rss_mb_every": every,
+            "rss_curve": curve,
+        }
     finally:
         stack.procs.stop()
 
@@ -256,13 +279,21 @@ async def slowloris_part(tmp: Path, slow: int, normal_clients: int) -> dict:
 
         def summary(p: str) -> dict:
             lat = stats[p]["latencies"]
-            return {"requests": len(lat), "errors": stats[p]["errors"], "p50_ms": round(pct(lat, 0.5) * 1000, 2),  # type: ignore[arg-type]
-                    "p99_ms": round(pct(lat, 0.99) * 1000, 2)}  # type: ignore[arg-type]
+            return {
+                "requests": len(lat),
+                "errors": stats[p]["errors"],
+                "p50_ms": round(pct(lat, 0.5) * 1000, 2),  # type: ignore[arg-type]
+                "p99_ms": round(pct(lat, 0.99) * 1000, 2),
+            }  # type: ignore[arg-type]
 
-        return {"slow_connections": slow, "cut": hows, "cut_after_seconds": {"min": round(cut_after[0], 2), "p50": round(pct(cut_after, 0.5), 2),
-                                                                            "max": round(cut_after[-1], 2)},
-                "router_rss_mb": {"before": round(rss0, 1), "after_all_cut": round(rss_peak, 1)},
-                "normal_clients": normal_clients, "normal": {p: summary(p) for p in ("before", "during", "after")}}
+        return {
+            "slow_connections": slow,
+            "cut": hows,
+            "cut_after_seconds": {"min": round(cut_after[0], 2), "p50": round(pct(cut_after, 0.5), 2), "max": round(cut_after[-1], 2)},
+            "router_rss_mb": {"before": round(rss0, 1), "after_all_cut": round(rss_peak, 1)},
+            "normal_clients": normal_clients,
+            "normal": {p: summary(p) for p in ("before", "during", "after")},
+        }
     finally:
         stack.procs.stop()
 

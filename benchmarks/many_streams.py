@@ -40,8 +40,7 @@ instances:
 async def hold_streams(port: int, n: int, tokens: int, done: asyncio.Event) -> int:
     """Open n streams and read them; returns how many ended with [DONE] (if let run)."""
     body = json.dumps({"model": "bench/sim", "prompt": "p", "max_tokens": tokens, "stream": True}).encode()
-    request = (b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-               b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    request = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
 
     async def one() -> bool:
         try:
@@ -98,8 +97,10 @@ def main() -> None:
 
         cpu, elapsed = asyncio.run(run())
         chunks = args.streams * args.rate * elapsed
-        print(f"{args.streams} streams at {args.rate:g} chunks/s each: router CPU {cpu:.2f} s over {elapsed:.1f} s of steady "
-              f"streaming = {cpu / chunks * 1e6:.1f} µs per chunk (engine CPU {cpu_seconds(sim.pid):.1f} s in all)")
+        print(
+            f"{args.streams} streams at {args.rate:g} chunks/s each: router CPU {cpu:.2f} s over {elapsed:.1f} s of steady "
+            f"streaming = {cpu / chunks * 1e6:.1f} µs per chunk (engine CPU {cpu_seconds(sim.pid):.1f} s in all)"
+        )
     finally:
         procs.stop()
 

@@ -127,15 +127,16 @@ def ensure_vllm_router() -> tuple[Path | None, str]:
     exe = VLLM_ROUTER_VENV / "bin" / "vllm-router"
     if not exe.exists():
         print(f"installing vllm-router from PyPI into {VLLM_ROUTER_VENV} ...", flush=True)
-        steps = ([sys.executable, "-m", "venv", "--clear", str(VLLM_ROUTER_VENV)],
-                 [str(VLLM_ROUTER_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--only-binary", ":all:", "vllm-router"])
+        steps = (
+            [sys.executable, "-m", "venv", "--clear", str(VLLM_ROUTER_VENV)],
+            [str(VLLM_ROUTER_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--only-binary", ":all:", "vllm-router"],
+        )
         for step in steps:
             done = subprocess.run(step, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 lines = (done.stderr or done.stdout).strip().splitlines()
                 return None, lines[-1] if lines else f"{step[0]} failed"
-    version = subprocess.run([str(VLLM_ROUTER_VENV / "bin" / "python"), "-m", "pip", "show", "vllm-router"],
-                             capture_output=True, text=True, check=False).stdout
+    version = subprocess.run([str(VLLM_ROUTER_VENV / "bin" / "python"), "-m", "pip", "show", "vllm-router"], capture_output=True, text=True, check=False).stdout
     return exe, next((line.split()[1] for line in version.splitlines() if line.startswith("Version:")), "?")
 
 
@@ -224,9 +225,16 @@ async def run_load(base: str, model: str, n: int, concurrency: int, stream: bool
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t0
     await pool.close()
-    return {"requests": n, "failures": failures, "seconds": elapsed, "rps": n / elapsed, "chunks": chunks,
-            "p50_ms": pct(latencies, 0.5) * 1000, "p99_ms": pct(latencies, 0.99) * 1000,
-            "ttft_p50_ms": pct(ttfts, 0.5) * 1000 if ttfts else None}
+    return {
+        "requests": n,
+        "failures": failures,
+        "seconds": elapsed,
+        "rps": n / elapsed,
+        "chunks": chunks,
+        "p50_ms": pct(latencies, 0.5) * 1000,
+        "p99_ms": pct(latencies, 0.99) * 1000,
+        "ttft_p50_ms": pct(ttfts, 0.5) * 1000 if ttfts else None,
+    }
 
 
 async def unknown_flood(base: str, n: int, concurrency: int) -> int:
@@ -251,8 +259,7 @@ async def cut_streams(port: int, model: str, n: int) -> int:
     """Open `n` streams together, read their first bytes, then drop each connection
     (even ones with a FIN, odd ones with a RST). Returns how many were cut mid-flight."""
     body = json.dumps({"model": model, "prompt": "cut me", "max_tokens": 500, "stream": True}).encode()
-    request = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
 
     async def one(i: int) -> bool:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -274,8 +281,11 @@ def measure(label: str, pid: int, load: Coroutine[Any, Any, dict]) -> dict:
     cpu0 = cpu_seconds(pid)
     result = asyncio.run(load)
     result["cpu_s"] = cpu_seconds(pid) - cpu0
-    print(f"  {label:24} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
-          f"cpu {result['cpu_s']:.2f}s  failures {result['failures']}", flush=True)
+    print(
+        f"  {label:24} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
+        f"cpu {result['cpu_s']:.2f}s  failures {result['failures']}",
+        flush=True,
+    )
     return result
 
 
@@ -294,8 +304,11 @@ def storm(name: str, port: int, state_url: str, n: int, rounds: int) -> dict:
         except httpx.HTTPError:
             alive = False
     aborted = httpx.get(state_url).json()["aborted"] - before
-    print(f"{name}: {rounds} x {n} streams cut mid-flight (half FIN, half RST): {cut} cut, engine aborted {aborted}, "
-          f"in flight at the engine after {httpx.get(state_url).json()['in_flight']}, proxy alive: {alive}", flush=True)
+    print(
+        f"{name}: {rounds} x {n} streams cut mid-flight (half FIN, half RST): {cut} cut, engine aborted {aborted}, "
+        f"in flight at the engine after {httpx.get(state_url).json()['in_flight']}, proxy alive: {alive}",
+        flush=True,
+    )
     return {"rounds": rounds, "streams": n, "cut": cut, "engine_aborted": aborted, "proxy_alive": alive}
 
 
@@ -335,8 +348,7 @@ def main() -> None:
     results: dict = {"vllm_router": vllm_note, "runs": {}}
     try:
         fast = procs.start([PY, "-m", "kvctl.sim", "--model", "bench/fast", "--port", str(ports["fast"])], tmp / "fast.log")
-        paced = procs.start([PY, "-m", "kvctl.sim", "--model", "bench/paced", "--port", str(ports["paced"]),
-                             "--tokens-per-second", "500"], tmp / "paced.log")
+        paced = procs.start([PY, "-m", "kvctl.sim", "--model", "bench/paced", "--port", str(ports["paced"]), "--tokens-per-second", "500"], tmp / "paced.log")
         routers = {"kvctl": ports["kvctl"]}
         if args.baseline:
             src = tmp / "baseline"
@@ -357,10 +369,28 @@ def main() -> None:
         vpids = {}
         if vllm_router is not None:
             for key, engine, metrics in (("vfast", "fast", "vm1"), ("vpaced", "paced", "vm2")):
-                vpids[key] = procs.start([str(vllm_router), "--host", "127.0.0.1", "--port", str(ports[key]),
-                                          "--worker-urls", f"http://127.0.0.1:{ports[engine]}", "--policy", "round_robin",
-                                          "--prometheus-host", "127.0.0.1", "--prometheus-port", str(ports[metrics]),
-                                          "--log-level", "warning", "--queue-size", "1000"], tmp / f"{key}.log").pid
+                vpids[key] = procs.start(
+                    [
+                        str(vllm_router),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(ports[key]),
+                        "--worker-urls",
+                        f"http://127.0.0.1:{ports[engine]}",
+                        "--policy",
+                        "round_robin",
+                        "--prometheus-host",
+                        "127.0.0.1",
+                        "--prometheus-port",
+                        str(ports[metrics]),
+                        "--log-level",
+                        "warning",
+                        "--queue-size",
+                        "1000",
+                    ],
+                    tmp / f"{key}.log",
+                ).pid
         for port in (ports["fast"], ports["paced"], *routers.values(), ports["nfast"]):
             wait_ok(f"http://127.0.0.1:{port}/health")
         for key in vpids:
@@ -376,8 +406,7 @@ def main() -> None:
             return f"http://127.0.0.1:{ports[key]}"
 
         targets = [Target("direct", (fast.pid, url("fast")), (paced.pid, url("paced")))]
-        targets += [Target(name, (pids[name], f"http://127.0.0.1:{port}"), (pids[name], f"http://127.0.0.1:{port}"))
-                    for name, port in routers.items()]
+        targets += [Target(name, (pids[name], f"http://127.0.0.1:{port}"), (pids[name], f"http://127.0.0.1:{port}")) for name, port in routers.items()]
         targets.append(Target("nginx", (ngx.pid, url("nfast")), (ngx.pid, url("npaced"))))
         if vpids:
             targets.append(Target("vllm-router", (vpids["vfast"], url("vfast")), (vpids["vpaced"], url("vpaced"))))
@@ -386,14 +415,15 @@ def main() -> None:
             asyncio.run(run_load(t.base_fast, "bench/fast", 300, 16, False, 16))
             asyncio.run(run_load(t.base_paced, "bench/paced", 16, 16, True, 10))
         for rep in range(args.reps):
-            order = targets[rep % len(targets):] + targets[:rep % len(targets)]
+            order = targets[rep % len(targets) :] + targets[: rep % len(targets)]
             for t in order:
                 print(f"rep {rep + 1}, {t.name}:", flush=True)
                 run: dict = {"serial": measure("1 at a time", t.pid_fast, run_load(t.base_fast, "bench/fast", args.serial, 1, False, 16))}
                 for c in concurrencies:
                     plain = measure(f"non-streamed, c={c}", t.pid_fast, run_load(t.base_fast, "bench/fast", args.requests, c, False, 16))
-                    streamed = measure(f"paced streams, c={c}", t.pid_paced,
-                                       run_load(t.base_paced, "bench/paced", args.streams * c, c, True, args.stream_tokens))
+                    streamed = measure(
+                        f"paced streams, c={c}", t.pid_paced, run_load(t.base_paced, "bench/paced", args.streams * c, c, True, args.stream_tokens)
+                    )
                     run[f"plain{c}"] = plain
                     run[f"stream{c}"] = streamed
                     run[f"cpu_us_per_request{c}"] = plain["cpu_s"] / plain["requests"] * 1e6
@@ -462,7 +492,9 @@ def ratios(runs: dict[str, list[dict]], concurrencies: list[int]) -> dict[str, d
                 continue
             out[f"{ours} / {ref}"] = {
                 f"{what} c={c}": [a[f"cpu_us_per_{what}{c}"] / b[f"cpu_us_per_{what}{c}"] for a, b in zip(runs[ours], runs[ref], strict=True)]
-                for what in ("request", "chunk") for c in concurrencies}
+                for what in ("request", "chunk")
+                for c in concurrencies
+            }
     return out
 
 

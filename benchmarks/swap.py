@@ -57,6 +57,7 @@ def write_config(directory: Path, models: int, min_awake: float) -> tuple[Path, 
 
 async def drive(router: int, models: int, seconds: float, rate: float) -> list[tuple[int, float]]:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{router}", timeout=300, limits=httpx.Limits(max_connections=1000)) as client:
+
         async def one(model: str) -> tuple[int, float]:
             started = time.monotonic()
             try:
@@ -110,7 +111,9 @@ def main() -> None:
     print(f"{args.models} models of 10 GB, budget 10 GB, alternating at {args.rate:g} req/s for {args.seconds:g} s")
     print(f"{'policy':<12}{'ok/sent':>10}{'wakes':>7}{'req/s':>8}{'p50 s':>8}{'p99 s':>8}{'worst s':>9}")
     for row in rows:
-        print(f"{row['policy']:<12}{row['ok']:>5}/{row['requests']:<4}{row['wakes']:>7}{row['throughput_rps']:>8}{row['p50_s']:>8}{row['p99_s']:>8}{row['worst_wait_s']:>9}")
+        print(
+            f"{row['policy']:<12}{row['ok']:>5}/{row['requests']:<4}{row['wakes']:>7}{row['throughput_rps']:>8}{row['p50_s']:>8}{row['p99_s']:>8}{row['worst_wait_s']:>9}"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

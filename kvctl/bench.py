@@ -34,7 +34,64 @@ ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 PERCENTILES = (50, 90, 99)
 _MAX_ERRORS_KEPT = 5
 _BODIES_PER_MODEL = 32  # distinct prompts, cycled; enough to defeat a prefix cache
-_WORDS = ["time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world", "school", "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week", "company", "system", "program", "question", "work", "government", "number", "night", "point", "home", "water", "room", "mother", "area", "money", "story", "fact", "month", "lot", "right", "study", "book", "eye", "job", "word", "business", "issue", "side", "kind", "head", "house", "service", "friend"]
+_WORDS = [
+    "time",
+    "year",
+    "people",
+    "way",
+    "day",
+    "man",
+    "thing",
+    "woman",
+    "life",
+    "child",
+    "world",
+    "school",
+    "state",
+    "family",
+    "student",
+    "group",
+    "country",
+    "problem",
+    "hand",
+    "part",
+    "place",
+    "case",
+    "week",
+    "company",
+    "system",
+    "program",
+    "question",
+    "work",
+    "government",
+    "number",
+    "night",
+    "point",
+    "home",
+    "water",
+    "room",
+    "mother",
+    "area",
+    "money",
+    "story",
+    "fact",
+    "month",
+    "lot",
+    "right",
+    "study",
+    "book",
+    "eye",
+    "job",
+    "word",
+    "business",
+    "issue",
+    "side",
+    "kind",
+    "head",
+    "house",
+    "service",
+    "friend",
+]
 
 
 @dataclass(frozen=True)
@@ -444,10 +501,7 @@ def render(result: dict[str, Any]) -> Group:
     """The human report: one row per model and one for all, then the first errors."""
     spec = result["spec"]
     mode = f"rate {spec['rate']:g}/s" if spec["rate"] is not None else f"concurrency {spec['concurrency']}"
-    title = (
-        f"bench {spec['url']} — {spec['endpoint']}, {'stream' if spec['stream'] else 'no stream'}, {mode}, "
-        f"{result['duration_seconds']:.1f}s"
-    )
+    title = f"bench {spec['url']} — {spec['endpoint']}, {'stream' if spec['stream'] else 'no stream'}, {mode}, {result['duration_seconds']:.1f}s"
     table = Table(title=title, title_justify="left")
     table.add_column("model", overflow="fold")
     for column in ("ok", "failed", "req/s", "tok/s"):

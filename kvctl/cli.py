@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from kvctl import supervisor as supervisor_mod
     from kvctl.config import Config
 else:
-    client_mod, config_mod, gpu, kvcached, reaper, render_mod, supervisor_mod, tree = map(lazy_module, (
-        "kvctl.client", "kvctl.config", "kvctl.gpu", "kvctl.kvcached", "kvctl.reaper", "kvctl.render", "kvctl.supervisor", "kvctl.tree"))
+    client_mod, config_mod, gpu, kvcached, reaper, render_mod, supervisor_mod, tree = map(
+        lazy_module, ("kvctl.client", "kvctl.config", "kvctl.gpu", "kvctl.kvcached", "kvctl.reaper", "kvctl.render", "kvctl.supervisor", "kvctl.tree")
+    )
 
 app = typer.Typer(
     name="kvctl",
@@ -57,7 +58,17 @@ ConfigOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable; see README).")]
 
-_STATE_STYLE = {"awake": "green", "asleep": "blue", "waking": "yellow", "draining": "yellow", "starting": "yellow", "down": "red", "failed": "bold red", "unknown": "red", "stopped": "blue"}
+_STATE_STYLE = {
+    "awake": "green",
+    "asleep": "blue",
+    "waking": "yellow",
+    "draining": "yellow",
+    "starting": "yellow",
+    "down": "red",
+    "failed": "bold red",
+    "unknown": "red",
+    "stopped": "blue",
+}
 
 
 def _load(path: Path | None, *, warn: bool = False) -> Config:
@@ -118,8 +129,12 @@ def up(
             raise
         except KeyboardInterrupt:
             progress.stop()
-            err.print(f"interrupted: what was started keeps running; `kvctl status -c {config.path}` shows it, "
-                      f"`kvctl down -c {config.path}` stops it.", markup=False, highlight=False, soft_wrap=True)
+            err.print(
+                f"interrupted: what was started keeps running; `kvctl status -c {config.path}` shows it, `kvctl down -c {config.path}` stops it.",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(130) from None
     for line in result.changes:
         out.print(line, markup=False, highlight=False)
@@ -181,24 +196,41 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
     rows: list[list[Cell]] = []
     if result.router is not None:
         router_health = "ok" if result.router_healthy else "failing"
-        rows.append([render_mod.ROUTER, "", "", str(config.router.port), result.router.state, str(result.router.pid or ""), _uptime(result.router.uptime), _health(router_health), "", "", ""])
+        rows.append(
+            [
+                render_mod.ROUTER,
+                "",
+                "",
+                str(config.router.port),
+                result.router.state,
+                str(result.router.pid or ""),
+                _uptime(result.router.uptime),
+                _health(router_health),
+                "",
+                "",
+                "",
+            ]
+        )
     for inst in result.instances:
         process = inst.process
-        rows.append([
-            Text(inst.name),
-            Text(inst.model),
-            inst.engine,
-            str(inst.port),
-            "external" if inst.external else (process.state if process else "-"),
-            str(process.pid) if process and process.pid else "",
-            _uptime(process.uptime if process else None),
-            _health(inst.health),
-            Text(inst.state, style=_STATE_STYLE.get(inst.state, "")),
-            _kv_cell(measured[inst.name][0]),
-            _gib(measured[inst.name][1], "{:.1f}G"),
-        ])
-    table = tables.fit(_STATUS_COLUMNS, rows, out.width, title=Text(f"kvctl — {config.path}"), title_justify="left",
-                       box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        rows.append(
+            [
+                Text(inst.name),
+                Text(inst.model),
+                inst.engine,
+                str(inst.port),
+                "external" if inst.external else (process.state if process else "-"),
+                str(process.pid) if process and process.pid else "",
+                _uptime(process.uptime if process else None),
+                _health(inst.health),
+                Text(inst.state, style=_STATE_STYLE.get(inst.state, "")),
+                _kv_cell(measured[inst.name][0]),
+                _gib(measured[inst.name][1], "{:.1f}G"),
+            ]
+        )
+    table = tables.fit(
+        _STATUS_COLUMNS, rows, out.width, title=Text(f"kvctl — {config.path}"), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+    )
     out.print(table)
     for inst in result.instances:
         if inst.failure:
@@ -210,9 +242,17 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
 
 # At 80 columns with long model names, GPU, engine, pid, KV, port and uptime give way (in that order).
 _STATUS_COLUMNS = [
-    Column("name"), Column("model"), Column("engine", drop=6), Column("port", "right", drop=2), Column("process"),
-    Column("pid", "right", drop=5), Column("uptime", "right", drop=1), Column("health"), Column("state"),
-    Column("KV", "right", drop=4), Column("GPU", "right", drop=7),
+    Column("name"),
+    Column("model"),
+    Column("engine", drop=6),
+    Column("port", "right", drop=2),
+    Column("process"),
+    Column("pid", "right", drop=5),
+    Column("uptime", "right", drop=1),
+    Column("health"),
+    Column("state"),
+    Column("KV", "right", drop=4),
+    Column("GPU", "right", drop=7),
 ]
 
 
@@ -415,15 +455,34 @@ def kv_list(config_path: ConfigOption = None, as_json: JsonOption = False) -> No
         kv = row["kv"] or {}
         used, limit = kv.get("used_bytes"), kv.get("limit_bytes")
         share = f"{100 * used / limit:.0f}" if isinstance(used, int) and limit else "-"
-        cells.append([Text(row["instance"] or "(other)"), Text(row["model"] or ""), Text(row["segment"]), _gib(used, "{:.2f}"),
-                      _gib(kv.get("prealloc_bytes"), "{:.2f}"), _gib(limit, "{:.2f}"), share])
+        cells.append(
+            [
+                Text(row["instance"] or "(other)"),
+                Text(row["model"] or ""),
+                Text(row["segment"]),
+                _gib(used, "{:.2f}"),
+                _gib(kv.get("prealloc_bytes"), "{:.2f}"),
+                _gib(limit, "{:.2f}"),
+                share,
+            ]
+        )
     if not cells:
         out.print("no kvcached instance (ENABLE_KVCACHED=true) in this config and no kvctl_* segment in /dev/shm", markup=False)
         return
-    columns = [Column("instance"), Column("model", drop=2), Column("segment", drop=1), Column("used", "right"), Column("prealloc", "right", drop=3),
-               Column("limit", "right"), Column("use%", "right")]
-    out.print(tables.fit(columns, cells, out.width, title=Text("kvcached KV cache (GiB)"), title_justify="left", box=box.SIMPLE_HEAD,
-                         pad_edge=False, collapse_padding=True))
+    columns = [
+        Column("instance"),
+        Column("model", drop=2),
+        Column("segment", drop=1),
+        Column("used", "right"),
+        Column("prealloc", "right", drop=3),
+        Column("limit", "right"),
+        Column("use%", "right"),
+    ]
+    out.print(
+        tables.fit(
+            columns, cells, out.width, title=Text("kvcached KV cache (GiB)"), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+        )
+    )
 
 
 # --------------------------------------------------------------------------- config
@@ -578,8 +637,13 @@ def stats(
 def bench(
     config_path: ConfigOption = None,
     url: Annotated[str | None, typer.Option("--url", help="Any OpenAI-compatible base URL (with or without /v1) instead of the config's router.")] = None,
-    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Model to load (repeatable; default: every configured model, or GET /v1/models with --url).")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Closed loop: this many requests in flight (default 8). With --rate: the connection cap (default 256).", show_default=False)] = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", "-m", help="Model to load (repeatable; default: every configured model, or GET /v1/models with --url).")
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Closed loop: this many requests in flight (default 8). With --rate: the connection cap (default 256).", show_default=False),
+    ] = None,
     rate: Annotated[float | None, typer.Option(help="Open loop: Poisson arrivals at this many requests/s (seeded).", show_default=False)] = None,
     requests: Annotated[int | None, typer.Option(help="Requests in total, round-robin over the models (default 100).", show_default=False)] = None,
     duration: Annotated[float | None, typer.Option(help="Run for this many seconds instead of a request count.", show_default=False)] = None,
@@ -589,7 +653,10 @@ def bench(
     max_tokens: Annotated[int, typer.Option(help="max_tokens of each request.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed for prompts and arrival times.")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the full result as JSON to this file.", show_default=False)] = None,
-    api_key: Annotated[str | None, typer.Option("--api-key", envvar="OPENAI_API_KEY", help="Bearer key (default: $OPENAI_API_KEY, then the config's first api_key).", show_default=False)] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="OPENAI_API_KEY", help="Bearer key (default: $OPENAI_API_KEY, then the config's first api_key).", show_default=False),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the first byte and between chunks.")] = 600.0,
     allow_errors: Annotated[bool, typer.Option("--allow-errors", help="Exit 0 even when requests failed.")] = False,
 ) -> None:
@@ -599,8 +666,20 @@ def bench(
     # With --url the config is optional: used for its api_key when there is one.
     config = _load(config_path) if url is None or config_mod.resolve_path(config_path).exists() else None
     spec = bench_mod.make_spec(
-        config, url=url, models=model or [], api_key=api_key, concurrency=concurrency, rate=rate, requests=requests,
-        duration=duration, stream=stream, endpoint=endpoint, prompt_tokens=prompt_tokens, max_tokens=max_tokens, seed=seed, timeout=timeout,
+        config,
+        url=url,
+        models=model or [],
+        api_key=api_key,
+        concurrency=concurrency,
+        rate=rate,
+        requests=requests,
+        duration=duration,
+        stream=stream,
+        endpoint=endpoint,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        seed=seed,
+        timeout=timeout,
     )
     result = bench_mod.run_with_progress(spec, err)
     if json_path is not None:

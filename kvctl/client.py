@@ -15,6 +15,7 @@ from kvctl.errors import KvctlError
 
 EVENTS_READ_TIMEOUT_SECONDS = 60.0
 
+
 class RouterUnreachable(KvctlError):
     """The router did not answer (not running, or not yet listening)."""
 
@@ -66,7 +67,9 @@ class RouterClient:
             with self._http.stream("GET", "/events", params={"follow": "true" if follow else "false"}, timeout=timeout) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise RouterRequestError(response.status_code, f"router: GET /events -> {response.status_code}: {_error_message(_json(response), response.text)}")
+                    raise RouterRequestError(
+                        response.status_code, f"router: GET /events -> {response.status_code}: {_error_message(_json(response), response.text)}"
+                    )
                 yield from _sse_data(response.iter_lines())
         except httpx.HTTPError as exc:
             raise RouterUnreachable(f"router at {self.url}: event stream failed: {exc or type(exc).__name__}") from None

@@ -324,8 +324,9 @@ def _yaml_problem(exc: MarkedYAMLError, text: str) -> tuple[tuple[int, int], str
     key = _KEY_LINE.match(here)
     # A key indented differently from its neighbours: ruamel sees a scalar continued by a
     # stray ':' (deeper) or a block that ends where none can (shallower).
-    if key and ((problem.startswith("expected <block end>") and col == key.start(2))
-                or (problem == "mapping values are not allowed here" and col == key.end(3))):
+    if key and (
+        (problem.startswith("expected <block end>") and col == key.start(2)) or (problem == "mapping values are not allowed here" and col == key.end(3))
+    ):
         return (line, key.start(3)), _misaligned(lines, line, key)
     if problem == "mapping values are not allowed here":
         return (line, col), "YAML syntax error: ': ' inside a value (quote the value)"
@@ -473,8 +474,10 @@ class _Reader:
             return None
         name = raw.get("name") or model.rstrip("/").rsplit("/", 1)[-1]
         if not _SAFE_NAME.match(name):
-            self.error(at("name") if "name" in node else at("model"),
-                       f"{where}: name '{_clip(name)}' is not safe as a process name (letters, digits, '_', '.', '-'; at most 64; set 'name:')")
+            self.error(
+                at("name") if "name" in node else at("model"),
+                f"{where}: name '{_clip(name)}' is not safe as a process name (letters, digits, '_', '.', '-'; at most 64; set 'name:')",
+            )
             ok = False
         elif name in _RESERVED_NAMES:
             self.error(at("name") if "name" in node else at("model"), f"{where}: name '{name}' is reserved by kvctl")
@@ -509,8 +512,10 @@ class _Reader:
         env.update(raw.get("engine_env", {}))
         ipc = kvcached_ipc_name(name)
         if env.get("KVCACHED_IPC_NAME", ipc) != ipc:
-            self.warn(at("kvcached_env") if "kvcached_env" in node else pos,
-                      f"{where}: KVCACHED_IPC_NAME={_clip(env['KVCACHED_IPC_NAME'])} replaced by {ipc} (it must be unique per instance)")
+            self.warn(
+                at("kvcached_env") if "kvcached_env" in node else pos,
+                f"{where}: KVCACHED_IPC_NAME={_clip(env['KVCACHED_IPC_NAME'])} replaced by {ipc} (it must be unique per instance)",
+            )
         env["KVCACHED_IPC_NAME"] = ipc
 
         sleep_raw = raw.get("sleep", {})
@@ -590,9 +595,11 @@ class _Reader:
             else:
                 ipc = kvcached_ipc_name(inst.name)
                 if ipc in ipc_names:
-                    self.error(_pos_of(node, "name", _pos_of(node, "model", pos)),
-                               f"instance '{inst.name}': its kvcached IPC name '{ipc}' is also that of instance '{ipc_names[ipc]}' "
-                               "(only letters, digits, '_' and '-' count, at most 64); rename one")
+                    self.error(
+                        _pos_of(node, "name", _pos_of(node, "model", pos)),
+                        f"instance '{inst.name}': its kvcached IPC name '{ipc}' is also that of instance '{ipc_names[ipc]}' "
+                        "(only letters, digits, '_' and '-' count, at most 64); rename one",
+                    )
                 ipc_names.setdefault(ipc, inst.name)
             names.add(inst.name)
             if inst.port in ports and not inst.external:
@@ -610,10 +617,12 @@ class _Reader:
             if router.allow_unauthenticated:
                 self.warn(router_pos, f"router binds non-loopback host '{_clip(router.host)}' with no api_keys: anyone who can reach it can use it")
             else:
-                self.error(router_pos, f"router binds non-loopback host '{_clip(router.host)}' with no api_keys; set router.api_keys or router.allow_unauthenticated: true")
+                self.error(
+                    router_pos,
+                    f"router binds non-loopback host '{_clip(router.host)}' with no api_keys; set router.api_keys or router.allow_unauthenticated: true",
+                )
         if len(str(run_dir / "supervisor.sock")) > _MAX_SOCKET_PATH:
             self.error(_pos_of(data, "run_dir", (0, 0)), f"run_dir '{_clip(str(run_dir))}' is too long for a unix socket path; choose a shorter run_dir")
-
 
     def literal_secrets_warning(self, data: Any) -> None:
         """Keys written into a file that others can read are keys others have."""
@@ -621,8 +630,11 @@ class _Reader:
         if not isinstance(router, CommentedMap):
             return
         keys = router.get("api_keys")
-        literal = [key for key, values in (("api_keys", keys if isinstance(keys, CommentedSeq) else ()), ("admin_token", [router.get("admin_token")]))
-                   if any(isinstance(v, str) and _VAR.sub("", v).strip() for v in values)]
+        literal = [
+            key
+            for key, values in (("api_keys", keys if isinstance(keys, CommentedSeq) else ()), ("admin_token", [router.get("admin_token")]))
+            if any(isinstance(v, str) and _VAR.sub("", v).strip() for v in values)
+        ]
         if not literal:
             return
         try:
@@ -630,8 +642,11 @@ class _Reader:
         except OSError:
             return  # parsed from text, not a file
         if mode & 0o077:
-            self.warn(_key_pos(router, literal[0], (0, 0)), f"router.{' and router.'.join(literal)} written in the file, which group/others can read "
-                                                 f"(mode {mode:04o}): chmod 600 {self.file.name}, or use ${{VAR}} to take them from the environment")
+            self.warn(
+                _key_pos(router, literal[0], (0, 0)),
+                f"router.{' and router.'.join(literal)} written in the file, which group/others can read "
+                f"(mode {mode:04o}): chmod 600 {self.file.name}, or use ${{VAR}} to take them from the environment",
+            )
 
     def budget_checks(self, placed: list[_Placed], sm: SleepManagerConfig) -> None:
         """Refuse what can never fit memory_budget_gb, instead of requests waiting for it forever."""
@@ -644,14 +659,18 @@ class _Reader:
                 continue
             at = _pos_of(node, "memory_gb", pos)
             if inst.memory_gb > budget:
-                self.error(at, f"instance '{inst.name}': memory_gb {inst.memory_gb:g} exceeds sleep_manager.memory_budget_gb {budget:g}: it could never be awake")
+                self.error(
+                    at, f"instance '{inst.name}': memory_gb {inst.memory_gb:g} exceeds sleep_manager.memory_budget_gb {budget:g}: it could never be awake"
+                )
             elif not inst.sleep.enabled or (inst.sleep.start_explicit and inst.sleep.start == "awake"):
                 # Pinned: never sleeps, or must be awake after `up` because the file says so.
                 pinned += inst.memory_gb
                 if pinned > budget and pinned - inst.memory_gb <= budget:
-                    self.error(at, f"instance '{inst.name}': instances that never sleep (sleep.enabled: false) or start awake (start: awake) "
-                                   f"need {pinned:g} GB together with this one, more than sleep_manager.memory_budget_gb {budget:g}")
-
+                    self.error(
+                        at,
+                        f"instance '{inst.name}': instances that never sleep (sleep.enabled: false) or start awake (start: awake) "
+                        f"need {pinned:g} GB together with this one, more than sleep_manager.memory_budget_gb {budget:g}",
+                    )
 
     def kv_checks(self, data: Any, placed: list[_Placed], sm: SleepManagerConfig) -> None:
         """kvcached settings that cannot work (SPEC §13)."""
@@ -663,7 +682,10 @@ class _Reader:
             self.error(_pos_of(node, "kv_min_gb", at), f"kv_min_gb: {sm.kv_min_gb:g} is more than kv_budget_gb {sm.kv_budget_gb:g}")
         for inst, pos, inode in placed:
             if inst.kv_limit_gb is not None and not kvcached.enabled(inst.env):
-                self.warn(_pos_of(inode, "kv_limit_gb", pos), f"instance '{inst.name}': kv_limit_gb is set but ENABLE_KVCACHED=true is not in its environment: no segment to limit")
+                self.warn(
+                    _pos_of(inode, "kv_limit_gb", pos),
+                    f"instance '{inst.name}': kv_limit_gb is set but ENABLE_KVCACHED=true is not in its environment: no segment to limit",
+                )
 
 
 _INVALID = object()
@@ -673,7 +695,9 @@ _Placed = tuple[Instance, tuple[int, int], CommentedMap]  # an instance, its lis
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing"
-    return {CommentedMap: "a mapping", CommentedSeq: "a list", bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(type(value), type(value).__name__)
+    return {CommentedMap: "a mapping", CommentedSeq: "a list", bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _pos_of(node: Any, key: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -792,7 +816,9 @@ def _bool(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
     return value
 
 
-def _number(minimum: float = 0.0, *, positive: bool = False, maximum: float | None = None, optional: bool = False) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
+def _number(
+    minimum: float = 0.0, *, positive: bool = False, maximum: float | None = None, optional: bool = False
+) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
     def convert(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
         if value is None and optional:
             return None

@@ -145,7 +145,9 @@ class SglangAdapter(EngineAdapter):
 
     def config_warnings(self, inst: Instance) -> list[str]:
         if inst.sleep.enabled and "--enable-memory-saver" not in inst.args:
-            return ["sleep is enabled but --enable-memory-saver is missing from engine_args: SGLang cannot release memory (set sleep.enabled: false to silence)"]
+            return [
+                "sleep is enabled but --enable-memory-saver is missing from engine_args: SGLang cannot release memory (set sleep.enabled: false to silence)"
+            ]
         return []
 
     async def sleep(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:

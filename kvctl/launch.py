@@ -127,8 +127,11 @@ class Launcher:
         log_offset = _size(spec.log)
         try:
             self.engine = os.posix_spawn(
-                self.command[0], self.command, engine_env(spec, dict(os.environ)),
-                setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # what an exec'd program expects
+                self.command[0],
+                self.command,
+                engine_env(spec, dict(os.environ)),
+                setsigmask=(),
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # what an exec'd program expects
             )
         except OSError as exc:
             return self.give_up(procstate.StartRecord(failures + 1, True, f"cannot run {self.command[0]}: {exc.strerror}"))

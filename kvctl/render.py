@@ -203,7 +203,9 @@ def _verify(text: str, progs: list[Program], config: Config) -> None:
     except ValueError as exc:
         raise ConfigError([f"{config.path}: the rendered supervisord.conf is invalid: {exc}"]) from None
     if bad:
-        raise ConfigError([f"{config.path}: instance '{name}': its command cannot be written to supervisord.conf exactly (an argument holding ' ;' or ' #'?)" for name in bad])
+        raise ConfigError(
+            [f"{config.path}: instance '{name}': its command cannot be written to supervisord.conf exactly (an argument holding ' ;' or ' #'?)" for name in bad]
+        )
 
 
 def write(config: Config) -> Path:
@@ -218,4 +220,3 @@ def write(config: Config) -> Path:
             write_private(paths.env_file(program.name), program.launch.to_json())
     write_private(paths.conf, text)
     return paths.conf
-

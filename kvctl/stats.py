@@ -28,7 +28,10 @@ def gather(client: RouterClient, config: Config, window: float) -> dict[str, Any
     models = json_object(client.get("/models").get("models"))
     sleep = json_object(client.get("/sleep/status"))
     candidates = set(sleep.get("sleep_candidates") or ())
-    rows = {model: _row(model, instances, json_object(traffic.get(model)), json_object(models.get(model)), candidates) for model, instances in config.models().items()}
+    rows = {
+        model: _row(model, instances, json_object(traffic.get(model)), json_object(models.get(model)), candidates)
+        for model, instances in config.models().items()
+    }
     return {
         "router": client.url,
         "window_seconds": window,
@@ -78,9 +81,19 @@ def _ms(seconds: Any) -> float | None:
 
 # Short headers (units are in the title). At 80 columns the least needed give way first.
 _COLUMNS = [
-    Column("model"), Column("state"), Column("inst", "right", drop=6), Column("run", "right"), Column("queue", "right", drop=7),
-    Column("req/s", "right"), Column("total", "right", drop=5), Column("ok%", "right"), Column("p50", "right", drop=1),
-    Column("p95", "right", drop=8), Column("ttft50", "right", drop=9), Column("idle", "right", drop=2), Column("GB", "right", drop=4),
+    Column("model"),
+    Column("state"),
+    Column("inst", "right", drop=6),
+    Column("run", "right"),
+    Column("queue", "right", drop=7),
+    Column("req/s", "right"),
+    Column("total", "right", drop=5),
+    Column("ok%", "right"),
+    Column("p50", "right", drop=1),
+    Column("p95", "right", drop=8),
+    Column("ttft50", "right", drop=9),
+    Column("idle", "right", drop=2),
+    Column("GB", "right", drop=4),
     Column("KV", "right", drop=3),
 ]
 
@@ -96,22 +109,24 @@ def render(snapshot: dict[str, Any], width: int) -> RenderableType:
     for model, row in snapshot["models"].items():
         state = row["state"]
         idle_text = _uptime(row["idle_seconds"]) if isinstance(row["idle_seconds"], (int, float)) else "-"
-        rows.append([
-            Text(model),
-            Text(state, style=_STATE_STYLE.get(state, "")),
-            f"{row['instances_awake']}/{row['instances']}",
-            _num(row["in_flight"]),
-            _num(row["queued"]),
-            _num(row["request_rate"], "{:.2f}"),
-            _num(row["total_requests"]),
-            _num(row["success_rate"], "{:.1f}"),
-            _num(row["latency_p50_ms"], "{:.1f}"),
-            _num(row["latency_p95_ms"], "{:.1f}"),
-            _num(row["ttft_p50_ms"], "{:.1f}"),
-            Text(idle_text, style="yellow" if row["sleep_candidate"] else ""),  # yellow: would be slept now
-            _num(row["memory_gb"], "{:g}"),
-            _kv_cell(row.get("kv")),
-        ])
+        rows.append(
+            [
+                Text(model),
+                Text(state, style=_STATE_STYLE.get(state, "")),
+                f"{row['instances_awake']}/{row['instances']}",
+                _num(row["in_flight"]),
+                _num(row["queued"]),
+                _num(row["request_rate"], "{:.2f}"),
+                _num(row["total_requests"]),
+                _num(row["success_rate"], "{:.1f}"),
+                _num(row["latency_p50_ms"], "{:.1f}"),
+                _num(row["latency_p95_ms"], "{:.1f}"),
+                _num(row["ttft_p50_ms"], "{:.1f}"),
+                Text(idle_text, style="yellow" if row["sleep_candidate"] else ""),  # yellow: would be slept now
+                _num(row["memory_gb"], "{:g}"),
+                _kv_cell(row.get("kv")),
+            ]
+        )
     title = Text(f"kvctl stats — {snapshot['router']} — {window:g}s window, latency ms — {sleeping}")
     return fit(_COLUMNS, rows, width, title=title, title_justify="left", box=box.SIMPLE_HEAVY, pad_edge=False, collapse_padding=True)
 

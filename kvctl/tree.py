@@ -197,8 +197,9 @@ def _wait_router_ready(config: Config, report: Reporter, stopped: set[str]) -> N
 def _wait_healthy(config: Config, sup: Supervisor, report: Reporter, skip: set[str]) -> None:
     """Poll every program until healthy; fail on the first that dies or times out."""
     now = time.monotonic()
-    pending: dict[str, tuple[str, float]] = {inst.name: (health_url(inst), now + inst.startup_timeout_seconds)
-                                             for inst in config.launched if inst.name not in skip}
+    pending: dict[str, tuple[str, float]] = {
+        inst.name: (health_url(inst), now + inst.startup_timeout_seconds) for inst in config.launched if inst.name not in skip
+    }
     if config.router.enabled:
         pending[ROUTER] = (config.router.url + "/health", now + ROUTER_STARTUP_TIMEOUT_SECONDS)
     while pending:
@@ -387,17 +388,19 @@ def status(config: Config, router_instances: dict[str, dict[str, Any]] | None) -
         state = "-" if router_instances is None else str(seen.get("state", "unknown")) if seen else "unknown"
         record = procstate.read(config.run_dir, inst.name)
         failure = record.reason if record and record.failed else (seen or {}).get("failure")
-        instances.append(InstanceStatus(
-            name=inst.name,
-            model=inst.model,
-            engine=inst.engine,
-            port=inst.port,
-            external=inst.external,
-            process=process,
-            health=_health(inst, process, state, probed=processes is not None or inst.external),
-            state=state,
-            failure=str(failure) if failure else None,
-        ))
+        instances.append(
+            InstanceStatus(
+                name=inst.name,
+                model=inst.model,
+                engine=inst.engine,
+                port=inst.port,
+                external=inst.external,
+                process=process,
+                health=_health(inst, process, state, probed=processes is not None or inst.external),
+                state=state,
+                failure=str(failure) if failure else None,
+            )
+        )
     router = (processes or {}).get(ROUTER)
     return TreeStatus(
         running=processes is not None,

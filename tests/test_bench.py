@@ -43,8 +43,9 @@ def check_metrics(m: dict[str, Any]) -> None:
 def tree(procs: Procs, tmp_path: Path):
     """Two paced sim engines behind a real router; api_keys set so bench must send one."""
     pace = {"ttft_ms": TTFT_MS, "tokens_per_second": TOKENS_PER_SECOND}
-    config = write_config(tmp_path, [sim_instance("org/model-a", name="a", **pace), sim_instance("model-b", name="b", **pace)],
-                          router={"api_keys": ["bench-key"]})
+    config = write_config(
+        tmp_path, [sim_instance("org/model-a", name="a", **pace), sim_instance("model-b", name="b", **pace)], router={"api_keys": ["bench-key"]}
+    )
     start_engines(procs, config)
     start_router(procs, config, token="bench-key")
     return config
@@ -73,8 +74,23 @@ def test_bench_through_router_reports_every_metric(tree, tmp_path: Path) -> None
 
 def test_bench_rate_mode_and_completions_endpoint(tree, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    result = kvctl("bench", "-c", str(tree.path), "--rate", "40", "--requests", "20", "--endpoint", "completions", "--model", "model-b",
-                   "--max-tokens", "4", "--json", str(out))
+    result = kvctl(
+        "bench",
+        "-c",
+        str(tree.path),
+        "--rate",
+        "40",
+        "--requests",
+        "20",
+        "--endpoint",
+        "completions",
+        "--model",
+        "model-b",
+        "--max-tokens",
+        "4",
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert list(report["models"]) == ["model-b"]
@@ -94,8 +110,21 @@ def test_bench_url_at_a_sim_directly(procs: Procs, tmp_path: Path, suffix: str, 
     wait_http_ok(f"http://127.0.0.1:{port}/health")
     out = tmp_path / "bench.json"
     # No config here and no --model: the model comes from GET /v1/models.
-    result = kvctl("bench", "--url", f"http://127.0.0.1:{port}{suffix}", "--requests", "12", "--concurrency", "3",
-                   "--max-tokens", "5", "--stream" if stream else "--no-stream", "--json", str(out), cwd=tmp_path)
+    result = kvctl(
+        "bench",
+        "--url",
+        f"http://127.0.0.1:{port}{suffix}",
+        "--requests",
+        "12",
+        "--concurrency",
+        "3",
+        "--max-tokens",
+        "5",
+        "--stream" if stream else "--no-stream",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     overall = report["overall"]
@@ -129,12 +158,15 @@ def test_bench_unreachable_target_is_a_reported_failure(tmp_path: Path) -> None:
     assert "cannot connect" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--requests", "5", "--duration", "1"), "not both"),
-    (("--requests", "0"), "--requests must be positive"),
-    (("--endpoint", "embeddings"), "--endpoint must be one of"),
-    (("--url", "ftp://x"), "must start with http"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--requests", "5", "--duration", "1"), "not both"),
+        (("--requests", "0"), "--requests must be positive"),
+        (("--endpoint", "embeddings"), "--endpoint must be one of"),
+        (("--url", "ftp://x"), "must start with http"),
+    ],
+)
 def test_bench_bad_options_exit_2(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     base = () if "--url" in args else ("--url", "http://127.0.0.1:9")
     result = kvctl("bench", *base, "--model", "m", *args, cwd=tmp_path)
@@ -147,10 +179,15 @@ def test_bench_ctrl_c_reports_what_finished(procs: Procs, tmp_path: Path) -> Non
     wait_http_ok(f"http://127.0.0.1:{port}/health")
     out = tmp_path / "bench.json"
     env = {**os.environ, "COLUMNS": "200"}
-    bench = procs.start([sys.executable, "-m", "kvctl", "bench", "--url", f"http://127.0.0.1:{port}", "--model", "slow", "--duration", "60",
-                         "--json", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/sim/state", timeout=2).json()["requests_served"] >= 5, timeout=30,
-             what="bench to have sent requests")
+    bench = procs.start(
+        [sys.executable, "-m", "kvctl", "bench", "--url", f"http://127.0.0.1:{port}", "--model", "slow", "--duration", "60", "--json", str(out)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/sim/state", timeout=2).json()["requests_served"] >= 5, timeout=30, what="bench to have sent requests")
     bench.send_signal(signal.SIGINT)
     stdout, stderr = bench.communicate(timeout=30)
     assert bench.returncode == 130, stderr

@@ -37,8 +37,10 @@ def kvctl(*args: str, columns: int = 200, timeout: float = 60) -> subprocess.Com
 def test_engine_flag_warnings_only_from_config_check(tmp_path: Path) -> None:
     config = tmp_path / "kvctl.yaml"
     # SGLang with sleep enabled but without --enable-memory-saver: a warning at the instance.
-    config.write_text(f"router:\n  router_port: {free_port()}\nrun_dir: {tmp_path / 'run'}\n"
-                      f"instances:\n  - name: s\n    model: org/s\n    engine: sglang\n    port: {free_port()}\n")
+    config.write_text(
+        f"router:\n  router_port: {free_port()}\nrun_dir: {tmp_path / 'run'}\n"
+        f"instances:\n  - name: s\n    model: org/s\n    engine: sglang\n    port: {free_port()}\n"
+    )
     check = kvctl("config", "check", "-c", str(config))
     assert check.returncode == 0, check.stderr
     assert f"{config}:5:5: warning:" in check.stderr and "--enable-memory-saver" in check.stderr
@@ -114,7 +116,7 @@ def test_events_prints_history_and_follows_until_ctrl_c(kvtree: Tree, procs: Pro
     follower = procs.start([*KVCTL, "events", "-f", "--json", "-c", str(kvtree.config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines = Lines(follower)
     wait_for(lambda: len(lines.lines) >= len(history), timeout=20, what="the replayed history")
-    assert lines.events()[:len(history)] == history
+    assert lines.events()[: len(history)] == history
     woke = kvtree.kvctl("wake", "org/a")
     assert woke.returncode == 0, woke.stdout + woke.stderr
     wait_for(lambda: any((e["instance"], e["from"], e["to"]) == ("a", "waking", "awake") for e in lines.events()), timeout=20, what="a's wake, live")
@@ -149,8 +151,7 @@ def model_states(tree: Tree) -> dict[str, str]:
 def test_wake_reports_end_states_and_who_made_room(kvtree: Tree) -> None:
     # The budget holds one of the two models at a time.
     gb = "    memory_gb: 6\n"
-    kvtree.write(sim_instance("a", free_port(), extra=gb) + sim_instance("b", free_port(), extra=gb),
-                 extra=AUTH + "sleep_manager:\n  memory_budget_gb: 10\n")
+    kvtree.write(sim_instance("a", free_port(), extra=gb) + sim_instance("b", free_port(), extra=gb), extra=AUTH + "sleep_manager:\n  memory_budget_gb: 10\n")
     assert kvtree.kvctl("up").returncode == 0
 
     woke = kvtree.kvctl("wake", "org/a")
@@ -210,7 +211,11 @@ def test_status_degraded_when_the_router_does_not_know_a_running_instance(kvtree
     # b's engine runs and is healthy, but the router does not route to it.
     kvtree.write(instances.split("  - name: b")[0])
     assert kvtree.supervisorctl("signal", "HUP", "router").returncode == 0
-    wait_for(lambda: [i["name"] for i in httpx.get(kvtree.router_url + "/health/all", timeout=5).json()["instances"]] == ["a"], timeout=30, what="the router to drop b")
+    wait_for(
+        lambda: [i["name"] for i in httpx.get(kvtree.router_url + "/health/all", timeout=5).json()["instances"]] == ["a"],
+        timeout=30,
+        what="the router to drop b",
+    )
     kvtree.write(instances)
     body = status_json(kvtree)
     assert body["exit_code"] == 1
@@ -236,8 +241,10 @@ def test_status_shows_a_loading_engine_as_loading_not_failing(kvtree: Tree) -> N
 
 
 def test_status_shows_why_an_instance_failed_and_fits_80_columns(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("good-instance", free_port(), model="meta-llama/Llama-3.2-1B")
-                 + sim_instance("broken", free_port(), extra="    startretries: 0\n    engine_args: ['--ttft-ms', 'not-a-number']\n"))
+    kvtree.write(
+        sim_instance("good-instance", free_port(), model="meta-llama/Llama-3.2-1B")
+        + sim_instance("broken", free_port(), extra="    startretries: 0\n    engine_args: ['--ttft-ms', 'not-a-number']\n")
+    )
     assert kvtree.kvctl("up").returncode == 1
     broken = wait_for(lambda: (b := by_name(status_json(kvtree))["broken"])["state"] == "failed" and b, timeout=30, what="broken to be failed")
     assert broken["health"] == "failing" and broken["failure"]

@@ -47,7 +47,12 @@ BROKEN = [
     ("unsafe-name", "instances:\n  - name: 'bad name;rm'\n    model: m\n    engine: sim\n    port: 12001\n", "2:11", "not safe as a process name"),
     ("reserved-name", "instances:\n  - name: router\n    model: m\n    engine: sim\n    port: 12001\n", "2:11", "reserved"),
     ("unset-var", "instances:\n  - model: ${KVCTL_TEST_SURELY_UNSET}\n    engine: sim\n    port: 12001\n", "2:12", "KVCTL_TEST_SURELY_UNSET' is not set"),
-    ("bad-venv", "instances:\n  - model: m\n    engine: vllm\n    using_venv: true\n    venv_path: ./no-such-venv\n    port: 12001\n", "5:16", "has no executable bin/python"),
+    (
+        "bad-venv",
+        "instances:\n  - model: m\n    engine: vllm\n    using_venv: true\n    venv_path: ./no-such-venv\n    port: 12001\n",
+        "5:16",
+        "has no executable bin/python",
+    ),
     ("port-in-args-bad", "instances:\n  - model: m\n    engine: sim\n    engine_args: ['--port=http']\n", "4:18", "is not a port number"),
     ("port-out-of-range", "instances:\n  - model: m\n    engine: sim\n    port: 70000\n", "4:11", "between 1 and 65535"),
     ("env-not-key-value", "instances:\n  - model: m\n    engine: sim\n    port: 12001\n    engine_env: ['NOEQUALS']\n", "5:18", "expected 'KEY=VALUE'"),
@@ -104,7 +109,15 @@ def test_kvcached_example_passes_check_in_the_kvcached_layout(tmp_path: Path) ->
     first = config.instances[0]
     assert (first.name, first.model, first.engine, first.host, first.port) == ("instance1", "meta-llama/Llama-3.2-1B", "vllm", "localhost", 12346)
     assert first.python == str(venv_bin / "python")
-    assert first.args == ("--disable-log-requests", "--no-enable-prefix-caching", "--host=localhost", "--port=12346", "--gpu-memory-utilization", "0.5", "--enable-sleep-mode")
+    assert first.args == (
+        "--disable-log-requests",
+        "--no-enable-prefix-caching",
+        "--host=localhost",
+        "--port=12346",
+        "--gpu-memory-utilization",
+        "0.5",
+        "--enable-sleep-mode",
+    )
     assert first.env["KVCACHED_GPU_UTILIZATION"] == "0.95" and first.env["ENABLE_KVCACHED"] == "true"
     assert first.env["VLLM_SERVER_DEV_MODE"] == "1"
     # The prototype gave both instances the same IPC name; kvctl makes them unique and says so.
@@ -126,10 +139,7 @@ def test_config_path_from_environment_and_relative_paths_resolve_against_the_fil
 
 def test_sleep_warnings_do_not_fail_the_check(tmp_path: Path) -> None:
     path = tmp_path / "kvctl.yaml"
-    path.write_text(
-        "instances:\n  - model: m\n    engine: vllm\n    port: 12001\n"
-        "  - model: n\n    engine: sglang\n    port: 12002\n"
-    )
+    path.write_text("instances:\n  - model: m\n    engine: vllm\n    port: 12001\n  - model: n\n    engine: sglang\n    port: 12002\n")
     result = kvctl("config", "check", "-c", str(path))
     assert result.returncode == 0, result.stderr
     assert "VLLM_SERVER_DEV_MODE=1" in result.stderr and "--enable-sleep-mode" in result.stderr
@@ -166,7 +176,7 @@ def only_problem(text: str) -> tuple[str, str]:
     found = problems(text)
     assert len(found) == 1, found
     assert found[0].startswith(f"{FILE}:"), found
-    where, message = found[0][len(f"{FILE}:"):].split(": ", 1)
+    where, message = found[0][len(f"{FILE}:") :].split(": ", 1)
     return where, message
 
 
@@ -292,11 +302,14 @@ def _two(first: str, second: str) -> str:
     return f"instances:\n  - {first}\n    engine: sim\n    port: 12001\n  - engine: sim\n    port: 12002\n    {second}\n"
 
 
-@pytest.mark.parametrize("text, where", [
-    (_two("name: a.b\n    model: m", "name: a-b\n    model: n"), "8:5"),  # differ only in a character kvcached replaces
-    (_two("name: " + "y" * 60 + "1\n    model: m", "name: " + "y" * 60 + "2\n    model: n"), "8:5"),  # differ beyond 64 characters
-    (_two("name: m.1\n    model: m", "model: org/m-1"), "8:5"),  # a name derived from the model collides too
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        (_two("name: a.b\n    model: m", "name: a-b\n    model: n"), "8:5"),  # differ only in a character kvcached replaces
+        (_two("name: " + "y" * 60 + "1\n    model: m", "name: " + "y" * 60 + "2\n    model: n"), "8:5"),  # differ beyond 64 characters
+        (_two("name: m.1\n    model: m", "model: org/m-1"), "8:5"),  # a name derived from the model collides too
+    ],
+)
 def test_colliding_kvcached_ipc_names_are_an_error_at_the_second_name(text: str, where: str) -> None:
     found_where, message = only_problem(text)
     assert found_where == where and "kvcached IPC name" in message, message
@@ -338,18 +351,42 @@ LOCATED = [
     ("nested-type-error-names-the-key", "instances:\n" + GOOD_INSTANCE + "    sleep: {level: 3}\n", "6:20", "level: must be one of 1, 2, got 3"),
     ("list-item-type-error-names-the-key", "router:\n  api_keys: [1]\ninstances:\n" + GOOD_INSTANCE, "2:14", "api_keys: expected a string, got an integer"),
     ("section-not-a-mapping", "router: 8080\ninstances:\n" + GOOD_INSTANCE, "1:9", "router: expected a mapping, got an integer"),
-    ("duplicate-port-in-engine-args", "instances:\n" + GOOD_INSTANCE + "  - model: b\n    engine: sim\n    engine_args: ['--max-model-len 8', '--port 12001']\n",
-     "8:40", "instance 'b': port 12001 is already used by instance 'a'"),
-    ("router-port-in-engine-args-string", "router:\n  router_port: 12001\ninstances:\n  - model: b\n    engine: sim\n    engine_args: --port=12001\n",
-     "6:18", "instance 'b': port 12001 is the router's port"),
-    ("indent-deeper", "router:\n  router_port: 8080\n   router_host: x\ninstances:\n" + GOOD_INSTANCE, "3:4",
-     "bad indentation: 'router_host' (column 4) is not aligned with 'router_port' (column 3) on line 2"),
-    ("indent-shallower", "router:\n  router_port: 8080\n router_host: x\ninstances:\n" + GOOD_INSTANCE, "3:2",
-     "bad indentation: 'router_host' (column 2) is not aligned with 'router_port' (column 3) on line 2"),
-    ("indent-in-list-item", "instances:\n  - model: m\n    engine: sim\n      port: 1\n", "4:7",
-     "bad indentation: 'port' (column 7) is not aligned with 'engine' (column 5) on line 3"),
-    ("indent-at-list-dash", "instances:\n  - model: m\n    engine: sim\n  port: 1\n", "4:3",
-     "bad indentation: 'port' (column 3) is not aligned with 'engine' (column 5) on line 3"),
+    (
+        "duplicate-port-in-engine-args",
+        "instances:\n" + GOOD_INSTANCE + "  - model: b\n    engine: sim\n    engine_args: ['--max-model-len 8', '--port 12001']\n",
+        "8:40",
+        "instance 'b': port 12001 is already used by instance 'a'",
+    ),
+    (
+        "router-port-in-engine-args-string",
+        "router:\n  router_port: 12001\ninstances:\n  - model: b\n    engine: sim\n    engine_args: --port=12001\n",
+        "6:18",
+        "instance 'b': port 12001 is the router's port",
+    ),
+    (
+        "indent-deeper",
+        "router:\n  router_port: 8080\n   router_host: x\ninstances:\n" + GOOD_INSTANCE,
+        "3:4",
+        "bad indentation: 'router_host' (column 4) is not aligned with 'router_port' (column 3) on line 2",
+    ),
+    (
+        "indent-shallower",
+        "router:\n  router_port: 8080\n router_host: x\ninstances:\n" + GOOD_INSTANCE,
+        "3:2",
+        "bad indentation: 'router_host' (column 2) is not aligned with 'router_port' (column 3) on line 2",
+    ),
+    (
+        "indent-in-list-item",
+        "instances:\n  - model: m\n    engine: sim\n      port: 1\n",
+        "4:7",
+        "bad indentation: 'port' (column 7) is not aligned with 'engine' (column 5) on line 3",
+    ),
+    (
+        "indent-at-list-dash",
+        "instances:\n  - model: m\n    engine: sim\n  port: 1\n",
+        "4:3",
+        "bad indentation: 'port' (column 3) is not aligned with 'engine' (column 5) on line 3",
+    ),
     ("colon-in-value", "instances:\n  - model: a: b\n", "2:13", "YAML syntax error: ': ' inside a value (quote the value)"),
     ("missing-colon", "router:\n  router_port: 1\n  oops\ninstances: []\n", "3:3", "YAML syntax error: a line in a mapping without 'key: value'"),
     ("tab", "instances:\n\t- model: m\n", "2:1", "YAML syntax error: a tab character; YAML indents with spaces only"),
@@ -409,8 +446,10 @@ def test_an_alias_bomb_where_a_value_is_expected_is_named_not_expanded() -> None
 
 def test_messages_quote_only_a_short_prefix_of_a_long_value() -> None:
     long = "v" * 10_000
-    text = (f"router:\n  router_host: {long}\n  log_level: {long}\ninstances:\n  - name: {long}\n    model: m\n    engine: {long}\n"
-            f"    port: {long}\n    engine_env: ['{long}']\n    {long[:1000]}: 1\n")
+    text = (
+        f"router:\n  router_host: {long}\n  log_level: {long}\ninstances:\n  - name: {long}\n    model: m\n    engine: {long}\n"
+        f"    port: {long}\n    engine_env: ['{long}']\n    {long[:1000]}: 1\n"
+    )
     found = problems(text)
     assert len(found) == 6, found
     assert all(len(line) < 250 for line in found), [line[:300] for line in found]
@@ -470,8 +509,10 @@ def _secret_file(tmp_path: Path, router: str, mode: int) -> Path:
 def test_literal_secrets_in_a_file_others_can_read_are_warned_about_without_the_secret(tmp_path: Path, router: str, key: str) -> None:
     path = _secret_file(tmp_path, router, 0o644)
     config = config_mod.load(path)
-    assert config.warnings == (f"{path}:2:3: warning: router.{key} written in the file, which group/others can read (mode 0644): "
-                               "chmod 600 kvctl.yaml, or use ${VAR} to take them from the environment",)
+    assert config.warnings == (
+        f"{path}:2:3: warning: router.{key} written in the file, which group/others can read (mode 0644): "
+        "chmod 600 kvctl.yaml, or use ${VAR} to take them from the environment",
+    )
     result = kvctl("config", "check", "-c", str(path))
     assert result.returncode == 0 and "chmod 600" in result.stderr
     assert SECRET not in result.stdout + result.stderr
@@ -495,8 +536,12 @@ def test_anchors_and_merge_keys_work_and_errors_in_merged_keys_point_at_the_inst
 def test_docs_config_md_lists_every_key_and_stays_inside_the_repository() -> None:
     doc = (ROOT / "docs" / "config.md").read_text()
     tables = {
-        "## Top level": config_mod._TOP_FIELDS, "## router": config_mod._ROUTER_FIELDS, "## sleep_manager": config_mod._SLEEP_MANAGER_FIELDS,
-        "## instances": config_mod._INSTANCE_FIELDS, "### sleep": config_mod._SLEEP_FIELDS, "### sim": config_mod._SIM_FIELDS,
+        "## Top level": config_mod._TOP_FIELDS,
+        "## router": config_mod._ROUTER_FIELDS,
+        "## sleep_manager": config_mod._SLEEP_MANAGER_FIELDS,
+        "## instances": config_mod._INSTANCE_FIELDS,
+        "### sleep": config_mod._SLEEP_FIELDS,
+        "### sim": config_mod._SIM_FIELDS,
     }
     for heading, fields in tables.items():
         section = doc.split(heading + "\n", 1)[1].split("\n#", 1)[0]

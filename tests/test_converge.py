@@ -160,8 +160,10 @@ def test_router_log_and_events_tell_every_state_change_with_its_cause(kvtree: Tr
     assert kvtree.kvctl("sleep", "org/m").returncode == 0
     assert _chat(kvtree, "org/m", KEY)
     headers = {"Authorization": f"Bearer {KEY}"}
-    wait_for(lambda: httpx.get(kvtree.router_url + "/sleep/status", headers=headers).json()["sleeping_models"].get("org/m", {}).get("cause") == "idle",
-             what="an idle sleep")
+    wait_for(
+        lambda: httpx.get(kvtree.router_url + "/sleep/status", headers=headers).json()["sleeping_models"].get("org/m", {}).get("cause") == "idle",
+        what="an idle sleep",
+    )
     with pytest.raises(openai.NotFoundError):
         _chat(kvtree, "nope", KEY)
 
@@ -248,8 +250,10 @@ def test_ctrl_c_during_up_says_what_keeps_running(kvtree: Tree) -> None:
     kvtree.write(sim_instance("slow", free_port(), extra="    sim: {load_seconds: 30}\n").replace("startup_timeout_seconds: 30", "startup_timeout_seconds: 60"))
     proc = subprocess.Popen([*KVCTL, "up", "-c", str(kvtree.config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: (kvtree.run_dir / "supervisord.pid").exists() and httpx.get(kvtree.router_url + "/health", timeout=1).status_code == 200,
-                 what="up to have started the tree")
+        wait_for(
+            lambda: (kvtree.run_dir / "supervisord.pid").exists() and httpx.get(kvtree.router_url + "/health", timeout=1).status_code == 200,
+            what="up to have started the tree",
+        )
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
     finally:
@@ -270,6 +274,6 @@ def test_down_timeout_ends_a_long_stream_with_the_error_event(kvtree: Tree) -> N
     assert down.returncode == 0, down.stderr
     reader.join(30)
     assert not reader.is_alive()
-    last = json.loads(reader.lines[-1][len("data: "):])
+    last = json.loads(reader.lines[-1][len("data: ") :])
     assert last["error"]["code"] == "router_shutdown", reader.lines[-3:]
     assert "data: [DONE]" not in reader.lines

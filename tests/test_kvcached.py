@@ -188,12 +188,13 @@ def test_config_keys_and_errors(tmp_path: Path) -> None:
 
     def conf(instance: str = "", sleep_manager: str = "") -> Path:
         path = tmp_path / "kvctl.yaml"
-        path.write_text(f"sleep_manager:\n  check_interval_seconds: 1\n{sleep_manager}instances:\n"
-                        f"  - name: a.b\n    model: m\n    engine: sim\n    port: 9\n    engine_env: {{ENABLE_KVCACHED: 'true'}}\n{instance}")
+        path.write_text(
+            f"sleep_manager:\n  check_interval_seconds: 1\n{sleep_manager}instances:\n"
+            f"  - name: a.b\n    model: m\n    engine: sim\n    port: 9\n    engine_env: {{ENABLE_KVCACHED: 'true'}}\n{instance}"
+        )
         return path
 
-    good = config_mod.load(conf("    kv_limit_gb: 1.5\n    sim: {kv_bytes_per_token: 4096}\n",
-                                "  kv_rebalance: true\n  kv_budget_gb: 4\n  kv_min_gb: 1\n"))
+    good = config_mod.load(conf("    kv_limit_gb: 1.5\n    sim: {kv_bytes_per_token: 4096}\n", "  kv_rebalance: true\n  kv_budget_gb: 4\n  kv_min_gb: 1\n"))
     inst = good.instances[0]
     assert (inst.kv_limit_gb, inst.sim.kv_bytes_per_token, inst.env["KVCACHED_IPC_NAME"]) == (1.5, 4096, "kvctl_a-b")
     assert (good.sleep_manager.kv_rebalance, good.sleep_manager.kv_budget_gb, good.sleep_manager.kv_min_gb) == (True, 4.0, 1.0)
@@ -226,7 +227,9 @@ ALPHA, BETA, BUSY, IDLE, A, B, C = f"alpha.{T}", f"beta{T}", f"busy{T}", f"idle{
 
 
 def _kv_sim(name: str, port: int, memory_gb: float, kv_bytes: int, tps: float = 10, extra: str = "", model: str | None = None) -> str:
-    return sim_instance(name, port, model=model, extra=f"    sim: {{memory_gb: {memory_gb}, kv_bytes_per_token: {kv_bytes}, tokens_per_second: {tps}}}\n{extra}")
+    return sim_instance(
+        name, port, model=model, extra=f"    sim: {{memory_gb: {memory_gb}, kv_bytes_per_token: {kv_bytes}, tokens_per_second: {tps}}}\n{extra}"
+    )
 
 
 def _json(tree: Tree, *args: str) -> dict:
@@ -285,8 +288,10 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
     pool = [threading.Thread(target=lambda: results.append(_stream(kvtree.router_url, "org/" + ALPHA, 50, 20))) for _ in range(4)]
     for t in pool:
         t.start()
-    wait_for(lambda: (_engine_metric(ports[0], "vllm:num_requests_running"), _engine_metric(ports[0], "vllm:num_requests_waiting")) == (2, 2),
-             what="2 running, 2 waiting for KV room")
+    wait_for(
+        lambda: (_engine_metric(ports[0], "vllm:num_requests_running"), _engine_metric(ports[0], "vllm:num_requests_waiting")) == (2, 2),
+        what="2 running, 2 waiting for KV room",
+    )
     assert kvtree.kvctl("kv", "limit", "org/" + ALPHA, "1G", "--instance", ALPHA).returncode == 0  # raising lets them through
     assert raw(alpha)[0] == GiB
     for t in pool:
@@ -294,8 +299,10 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
     assert results == [20] * 4
     log = kvtree.kvctl("logs", "router", "-n", "200").stdout
     assert f"{ALPHA} org/{ALPHA}: kv limit 400 MiB -> 200 MiB (manual)" in log and "kv limit 200 MiB -> 1.0 GiB (manual)" in log
-    assert {(e["instance"], e["cause"]) for e in _kv_events(kvtree)} >= {(ALPHA, "kv limit 400 MiB -> 200 MiB (manual)"),
-                                                                         (BETA, "kv limit 400 MiB -> 256 MiB (config: kv_limit_gb)")}
+    assert {(e["instance"], e["cause"]) for e in _kv_events(kvtree)} >= {
+        (ALPHA, "kv limit 400 MiB -> 200 MiB (manual)"),
+        (BETA, "kv limit 400 MiB -> 256 MiB (config: kv_limit_gb)"),
+    }
 
     # A limit set by another writer (as kvcached's own tool does) is what kvctl shows.
     write_raw(alpha, 300 * MiB)
@@ -304,8 +311,9 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
     assert {i["name"]: i["kv"]["limit_bytes"] for i in _json(kvtree, "status")["instances"]} == {ALPHA: 300 * MiB, BETA: 256 * MiB}
     models = httpx.get(kvtree.router_url + "/models", timeout=5).json()["models"]
     assert models["org/" + ALPHA]["instances"][0]["kv"] == {"used_bytes": 0, "limit_bytes": 300 * MiB, "prealloc_bytes": 0}
-    wide = subprocess.run([sys.executable, "-m", "kvctl", "status", "-c", str(kvtree.config)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "COLUMNS": "200"})
+    wide = subprocess.run(
+        [sys.executable, "-m", "kvctl", "status", "-c", str(kvtree.config)], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}
+    )
     assert "0.0/0.3G" in wide.stdout  # the KV column: used/limit GiB
 
     # kv_limit_gb again after a wake (another writer changed it meanwhile) and after a restart.
@@ -338,8 +346,10 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
 def test_budget_counts_measured_kv(kvtree: Tree) -> None:
     """Declared weights fit (3 x 2 GB in 7 GB), measured KV does not: waking c must sleep b."""
     ports = [free_port() for _ in range(3)]
-    sims = "".join(_kv_sim(n, p, 10, 4 * MiB, extra="    memory_gb: 2\n" + ("    sleep: {start: asleep}\n" if n == C else ""))
-                   for n, p in zip((A, B, C), ports, strict=True))
+    sims = "".join(
+        _kv_sim(n, p, 10, 4 * MiB, extra="    memory_gb: 2\n" + ("    sleep: {start: asleep}\n" if n == C else ""))
+        for n, p in zip((A, B, C), ports, strict=True)
+    )
     kvtree.write(sims, KV_ENV + "sleep_manager:\n  memory_budget_gb: 7\n")
     up = kvtree.kvctl("up")
     assert up.returncode == 0, up.stderr + up.stdout
@@ -353,7 +363,10 @@ def test_budget_counts_measured_kv(kvtree: Tree) -> None:
     assert (instances[A]["state"], instances[C]["state"]) == ("awake", "awake")
     models = httpx.get(kvtree.router_url + "/models", timeout=5).json()["models"]
     assert models["org/" + B]["instances"][0]["state"] in ("draining", "asleep") and models["org/" + B]["instances"][0]["cause"] in (None, "budget")
-    wait_for(lambda: httpx.get(kvtree.router_url + "/models", timeout=5).json()["models"]["org/" + B]["instances"][0]["cause"] == "budget", what="b slept for the budget")
+    wait_for(
+        lambda: httpx.get(kvtree.router_url + "/models", timeout=5).json()["models"]["org/" + B]["instances"][0]["cause"] == "budget",
+        what="b slept for the budget",
+    )
     stream.join(60)
 
 
@@ -362,8 +375,10 @@ def test_rebalance_moves_limit_to_the_busy_instance_and_holds(kvtree: Tree) -> N
     Checks every 0.5 s, observed for 15 s (30 checks) once converged -- the behaviour's own
     period, not a minute, to keep the suite short."""
     ports = [free_port(), free_port()]
-    kvtree.write(_kv_sim(BUSY, ports[0], 1000 / 1024, MiB) + _kv_sim(IDLE, ports[1], 1000 / 1024, MiB),
-                 KV_ENV + "sleep_manager:\n  check_interval_seconds: 0.5\n  kv_rebalance: true\n  kv_budget_gb: 1\n  kv_min_gb: 0.25\n")
+    kvtree.write(
+        _kv_sim(BUSY, ports[0], 1000 / 1024, MiB) + _kv_sim(IDLE, ports[1], 1000 / 1024, MiB),
+        KV_ENV + "sleep_manager:\n  check_interval_seconds: 0.5\n  kv_rebalance: true\n  kv_budget_gb: 1\n  kv_min_gb: 0.25\n",
+    )
     up = kvtree.kvctl("up")
     assert up.returncode == 0, up.stderr + up.stdout
     stop = threading.Event()

@@ -162,13 +162,16 @@ def test_hanging_wake_gives_503_with_retry_after_and_the_next_wake_succeeds(rout
 
 
 def test_auto_sleep_spares_a_running_stream_then_sleeps_the_idle_model(router: Callable[..., Router]) -> None:
-    r = router([sim_instance("m1", tokens_per_second=20)], sleep_manager={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.5, "check_interval_seconds": 0.1})
+    r = router(
+        [sim_instance("m1", tokens_per_second=20)], sleep_manager={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.5, "check_interval_seconds": 0.1}
+    )
     inst = r.config.instances[0]
     wait_for(lambda: sim_state(inst)["sleeping"], what="auto-sleep of the never-used model")
     with Poller(r.config) as poller:
         # a 2 s stream: four idle thresholds long
-        with httpx.stream("POST", r.url + "/v1/completions", timeout=30,
-                          json={"model": "m1", "prompt": "x", "max_tokens": 40, "stream": True, "ignore_eos": True}) as response:
+        with httpx.stream(
+            "POST", r.url + "/v1/completions", timeout=30, json={"model": "m1", "prompt": "x", "max_tokens": 40, "stream": True, "ignore_eos": True}
+        ) as response:
             assert response.status_code == 200
             chunks = [line for line in response.iter_lines() if line.startswith("data: ")]
         during = len(poller.samples)
@@ -181,7 +184,9 @@ def test_auto_sleep_spares_a_running_stream_then_sleeps_the_idle_model(router: C
 
 
 def test_request_during_an_automatic_sleep_is_served_and_cancels_it(router: Callable[..., Router]) -> None:
-    r = router([sim_instance("m1", sleep_seconds=1.5)], sleep_manager={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.5, "check_interval_seconds": 0.1})
+    r = router(
+        [sim_instance("m1", sleep_seconds=1.5)], sleep_manager={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.5, "check_interval_seconds": 0.1}
+    )
     wait_for(lambda: r.state("m1") == "draining", what="an automatic sleep to begin")
     response = r.complete("m1")
     assert response.status_code == 200, response.text

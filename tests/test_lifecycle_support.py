@@ -17,7 +17,9 @@ from kvctl.engines import adapter_for
 from conftest import Procs, free_port, wait_http_ok
 
 
-def sim_instance(model: str, *, name: str | None = None, dialect: str = "vllm", memory_gb: float | None = None, sleep: dict[str, Any] | None = None, **sim: Any) -> dict[str, Any]:
+def sim_instance(
+    model: str, *, name: str | None = None, dialect: str = "vllm", memory_gb: float | None = None, sleep: dict[str, Any] | None = None, **sim: Any
+) -> dict[str, Any]:
     """One `instances:` entry for a sim engine on a free port."""
     entry: dict[str, Any] = {"model": model, "engine": "sim", "port": free_port(), "sim": {"dialect": dialect, **sim}}
     if name:
@@ -31,7 +33,9 @@ def sim_instance(model: str, *, name: str | None = None, dialect: str = "vllm", 
     return entry
 
 
-def write_config(tmp_path: Path, instances: list[dict[str, Any]], *, sleep_manager: dict[str, Any] | None = None, router: dict[str, Any] | None = None) -> Config:
+def write_config(
+    tmp_path: Path, instances: list[dict[str, Any]], *, sleep_manager: dict[str, Any] | None = None, router: dict[str, Any] | None = None
+) -> Config:
     """Write a kvctl.yaml (JSON is YAML) and load it through the real loader."""
     data = {
         "router": {"router_port": free_port(), "health_check_interval_seconds": 0.2, **(router or {})},

@@ -14,7 +14,9 @@ from conftest import ROOT
 def test_wheel_ships_the_template_and_renders_from_it(tmp_path: Path) -> None:
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path / "dist"), str(ROOT)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert built.returncode == 0, built.stderr
     [wheel] = (tmp_path / "dist").glob("kvctl-*.whl")
@@ -29,7 +31,11 @@ def test_wheel_ships_the_template_and_renders_from_it(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     result = subprocess.run(
         [sys.executable, "-c", "import kvctl, sys; print(kvctl.__file__); sys.argv=['kvctl','config','render']; from kvctl.cli import main; main()"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(str(tmp_path / "site"))

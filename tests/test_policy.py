@@ -8,8 +8,17 @@ from kvctl.router.policy import Holder, choose_victims, idle_threshold, next_pro
 SM = SleepManagerConfig(min_awake_seconds=5, max_swap_wait_seconds=60)
 
 
-def holder(name: str, *, memory: float = 10, priority: int = 0, last_used: float = 0, awake_for: float = 100,
-           busy: bool = False, used: bool = True, can_sleep: bool = True) -> Holder:
+def holder(
+    name: str,
+    *,
+    memory: float = 10,
+    priority: int = 0,
+    last_used: float = 0,
+    awake_for: float = 100,
+    busy: bool = False,
+    used: bool = True,
+    can_sleep: bool = True,
+) -> Holder:
     return Holder(name, "m-" + name, memory, priority, last_used, awake_for, busy, used, can_sleep)
 
 

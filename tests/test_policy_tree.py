@@ -141,6 +141,7 @@ def test_alternating_models_under_a_budget_for_one_take_turns_instead_of_thrashi
 
     async def drive() -> list[tuple[int, float]]:
         async with httpx.AsyncClient(base_url=kvtree.router_url, timeout=120) as client:
+
             async def one(model: str) -> tuple[int, float]:
                 started = time.monotonic()
                 response = await client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 4})

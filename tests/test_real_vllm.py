@@ -66,12 +66,22 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     procs = Procs()
     tmp = tmp_path_factory.mktemp("real")
     try:
-        config = write_config(tmp, [{
-            "name": "tiny", "model": str(MODEL), "engine": "vllm", "python": str(PYTHON), "port": free_port(),
-            "engine_env": {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
-            "engine_args": ["--enforce-eager", "--distributed-executor-backend", "uni", "--dtype", "float32", "--max-model-len", "256"],
-            "sleep": {"level": 1},
-        }], sleep_manager={"wake_timeout_seconds": 120, "drain_timeout_seconds": 120})
+        config = write_config(
+            tmp,
+            [
+                {
+                    "name": "tiny",
+                    "model": str(MODEL),
+                    "engine": "vllm",
+                    "python": str(PYTHON),
+                    "port": free_port(),
+                    "engine_env": {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+                    "engine_args": ["--enforce-eager", "--distributed-executor-backend", "uni", "--dtype", "float32", "--max-model-len", "256"],
+                    "sleep": {"level": 1},
+                }
+            ],
+            sleep_manager={"wake_timeout_seconds": 120, "drain_timeout_seconds": 120},
+        )
         inst = config.instances[0]
         started = time.monotonic()
         log = open(tmp / "vllm.log", "ab")  # noqa: SIM115 - kept open for the subprocess
@@ -139,5 +149,5 @@ def test_sleep_waits_for_a_running_stream(real: Setup) -> None:
     reader.join(timeout=300)
     assert response.status_code == 200, response.text
     assert chunks[-1] == "data: [DONE]"
-    assert json.loads(chunks[-2][len("data: "):])["usage"]["completion_tokens"] == 150  # the stream ran to its end
+    assert json.loads(chunks[-2][len("data: ") :])["usage"]["completion_tokens"] == 150  # the stream ran to its end
     wait_for(real.is_sleeping, what="vLLM asleep after the stream")

@@ -125,7 +125,9 @@ def test_a_crash_loop_ends_failed_and_restart_tries_again(kvtree: Tree) -> None:
     port = free_port()
     kvtree.write(
         sim_instance("flaky", port, extra="    startretries: 2\n")
-        + sim_instance("slow", free_port(), extra="    startretries: 1\n    sim: {load_seconds: 60}\n").replace("startup_timeout_seconds: 30", "startup_timeout_seconds: 1")
+        + sim_instance("slow", free_port(), extra="    startretries: 1\n    sim: {load_seconds: 60}\n").replace(
+            "startup_timeout_seconds: 30", "startup_timeout_seconds: 1"
+        )
     )
     blocker = socket.socket()  # holds the port: every start of `flaky` fails to bind and exits
     blocker.bind(("127.0.0.1", port))
@@ -179,12 +181,20 @@ while True:
 
 def test_launcher_forwards_signals_and_kills_a_worker_that_ignores_sigterm(procs: Procs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = LaunchSpec(
-        run_dir=str(tmp_path), name="e", env={"GIVEN": "yes"}, unset=("KVTEST_SECRET",),
-        health_url=f"http://127.0.0.1:{free_port()}/health", startup_timeout_seconds=600, startretries=3, log=str(tmp_path / "e.log"),
+        run_dir=str(tmp_path),
+        name="e",
+        env={"GIVEN": "yes"},
+        unset=("KVTEST_SECRET",),
+        health_url=f"http://127.0.0.1:{free_port()}/health",
+        startup_timeout_seconds=600,
+        startretries=3,
+        log=str(tmp_path / "e.log"),
     )
     (tmp_path / "e.json").write_text(spec.to_json())
     monkeypatch.setenv("KVTEST_SECRET", "router-only")
-    launcher = procs.start([sys.executable, "-m", "kvctl.launch", str(tmp_path / "e.json"), "--", sys.executable, "-c", _ENGINE], stdout=subprocess.PIPE, text=True)
+    launcher = procs.start(
+        [sys.executable, "-m", "kvctl.launch", str(tmp_path / "e.json"), "--", sys.executable, "-c", _ENGINE], stdout=subprocess.PIPE, text=True
+    )
     assert launcher.stdout is not None
     engine, worker = map(int, launcher.stdout.readline().split())
     try:

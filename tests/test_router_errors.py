@@ -61,8 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config, st
         {"model": "cut", "name": "cut", "engine": "sim", "port": cut_port, "external": True},
         {"model": "dead", "name": "dead", "engine": "sim", "port": dead_port, "external": True},
     ]
-    config = write_config(tmp_path, instances, router={"max_body_bytes": LIMIT, "request_timeout_seconds": 1.0},
-                          sleep_manager={"wake_timeout_seconds": 1.5})
+    config = write_config(tmp_path, instances, router={"max_body_bytes": LIMIT, "request_timeout_seconds": 1.0}, sleep_manager={"wake_timeout_seconds": 1.5})
     procs = Procs()
     try:
         for inst in config.instances[:2]:
@@ -71,8 +70,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config, st
             procs.start([sys.executable, "-c", _BROKEN_ENGINE, str(port), mode])
             wait_http_ok(f"http://127.0.0.1:{port}/health")
         base = start_router(procs, config, awake=False)
-        wait_for(lambda: all(httpx.get(f"{base}/health/{m}").json()["state"] == "awake" for m in ("good", "slow", "broken", "cut")),
-                 what="good, slow, broken and cut awake")
+        wait_for(
+            lambda: all(httpx.get(f"{base}/health/{m}").json()["state"] == "awake" for m in ("good", "slow", "broken", "cut")),
+            what="good, slow, broken and cut awake",
+        )
         yield config, base
     finally:
         procs.stop_all()
@@ -82,28 +83,31 @@ def _post(base: str, body: bytes | str, path: str = "/v1/chat/completions") -> h
     return httpx.post(base + path, content=body if isinstance(body, bytes) else body.encode(), headers={"content-type": "application/json"}, timeout=30)
 
 
-@pytest.mark.parametrize("body, code", [
-    (b"{not json", "invalid_json"),
-    (b"", "invalid_json"),
-    (b"\xff\xfe\x00garbage", "invalid_json"),
-    (b"[" * 50000, "invalid_json"),  # deep nesting: a RecursionError, not a 500
-    (b"[]", "invalid_body"),
-    (b'"a string"', "invalid_body"),
-    (b"42", "invalid_body"),
-    (b"null", "invalid_body"),
-    (b"{}", "invalid_model"),
-    (b'{"model": null}', "invalid_model"),
-    (b'{"model": 5}', "invalid_model"),
-    (b'{"model": ["good"]}', "invalid_model"),
-    (b'{"model": {"name": "good"}}', "invalid_model"),
-    (b'{"model": ""}', "invalid_model"),
-])
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (b"{not json", "invalid_json"),
+        (b"", "invalid_json"),
+        (b"\xff\xfe\x00garbage", "invalid_json"),
+        (b"[" * 50000, "invalid_json"),  # deep nesting: a RecursionError, not a 500
+        (b"[]", "invalid_body"),
+        (b'"a string"', "invalid_body"),
+        (b"42", "invalid_body"),
+        (b"null", "invalid_body"),
+        (b"{}", "invalid_model"),
+        (b'{"model": null}', "invalid_model"),
+        (b'{"model": 5}', "invalid_model"),
+        (b'{"model": ["good"]}', "invalid_model"),
+        (b'{"model": {"name": "good"}}', "invalid_model"),
+        (b'{"model": ""}', "invalid_model"),
+    ],
+)
 def test_malformed_bodies_are_400(stack: tuple[Config, str], body: bytes, code: str) -> None:
     _, base = stack
     _shaped(_post(base, body), 400, code)
 
 
-@pytest.mark.parametrize("name", ["模型/ü", "../../etc/passwd", "../good", " good", "good\u0000", "a" * 50000, "%2Fgood", "GOOD", "\U0001F600"])
+@pytest.mark.parametrize("name", ["模型/ü", "../../etc/passwd", "../good", " good", "good\u0000", "a" * 50000, "%2Fgood", "GOOD", "\U0001f600"])
 def test_unknown_and_weird_model_names_are_404(stack: tuple[Config, str], name: str) -> None:
     _, base = stack
     error = _shaped(_post(base, json.dumps({"model": name, "messages": []})), 404, "model_not_found")
@@ -126,6 +130,7 @@ def test_too_large_bodies_are_413(stack: tuple[Config, str]) -> None:
         yield b'{"model": "good", "prompt": "'
         for _ in range(LIMIT // 16384):
             yield b"x" * 16384
+
     _shaped(httpx.post(base + "/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413, "request_too_large")
     # Just under the limit is fine.
     padding = "x" * (LIMIT - 200)
@@ -170,7 +175,13 @@ def test_auth(tmp_path: Path, procs: Procs) -> None:
     start_engine(procs, config.instances[0])
     base = start_router(procs, config, token="key-one")
     body = {"model": "org/m", "prompt": "x", "max_tokens": 2}
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-one"}, {"Authorization": "Basic key-one"}, {"Authorization": "Bearer key-one-and-more"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "key-one"},
+        {"Authorization": "Basic key-one"},
+        {"Authorization": "Bearer key-one-and-more"},
+    ):
         _shaped(httpx.post(base + "/v1/completions", json=body, headers=headers), 401, "invalid_api_key")
         _shaped(httpx.get(base + "/v1/models", headers=headers), 401)
         _shaped(httpx.get(base + "/traffic/stats", headers=headers), 401)
@@ -183,7 +194,13 @@ def test_auth(tmp_path: Path, procs: Procs) -> None:
     _shaped(httpx.post(base + "/models/org/m/sleep", headers={"Authorization": "Bearer key-one"}), 401)
     _shaped(httpx.post(base + "/action/wakeup/org%2Fm"), 401)
     slept = httpx.post(base + "/models/org/m/sleep", headers={"Authorization": "Bearer admin-secret"}, timeout=30)
-    assert slept.status_code == 200 and slept.json() == {"model_name": "org/m", "success": True, "message": slept.json()["message"], "state": "asleep", "evicted": []}
+    assert slept.status_code == 200 and slept.json() == {
+        "model_name": "org/m",
+        "success": True,
+        "message": slept.json()["message"],
+        "state": "asleep",
+        "evicted": [],
+    }
     woke = httpx.post(base + "/action/wakeup/org%2Fm", headers={"Authorization": "Bearer admin-secret"}, timeout=30)
     assert woke.status_code == 200 and woke.json()["state"] == "awake"
     assert httpx.get(base + "/sleep/status", headers={"Authorization": "Bearer admin-secret"}).status_code == 200

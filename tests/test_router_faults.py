@@ -145,8 +145,7 @@ def test_a_long_fast_stream_reaches_a_small_window_whole_and_well_framed(tmp_pat
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
         sock.settimeout(30)
         sock.connect(("127.0.0.1", config.router.port))
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
         data = b""
         while not data.endswith(b"\r\n0\r\n\r\n"):
             chunk = sock.recv(1024)
@@ -168,8 +167,8 @@ def _dechunk(payload: bytes) -> bytes:
         if size == 0:
             return out
         out += rest[:size]
-        assert rest[size:size + 2] == b"\r\n"
-        payload = rest[size + 2:]
+        assert rest[size : size + 2] == b"\r\n"
+        payload = rest[size + 2 :]
 
 
 async def test_relay_pauses_reading_from_the_engine_until_resumed() -> None:
@@ -232,6 +231,5 @@ def test_a_non_streamed_answer_cut_mid_body_closes_and_counts_as_failed(tmp_path
     base = start_router(procs, config)
     with pytest.raises(httpx.RemoteProtocolError):  # never a short body that looks complete
         httpx.post(base + "/v1/completions", json={"model": "cut", "prompt": "x"}, timeout=10)
-    wait_for(lambda: httpx.get(base + "/traffic/stats/cut").json()["model_stats"]["lifetime_failed_requests"] == 1,
-             what="the cut answer counted as failed")
+    wait_for(lambda: httpx.get(base + "/traffic/stats/cut").json()["model_stats"]["lifetime_failed_requests"] == 1, what="the cut answer counted as failed")
     assert 'kvctl_errors_total{model="cut",reason="engine_closed"} 1.0' in httpx.get(base + "/metrics").text

@@ -54,8 +54,9 @@ class Router:
 def run_router(procs: Procs, config: Config, **popen: object) -> Router:
     proc = procs.start([sys.executable, "-m", "kvctl", "router", "-c", str(config.path)], **popen)
     wait_http_ok(config.router.url + "/health")
-    wait_for(lambda: all(m["state"] == "awake" for m in httpx.get(config.router.url + "/models", timeout=5).json()["models"].values()),
-             what="every model awake")
+    wait_for(
+        lambda: all(m["state"] == "awake" for m in httpx.get(config.router.url + "/models", timeout=5).json()["models"].values()), what="every model awake"
+    )
     return Router(config, proc)
 
 
@@ -82,7 +83,7 @@ def exchange(port: int, payload: bytes, chunk: int = 256 * 1024) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
         try:
             for i in range(0, len(payload), chunk):
-                sock.sendall(payload[i:i + chunk])
+                sock.sendall(payload[i : i + chunk])
         except OSError:
             pass  # the router closed on us: its answer, if any, is still readable
         return read_all(sock)
@@ -155,12 +156,15 @@ def test_an_unterminated_header_is_cut_and_memory_stays_bounded(router: Router) 
     assert httpx.get(router.base + "/health").status_code == 200
 
 
-@pytest.mark.parametrize("head", [
-    pytest.param(HEAD + b"X-Big: " + b"a" * 8_000_000 + b"\r\n\r\n", id="8MB-header"),
-    pytest.param(HEAD + b"".join(b"X-%d: 1\r\n" % i for i in range(10_000)) + b"\r\n", id="10k-headers"),
-    pytest.param(HEAD + b"Authorization: Bearer " + b"k" * 1_000_000 + b"\r\n\r\n", id="1MB-authorization"),
-    pytest.param(b"POST /v1/completions?" + b"q" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", id="200kB-url"),
-])
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(HEAD + b"X-Big: " + b"a" * 8_000_000 + b"\r\n\r\n", id="8MB-header"),
+        pytest.param(HEAD + b"".join(b"X-%d: 1\r\n" % i for i in range(10_000)) + b"\r\n", id="10k-headers"),
+        pytest.param(HEAD + b"Authorization: Bearer " + b"k" * 1_000_000 + b"\r\n\r\n", id="1MB-authorization"),
+        pytest.param(b"POST /v1/completions?" + b"q" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", id="200kB-url"),
+    ],
+)
 def test_an_oversized_head_gets_431(router: Router, head: bytes) -> None:
     status, error = error_of(exchange(router.port, head))
     assert status == 431
@@ -188,7 +192,7 @@ def _drip(sock: socket.socket, data: bytes, stop: threading.Event) -> None:
         if stop.wait(0.1):
             return
         try:
-            sock.send(data[i:i + 1])
+            sock.send(data[i : i + 1])
         except OSError:
             return
 
@@ -217,14 +221,14 @@ def test_an_idle_keepalive_connection_is_closed(router: Router) -> None:
     with socket.create_connection(("127.0.0.1", router.port), timeout=15) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         answer = read_all(sock)
-    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'}')  # one answer, then the router closed
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"}")  # one answer, then the router closed
 
 
 def test_a_stalled_body_gets_408_while_a_long_stream_completes(router: Router) -> None:
     with ThreadPoolExecutor(1) as pool:
         # Longer than every client limit: the first token alone outlasts them.
         legit = pool.submit(stream_text, router)
-        stalled = exchange(router.port, HEAD + b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\": ")
+        stalled = exchange(router.port, HEAD + b'content-type: application/json\r\ncontent-length: 1000\r\n\r\n{"model": ')
         status, error = error_of(stalled)
         assert status == 408 and error["code"] == "request_timeout" and "body" in error["message"]
         assert len(legit.result(timeout=30).split()) == STREAM_TOKENS
@@ -264,6 +268,7 @@ def _fd_limit(soft: int, hard: int):
         import resource
 
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
     return apply
 
 
@@ -455,11 +460,11 @@ def _fake_config(tmp_path: Path, engine: FakeEngine) -> Config:
 
 
 def test_headers_named_in_connection_are_not_forwarded_and_a_refused_reconnect_marks_the_engine_down(
-        tmp_path: Path, procs: Procs, fake_engine: FakeEngine) -> None:
+    tmp_path: Path, procs: Procs, fake_engine: FakeEngine
+) -> None:
     router = run_router(procs, _fake_config(tmp_path, fake_engine))
     body = {"model": "org/fake", "prompt": "x"}
-    first = httpx.post(router.base + "/v1/completions", json=body,
-                       headers={"Connection": "keep-alive, X-Hop", "X-Hop": "secret", "X-Kept": "1"})
+    first = httpx.post(router.base + "/v1/completions", json=body, headers={"Connection": "keep-alive, X-Hop", "X-Hop": "secret", "X-Kept": "1"})
     assert first.status_code == 200
     head = fake_engine.heads[0].lower()
     assert b"\r\nx-kept: 1" in head and b"x-hop" not in head

@@ -45,8 +45,11 @@ def test_openai_client_chat_and_completions(stack: tuple[Config, str], model: st
     assert chat.model == canonical  # an alias is forwarded with `model` rewritten
     assert chat.usage is not None and chat.usage.completion_tokens == 5
 
-    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "hi there"}], max_tokens=5, stream=True) if c.choices]
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi there"}], max_tokens=5, stream=True)
+        if c.choices
+    ]
     assert "".join(pieces).strip()
 
     completion = client.completions.create(model=model, prompt="once upon", max_tokens=4)
@@ -91,8 +94,16 @@ def test_engine_errors_pass_through(stack: tuple[Config, str]) -> None:
 
 def test_engine_admin_paths_are_not_proxied(stack: tuple[Config, str]) -> None:
     config, base = stack
-    for path in ("/sleep", "/wake_up", "/collective_rpc", "/release_memory_occupation", "/resume_memory_occupation",
-                 "/update_weights_from_disk", "/v1/../sleep", "/is_sleeping"):
+    for path in (
+        "/sleep",
+        "/wake_up",
+        "/collective_rpc",
+        "/release_memory_occupation",
+        "/resume_memory_occupation",
+        "/update_weights_from_disk",
+        "/v1/../sleep",
+        "/is_sleeping",
+    ):
         response = httpx.post(base + path, json={"model": VLLM_MODEL})
         assert response.status_code in (404, 405), path
         assert response.json()["error"]["code"] in ("not_found", "method_not_allowed")
@@ -130,9 +141,16 @@ def test_introspection_endpoints(stack: tuple[Config, str]) -> None:
     for route in ("/traffic/active", "/models/active"):
         active = httpx.get(base + route, params={"threshold": 3600}).json()
         assert VLLM_MODEL in active["active_models"]
-    for bad in ("/traffic/stats?window=abc", "/traffic/stats?window=0", "/traffic/stats?window=-5", "/traffic/stats?window=nan",
-                "/traffic/stats?window=1e9", "/traffic/idle?threshold=x", "/models/active?threshold=-1",
-                f"/traffic/stats/{encoded}?window=inf"):
+    for bad in (
+        "/traffic/stats?window=abc",
+        "/traffic/stats?window=0",
+        "/traffic/stats?window=-5",
+        "/traffic/stats?window=nan",
+        "/traffic/stats?window=1e9",
+        "/traffic/idle?threshold=x",
+        "/models/active?threshold=-1",
+        f"/traffic/stats/{encoded}?window=inf",
+    ):
         response = httpx.get(base + bad)
         assert response.status_code == 400, bad
         assert response.json()["error"]["type"] == "invalid_request_error"

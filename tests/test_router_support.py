@@ -21,8 +21,10 @@ def start_router(procs: Procs, config: Config, *, awake: bool = True, token: str
     wait_http_ok(base + "/health")
     if awake:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        wait_for(lambda: all(m["state"] == "awake" for m in httpx.get(base + "/models", headers=headers, timeout=5).json()["models"].values()),
-                 what="every model awake")
+        wait_for(
+            lambda: all(m["state"] == "awake" for m in httpx.get(base + "/models", headers=headers, timeout=5).json()["models"].values()),
+            what="every model awake",
+        )
     return base
 
 

@@ -21,8 +21,7 @@ def _stream_lines(base: str, model: str, max_tokens: int) -> list[str]:
 
 def test_a_generation_longer_than_the_first_byte_timeout_is_never_cut(tmp_path: Path, procs: Procs) -> None:
     # 30 tokens at 10/s take ~3 s: three times the first-byte timeout, each gap well inside the idle one.
-    config = write_config(tmp_path, [sim_instance("org/long", tokens_per_second=10)],
-                          router={"request_timeout_seconds": 1, "stream_idle_timeout_seconds": 1})
+    config = write_config(tmp_path, [sim_instance("org/long", tokens_per_second=10)], router={"request_timeout_seconds": 1, "stream_idle_timeout_seconds": 1})
     start_engines(procs, config)
     base = start_router(procs, config)
     lines = _stream_lines(base, "org/long", 30)
@@ -32,8 +31,7 @@ def test_a_generation_longer_than_the_first_byte_timeout_is_never_cut(tmp_path: 
 
 def test_a_stream_that_stalls_between_chunks_ends_with_an_error_event(tmp_path: Path, procs: Procs) -> None:
     # One token every 4 s against a 1 s idle timeout: the first chunk comes, then the stall.
-    config = write_config(tmp_path, [sim_instance("org/stall", tokens_per_second=0.25)],
-                          router={"stream_idle_timeout_seconds": 1})
+    config = write_config(tmp_path, [sim_instance("org/stall", tokens_per_second=0.25)], router={"stream_idle_timeout_seconds": 1})
     start_engines(procs, config)
     base = start_router(procs, config)
     lines = _stream_lines(base, "org/stall", 5)

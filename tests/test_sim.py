@@ -46,7 +46,7 @@ def _sse(text: str) -> list[dict | str]:
     events = []
     for block in text[:-2].split("\n\n"):
         assert block.startswith("data: ") and "\n" not in block, block
-        payload = block[len("data: "):]
+        payload = block[len("data: ") :]
         events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
 
@@ -99,7 +99,9 @@ def test_completion_and_chat_non_stream_with_openai_client(sims: dict[str, str],
     default = client.completions.create(model=MODEL, prompt="x")
     assert default.usage.completion_tokens == 16  # max_tokens defaults to 16
 
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}], max_tokens=4)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}], max_tokens=4
+    )
     assert chat.object == "chat.completion"
     assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason == "length"
     assert len(chat.choices[0].message.content.split()) == 4
@@ -135,7 +137,9 @@ def test_stream_format_one_token_per_chunk(sims: dict[str, str], endpoint: str) 
 
 def test_openai_client_streams_with_usage(sims: dict[str, str]) -> None:
     client = openai.OpenAI(base_url=sims["sglang"] + "/v1", api_key="x", max_retries=0)
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "count to three"}], max_tokens=6, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "count to three"}], max_tokens=6, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text.split()) == 6
@@ -270,7 +274,7 @@ def test_vllm_sleep_abort_ends_running_streams(procs: Procs) -> None:
         assert httpx.post(url + "/sleep", timeout=10).status_code == 200  # mode defaults to abort
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
-    assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] == "abort"
+    assert json.loads(rest[-2][len("data: ") :])["choices"][0]["finish_reason"] == "abort"
     state = _state(url)
     assert state["sleep_aborted"] == 1 and state["in_flight"] == 0 and state["sleeping"]
 
@@ -400,7 +404,12 @@ def test_hang_on_sleep_and_wake(procs: Procs) -> None:
 
 def test_client_disconnect_mid_stream_and_while_parked_aborts(procs: Procs, pool: ThreadPoolExecutor) -> None:
     url = _start(procs, "--tokens-per-second", "20")
-    with httpx.stream("POST", url + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 1000, "stream": True}, timeout=30) as r:
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 1000, "stream": True},
+        timeout=30,
+    ) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         wait_for(lambda: _state(url)["running"] == 1, 10, what="a running stream")

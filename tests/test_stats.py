@@ -22,9 +22,26 @@ from test_router_support import start_router
 
 ADMIN = "stats-admin"
 KEY = "stats-key"
-FIELDS = {"state", "instances", "instances_awake", "in_flight", "queued", "request_rate", "window_requests", "total_requests",
-          "successful_requests", "failed_requests", "success_rate", "latency_p50_ms", "latency_p95_ms", "ttft_p50_ms",
-          "idle_seconds", "sleep_candidate", "memory_gb", "kv"}
+FIELDS = {
+    "state",
+    "instances",
+    "instances_awake",
+    "in_flight",
+    "queued",
+    "request_rate",
+    "window_requests",
+    "total_requests",
+    "successful_requests",
+    "failed_requests",
+    "success_rate",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "ttft_p50_ms",
+    "idle_seconds",
+    "sleep_candidate",
+    "memory_gb",
+    "kv",
+}
 
 
 def kvctl(*args: str, columns: int = 200) -> subprocess.CompletedProcess[str]:
@@ -42,11 +59,15 @@ def stats_json(config_path: Path, *args: str) -> dict:
 @pytest.fixture
 def tree(procs: Procs, tmp_path: Path):
     """Three sim models behind a router guarded by api_keys and an admin_token; one always fails."""
-    config = write_config(tmp_path, [
-        sim_instance("org/model-a", name="a", memory_gb=6, ttft_ms=5, tokens_per_second=100),
-        sim_instance("model-b", name="b", memory_gb=2),
-        sim_instance("model-c", name="c", fail_rate=1.0),
-    ], router={"api_keys": [KEY], "admin_token": ADMIN})
+    config = write_config(
+        tmp_path,
+        [
+            sim_instance("org/model-a", name="a", memory_gb=6, ttft_ms=5, tokens_per_second=100),
+            sim_instance("model-b", name="b", memory_gb=2),
+            sim_instance("model-c", name="c", fail_rate=1.0),
+        ],
+        router={"api_keys": [KEY], "admin_token": ADMIN},
+    )
     start_engines(procs, config)
     router = start_router(procs, config, token=ADMIN)
     client = openai.OpenAI(base_url=router + "/v1", api_key=KEY, max_retries=0)
@@ -121,8 +142,9 @@ class Tmux:
 
     def start(self, argv: list[str]) -> None:
         # tmux takes one shell command; every part is quoted.
-        command = (f"cd {shlex.quote(str(ROOT))} && {shlex.join(argv)} 2> {shlex.quote(str(self.stderr_file))}; "
-                   f"echo EXIT=$? > {shlex.quote(str(self.exit_file))}")
+        command = (
+            f"cd {shlex.quote(str(ROOT))} && {shlex.join(argv)} 2> {shlex.quote(str(self.stderr_file))}; echo EXIT=$? > {shlex.quote(str(self.exit_file))}"
+        )
         self._tmux("new-session", "-d", "-s", self.name, "-x", "200", "-y", "50", command)
 
     def screen(self) -> str:

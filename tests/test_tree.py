@@ -39,7 +39,9 @@ class Tree:
         return subprocess.run([*KVCTL, *args, "-c", str(self.config)], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def supervisorctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.run_dir / "supervisord.conf"), *args], capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.run_dir / "supervisord.conf"), *args], capture_output=True, text=True, timeout=30
+        )
 
     def status(self) -> dict:
         result = self.kvctl("status", "--json")
@@ -120,10 +122,7 @@ def _kill(pid: int) -> None:
 
 def test_up_serves_supervisorctl_works_and_down_leaves_nothing(kvtree: Tree) -> None:
     ports = [free_port(), free_port()]
-    kvtree.write(
-        sim_instance("alpha", ports[0], model="meta-llama/Llama-3.2-1B")
-        + sim_instance("beta", ports[1], extra="    sim: {dialect: sglang}\n")
-    )
+    kvtree.write(sim_instance("alpha", ports[0], model="meta-llama/Llama-3.2-1B") + sim_instance("beta", ports[1], extra="    sim: {dialect: sglang}\n"))
     up = kvtree.kvctl("up")
     assert up.returncode == 0, up.stderr + up.stdout
 
@@ -208,8 +207,10 @@ def test_env_values_and_args_reach_the_engine_byte_for_byte(kvtree: Tree) -> Non
         sim_instance(
             "alpha",
             free_port(),
-            extra="    engine_env:\n      TRICKY: " + json.dumps(tricky) + "\n      NEWLINE: \"a\\nb\"\n"
-            + "    engine_args: ['--served-model-name \"100% real, \\\"quoted\\\"\"']\n",
+            extra="    engine_env:\n      TRICKY: "
+            + json.dumps(tricky)
+            + '\n      NEWLINE: "a\\nb"\n'
+            + '    engine_args: [\'--served-model-name "100% real, \\"quoted\\""\']\n',
         ),
         extra="kvcached:\n  kvcached_gpu_utilization: 0.5\n",
     )

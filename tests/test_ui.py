@@ -57,8 +57,15 @@ def browser() -> Iterator[WebDriver]:
 
 
 def three_models(start: Callable[..., Router], **sections: object) -> Router:
-    return start([sim_instance("org/a", name="a", memory_gb=16), sim_instance("org/b", name="b", dialect="sglang", memory_gb=8),
-                   sim_instance("c", name="c", memory_gb=8)], sleep_manager={"memory_budget_gb": 40}, **sections)
+    return start(
+        [
+            sim_instance("org/a", name="a", memory_gb=16),
+            sim_instance("org/b", name="b", dialect="sglang", memory_gb=8),
+            sim_instance("c", name="c", memory_gb=8),
+        ],
+        sleep_manager={"memory_budget_gb": 40},
+        **sections,
+    )
 
 
 def card(driver: WebDriver, model: str) -> WebElement:
@@ -91,7 +98,7 @@ def test_dashboard_shows_every_model_follows_traffic_and_sleeps_on_click(router:
     assert fits_width(browser)
     browser.execute_script("window.kvctlMarker = 1")  # gone if the page reloads
 
-    chart_max = 'return Number(document.querySelector(\'#chart-rps path[data-model="org/a"]\').dataset.max)'
+    chart_max = "return Number(document.querySelector('#chart-rps path[data-model=\"org/a\"]').dataset.max)"
     wait_for(lambda: browser.execute_script(chart_max) is not None, 20, what="the req/s chart drawn")
     assert browser.execute_script(chart_max) == 0
     assert text(browser, "org/a", ".f-rate") == "0.00"

@@ -60,13 +60,11 @@ class RouterApp:
         self.digest = _digest(config)  # of the config file the router runs, reported by /health
         self.refused_digest: str | None = None  # of the last file a reload refused
         self.shutting_down = asyncio.Event()
-        self.traffic = TrafficMonitor(self.models, config.sleep_manager.idle_threshold_seconds,
-                                      self.lifecycle.in_flight, self.lifecycle.queued)
+        self.traffic = TrafficMonitor(self.models, config.sleep_manager.idle_threshold_seconds, self.lifecycle.in_flight, self.lifecycle.queued)
         self.proxy = Proxy(config, self.lifecycle, self.traffic, self.metrics)
         self.history = History(self.traffic, self.lifecycle, self.kv)  # for the dashboard's charts
         self.started = time.time()
-        self.admin = Starlette(routes=_routes(self), lifespan=self._lifespan,
-                               exception_handlers={HTTPException: _http_error})
+        self.admin = Starlette(routes=_routes(self), lifespan=self._lifespan, exception_handlers={HTTPException: _http_error})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PROXIED_PATHS:
@@ -84,8 +82,13 @@ class RouterApp:
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread (tests)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
         router = self.config.router
-        log.info("router listening on %s (config %s, %d instances)", router.url, self.config.path, len(self.config.instances),
-                 extra=logs.fields(url=router.url, config=str(self.config.path)))
+        log.info(
+            "router listening on %s (config %s, %d instances)",
+            router.url,
+            self.config.path,
+            len(self.config.instances),
+            extra=logs.fields(url=router.url, config=str(self.config.path)),
+        )
         try:
             yield
         finally:
@@ -159,8 +162,15 @@ class RouterApp:
 
     def model_object(self, name: str, model: str) -> dict[str, Any]:
         """An entry of GET /v1/models (a model or an alias of one) with its state."""
-        return {"id": name, "object": "model", "created": int(self.started), "owned_by": "kvctl", "root": model,
-                "parent": None if name == model else model, "state": self.lifecycle.model_state(model)}
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(self.started),
+            "owned_by": "kvctl",
+            "root": model,
+            "parent": None if name == model else model,
+            "state": self.lifecycle.model_state(model),
+        }
 
     def instances(self, model: str | None = None) -> list[dict[str, Any]]:
         """The lifecycle's view of each instance, with its KV cache (`kv`: null when unknown)."""
@@ -174,8 +184,13 @@ class RouterApp:
     def model_info(self, model: str) -> dict[str, Any]:
         instances = self.instances(model)
         first = instances[0] if instances else {}
-        return {"endpoint": first.get("url"), "engine": first.get("engine"), "state": self.lifecycle.model_state(model),
-                "aliases": [a for a, m in self.config.aliases().items() if m == model], "instances": instances}
+        return {
+            "endpoint": first.get("url"),
+            "engine": first.get("engine"),
+            "state": self.lifecycle.model_state(model),
+            "aliases": [a for a, m in self.config.aliases().items() if m == model],
+            "instances": instances,
+        }
 
 
 def create_app(config: Config) -> RouterApp:
@@ -194,6 +209,7 @@ def _routes(app: RouterApp) -> list[Route]:
             except auth.DuplicateAuthorization:
                 return error_response(400, auth.DUPLICATE_MESSAGE, auth.DUPLICATE_CODE)
             return await handler(request)
+
         return guarded
 
     def act(handler: Callable[[Request], Awaitable[Response]]) -> Handler:
@@ -204,6 +220,7 @@ def _routes(app: RouterApp) -> list[Route]:
             except auth.DuplicateAuthorization:
                 return error_response(400, auth.DUPLICATE_MESSAGE, auth.DUPLICATE_CODE)
             return await handler(request)
+
         return guarded
 
     def known(request: Request) -> str | Response:
@@ -284,8 +301,7 @@ def _routes(app: RouterApp) -> list[Route]:
         window = _seconds(request, "window", 60.0, maximum=MAX_WINDOW_SECONDS)
         if isinstance(window, Response):
             return window
-        return JSONResponse({"traffic_stats": {m: {**app.traffic.stats(m, window), "kv": app.kv.model_view(m)} for m in app.models},
-                             "window_seconds": window})
+        return JSONResponse({"traffic_stats": {m: {**app.traffic.stats(m, window), "kv": app.kv.model_view(m)} for m in app.models}, "window_seconds": window})
 
     async def traffic_model(request: Request) -> Response:
         window = _seconds(request, "window", 60.0, maximum=MAX_WINDOW_SECONDS)
@@ -313,8 +329,15 @@ def _routes(app: RouterApp) -> list[Route]:
             return window
         names = app.traffic.active_models(threshold)
         details = {m: app.traffic.stats(m, window, threshold) for m in names}
-        return JSONResponse({"active_models": names, "idle_threshold_seconds": threshold, "window_seconds": window,
-                             "active_model_details": details, "active_models_count": len(names)})
+        return JSONResponse(
+            {
+                "active_models": names,
+                "idle_threshold_seconds": threshold,
+                "window_seconds": window,
+                "active_model_details": details,
+                "active_models_count": len(names),
+            }
+        )
 
     async def traffic_history(request: Request) -> Response:
         since = _seconds(request, "since", 0.0, allow_zero=True)
@@ -332,17 +355,24 @@ def _routes(app: RouterApp) -> list[Route]:
 
     async def sleep_candidates(request: Request) -> Response:
         candidates = app.lifecycle.sleep_candidates()
-        return JSONResponse({"sleep_candidates": candidates, "idle_threshold_seconds": app.config.sleep_manager.idle_threshold_seconds,
-                             "auto_sleep_enabled": app.config.sleep_manager.auto_sleep_enabled})
+        return JSONResponse(
+            {
+                "sleep_candidates": candidates,
+                "idle_threshold_seconds": app.config.sleep_manager.idle_threshold_seconds,
+                "auto_sleep_enabled": app.config.sleep_manager.auto_sleep_enabled,
+            }
+        )
 
     def model_action(perform: Callable[[str], Awaitable[ActionResult]]) -> Handler:
         """POST /models/{model}/sleep|wake|stop: the lifecycle's answer, with its HTTP status."""
+
         async def handler(request: Request) -> Response:
             model = known(request)
             if isinstance(model, Response):
                 return model
             result = await perform(model)
             return JSONResponse(result.to_dict(), status_code=result.status)
+
         return handler
 
     sleep, wake, stop = (model_action(perform) for perform in (app.lifecycle.sleep_model, app.lifecycle.wake_model, app.lifecycle.stop_model))
@@ -365,8 +395,11 @@ def _routes(app: RouterApp) -> list[Route]:
                 return error_response(404, f"Model '{shorten(model)}' has no instance '{shorten(only)}'.", "instance_not_found", "instance")
             targets = [i for i in targets if i.name == only]
         if not targets:
-            return error_response(400, f"Model '{shorten(model)}' has no kvcached instance{' ' + shorten(only) if only else ''} (ENABLE_KVCACHED=true in its environment).",
-                                  "kv_unavailable")
+            return error_response(
+                400,
+                f"Model '{shorten(model)}' has no kvcached instance{' ' + shorten(only) if only else ''} (ENABLE_KVCACHED=true in its environment).",
+                "kv_unavailable",
+            )
         states = {i["name"]: i["state"] for i in app.lifecycle.instances(model)}
         results: list[dict[str, Any]] = []
         for inst in targets:
@@ -377,7 +410,9 @@ def _routes(app: RouterApp) -> list[Route]:
                 results.append({"name": inst.name, "limit_bytes": None, "before": None, "message": f"{inst.name}: no kvcached segment (engine not running?)"})
                 continue
             over = f"; {before.used_bytes / GiB:.2f} GiB in use: the engine frees it as requests finish" if before.used_bytes > limit else ""
-            results.append({"name": inst.name, "limit_bytes": limit, "before": before.as_json(), "message": f"{inst.name}: kv limit {limit / GiB:.2f} GiB{over}"})
+            results.append(
+                {"name": inst.name, "limit_bytes": limit, "before": before.as_json(), "message": f"{inst.name}: kv limit {limit / GiB:.2f} GiB{over}"}
+            )
         ok = any(r["limit_bytes"] is not None for r in results)
         if not ok:
             return error_response(409, f"Model '{shorten(model)}': " + "; ".join(r["message"] for r in results), "kv_unavailable")
@@ -439,8 +474,7 @@ def _seconds(request: Request, name: str, default: float, *, maximum: float | No
         bound = "at least 0" if allow_zero else "greater than 0"
         if maximum is not None:
             bound += f" and at most {maximum:g}"
-        return error_response(400, f"Query parameter '{name}' must be a number of seconds {bound}, got '{shorten(raw, 50)}'.",
-                              "invalid_query", name)
+        return error_response(400, f"Query parameter '{name}' must be a number of seconds {bound}, got '{shorten(raw, 50)}'.", "invalid_query", name)
     return value
 
 

@@ -8,8 +8,15 @@ from collections.abc import Iterable
 from starlette.responses import JSONResponse
 from starlette.types import Send
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 def error_type(status: int) -> str:
@@ -25,15 +32,16 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
     return JSONResponse(error_object(status, message, code, param), status_code=status, headers=headers)
 
 
-async def send_error(send: Send, status: int, message: str, code: str, param: str | None = None,
-                     headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+async def send_error(send: Send, status: int, message: str, code: str, param: str | None = None, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
     """For the raw-ASGI data plane: a complete JSON error response."""
     body = json.dumps(error_object(status, message, code, param)).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -84,5 +84,4 @@ class History:
                 "ttft_p50": [None if p is None or p.ttft_p50 is None else round(p.ttft_p50, 4) for p in points],
                 "memory_gb": [None if p is None else round(p.memory_gb, 3) for p in points],
             }
-        return {"now": time.time(), "step_seconds": STEP_SECONDS, "span_seconds": SPAN_SECONDS,
-                "time": [s.time for s in samples], "models": models}
+        return {"now": time.time(), "step_seconds": STEP_SECONDS, "span_seconds": SPAN_SECONDS, "time": [s.time for s in samples], "models": models}

@@ -83,8 +83,11 @@ class KvControl:
         known = [info for info in (read(i) for i in self.instances(model)) if info is not None]
         if not known:
             return None
-        return {"used_bytes": sum(i.used_bytes for i in known), "limit_bytes": sum(i.limit_bytes for i in known),
-                "prealloc_bytes": sum(i.prealloc_bytes for i in known)}
+        return {
+            "used_bytes": sum(i.used_bytes for i in known),
+            "limit_bytes": sum(i.limit_bytes for i in known),
+            "prealloc_bytes": sum(i.prealloc_bytes for i in known),
+        }
 
     def capacity(self, inst: Instance) -> int | None:
         if inst.name not in self._capacity:
@@ -102,8 +105,13 @@ class KvControl:
         info = read(inst)
         if info is None:
             if inst.kv_limit_gb is not None:
-                log.warning("%s %s: kv_limit_gb not applied: no kvcached segment %s", inst.name, inst.model, kvcached.segment_name(inst.env),
-                            extra=logs.fields(instance=inst.name, model=inst.model))
+                log.warning(
+                    "%s %s: kv_limit_gb not applied: no kvcached segment %s",
+                    inst.name,
+                    inst.model,
+                    kvcached.segment_name(inst.env),
+                    extra=logs.fields(instance=inst.name, model=inst.model),
+                )
             return
         if fresh or inst.name not in self._capacity:
             self._capacity[inst.name] = info.limit_bytes
@@ -120,8 +128,15 @@ class KvControl:
             return before
         change = f"kv limit {size(before.limit_bytes)} -> {size(limit_bytes)}"
         below = f"; {size(before.used_bytes)} in use, freed as requests finish" if before.used_bytes > limit_bytes else ""
-        log.info("%s %s: %s (%s)%s", inst.name, inst.model, change, cause, below,
-                 extra=logs.fields(instance=inst.name, model=inst.model, kv_limit_from=before.limit_bytes, kv_limit_to=limit_bytes, cause=cause))
+        log.info(
+            "%s %s: %s (%s)%s",
+            inst.name,
+            inst.model,
+            change,
+            cause,
+            below,
+            extra=logs.fields(instance=inst.name, model=inst.model, kv_limit_from=before.limit_bytes, kv_limit_to=limit_bytes, cause=cause),
+        )
         self._events.publish(Event(inst.name, inst.model, state, state, f"{change} ({cause})"))
         return before
 
@@ -133,15 +148,15 @@ def limit_request(body: Any) -> tuple[str, float, str | None] | str:
     """`{"bytes": N}` or `{"percent": P}` (of each instance's capacity), optional `"instance"`:
     ("bytes"|"percent", value, instance), or what is wrong with it."""
     if not isinstance(body, dict):
-        return "the body must be a JSON object: {\"bytes\": N} or {\"percent\": P}"
+        return 'the body must be a JSON object: {"bytes": N} or {"percent": P}'
     unknown = set(body) - {"bytes", "percent", "instance"}
     if unknown:
-        return f"unknown field '{sorted(unknown)[0][:40]}': give \"bytes\" or \"percent\", and optionally \"instance\""
+        return f'unknown field \'{sorted(unknown)[0][:40]}\': give "bytes" or "percent", and optionally "instance"'
     instance = body.get("instance")
     if instance is not None and not isinstance(instance, str):
         return "'instance' must be an instance name"
     if ("bytes" in body) == ("percent" in body):
-        return "give exactly one of \"bytes\" (an integer >= 0) or \"percent\" (0-100]"
+        return 'give exactly one of "bytes" (an integer >= 0) or "percent" (0-100]'
     if "bytes" in body:
         value = body["bytes"]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 2**63:

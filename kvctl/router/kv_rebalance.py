@@ -53,6 +53,7 @@ class Member:
 
 def plan(members: list[Member], budget: int, minimum: int) -> dict[str, tuple[int, str]]:
     """New limits, by instance name, with the reason: only those that move."""
+
     def pages(n: float) -> int:
         return int(n) // PAGE * PAGE
 
@@ -112,8 +113,16 @@ async def _check(control: KvControl, lifecycle: Lifecycle, client: httpx.AsyncCl
             continue
         if states[inst.name]["in_flight"] or engine_waiting or inst.name not in last_active:
             last_active[inst.name] = now  # first seen counts as active: a woken instance is not idle at once
-        members.append(Member(inst.name, info.limit_bytes, info.held_bytes, engine_waiting + lifecycle.queued(inst.model),
-                              now - last_active[inst.name] >= IDLE_CHECKS * sm.check_interval_seconds, inst.name in busy))
+        members.append(
+            Member(
+                inst.name,
+                info.limit_bytes,
+                info.held_bytes,
+                engine_waiting + lifecycle.queued(inst.model),
+                now - last_active[inst.name] >= IDLE_CHECKS * sm.check_interval_seconds,
+                inst.name in busy,
+            )
+        )
     for name in set(last_active) - {m.name for m in members}:
         del last_active[name]  # asleep or gone: starts over when awake again
     moves = plan(members, int(sm.kv_budget_gb * kv.GiB), int(sm.kv_min_gb * kv.GiB))
@@ -134,7 +143,7 @@ async def _engine_waiting(client: httpx.AsyncClient, inst: Instance) -> int:
         return 0
     total = 0.0
     for line in response.text.splitlines():
-        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
             try:
                 total += float(line.rsplit(" ", 1)[1])
             except (ValueError, IndexError):

@@ -117,8 +117,7 @@ class ActionResult:
     evicted: list[str] = field(default_factory=list)  # instances put to sleep to make room
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "success": self.success, "message": self.message, "state": self.state,
-                "evicted": self.evicted}
+        return {"model_name": self.model_name, "success": self.success, "message": self.message, "state": self.state, "evicted": self.evicted}
 
 
 @dataclass(eq=False)
@@ -176,8 +175,9 @@ class _Waiter:
 class Lifecycle:
     """Instance states for the router; see the module docstring."""
 
-    def __init__(self, config: Config, metrics: Metrics | None = None, events: EventBus | None = None,
-                 adapter: Callable[[Instance], EngineAdapter] = adapter_for) -> None:
+    def __init__(
+        self, config: Config, metrics: Metrics | None = None, events: EventBus | None = None, adapter: Callable[[Instance], EngineAdapter] = adapter_for
+    ) -> None:
         self._config = config
         self._adapter = adapter  # tests may give engines of their own
         self._sm = config.sleep_manager
@@ -226,8 +226,15 @@ class Lifecycle:
             else:
                 self._reconcile_not_running(slot)
         for slot in self._slots:
-            log.info("instance %s %s: %s engine at %s, %s", slot.inst.name, slot.inst.model, slot.inst.engine, slot.inst.url, slot.state.value,
-                     extra=logs.fields(instance=slot.inst.name, model=slot.inst.model, engine=slot.inst.engine, url=slot.inst.url, state=slot.state.value))
+            log.info(
+                "instance %s %s: %s engine at %s, %s",
+                slot.inst.name,
+                slot.inst.model,
+                slot.inst.engine,
+                slot.inst.url,
+                slot.state.value,
+                extra=logs.fields(instance=slot.inst.name, model=slot.inst.model, engine=slot.inst.engine, url=slot.inst.url, state=slot.state.value),
+            )
             self._start_health_loop(slot)
         self._spawn(self._auto_sleep_loop())
 
@@ -298,8 +305,7 @@ class Lifecycle:
         self._slots = [s for s in self._slots if s is not slot]
         if self._by_name.get(slot.inst.name) is slot:
             del self._by_name[slot.inst.name]
-        log.info("instance %s %s: removed (drained)", slot.inst.name, slot.inst.model,
-                 extra=logs.fields(instance=slot.inst.name, model=slot.inst.model))
+        log.info("instance %s %s: removed (drained)", slot.inst.name, slot.inst.model, extra=logs.fields(instance=slot.inst.name, model=slot.inst.model))
 
     async def close(self) -> None:
         tasks = list(self._tasks)
@@ -338,13 +344,16 @@ class Lifecycle:
                 return slot.inst
         limit = self._config.router.max_queue_per_model
         if len(queue) >= limit:
-            raise Unavailable(429, "queue_full", f"model {model}: {len(queue)} requests already wait for it (max_queue_per_model={limit})", _QUEUE_FULL_RETRY_AFTER)
+            raise Unavailable(
+                429, "queue_full", f"model {model}: {len(queue)} requests already wait for it (max_queue_per_model={limit})", _QUEUE_FULL_RETRY_AFTER
+            )
         waiter = _Waiter(asyncio.get_running_loop().create_future(), excluded)
         queue.append(waiter)
         # A model that has to be started (not just woken) gets its engines' startup timeout.
         slots = self._by_model[model]
-        cold = (any(slot.state is S.STOPPED or slot.launching for slot in slots)
-                and not any(slot.state in (S.AWAKE, S.ASLEEP, S.WAKING, S.DRAINING) for slot in slots))
+        cold = any(slot.state is S.STOPPED or slot.launching for slot in slots) and not any(
+            slot.state in (S.AWAKE, S.ASLEEP, S.WAKING, S.DRAINING) for slot in slots
+        )
         timeout, setting = self._sm.wake_timeout_seconds, "wake_timeout_seconds"
         if cold:
             timeout, setting = max(timeout, *(slot.inst.startup_timeout_seconds for slot in slots)), "startup_timeout_seconds"
@@ -356,9 +365,12 @@ class Lifecycle:
             raise
         if not waiter.fut.done():
             self._abandon(model, waiter)
-            raise Unavailable(503, "wake_timeout",
-                              f"model {model} did not become available within {setting}={timeout:g} (state: {self.model_state(model)})",
-                              _WAKE_FAILED_RETRY_AFTER)
+            raise Unavailable(
+                503,
+                "wake_timeout",
+                f"model {model} did not become available within {setting}={timeout:g} (state: {self.model_state(model)})",
+                _WAKE_FAILED_RETRY_AFTER,
+            )
         return waiter.fut.result().inst  # raises the Unavailable a failed wake left there
 
     def release(self, inst: Instance) -> None:
@@ -416,8 +428,14 @@ class Lifecycle:
 
     def _policy_view(self, slot: _Slot) -> dict[str, Any]:
         sleep = slot.inst.sleep
-        return {"idle_seconds": policy.idle_threshold(sleep, self._sm), "start": sleep.start, "stop_after_seconds": sleep.stop_after_seconds,
-                "priority": sleep.priority, "verify": sleep.verify, "sleep_enabled": sleep.enabled}
+        return {
+            "idle_seconds": policy.idle_threshold(sleep, self._sm),
+            "start": sleep.start,
+            "stop_after_seconds": sleep.stop_after_seconds,
+            "priority": sleep.priority,
+            "verify": sleep.verify,
+            "sleep_enabled": sleep.enabled,
+        }
 
     @staticmethod
     def _countdown(due: float | None) -> float | None:
@@ -501,8 +519,9 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ the state machine
 
-    def _set_state(self, slot: _Slot, new: InstanceState, cause: str, duration: float | None = None, *,
-                   sleep_cause: str | None = None, asleep_since: float | None = None) -> None:
+    def _set_state(
+        self, slot: _Slot, new: InstanceState, cause: str, duration: float | None = None, *, sleep_cause: str | None = None, asleep_since: float | None = None
+    ) -> None:
         """The only place an instance's state changes. `cause` says why, in words (logged and
         published); `duration` is the engine call's, for sleeps and wakes."""
         old = slot.state
@@ -541,9 +560,17 @@ class Lifecycle:
         inst = slot.inst
         took = f" [engine call {duration:.2f}s]" if duration is not None else ""
         level = logging.WARNING if new in (S.DOWN, S.FAILED) else logging.INFO
-        log.log(level, "%s %s: %s -> %s (%s)%s", inst.name, inst.model, old.value, new.value, cause, took,
-                extra=logs.fields(instance=inst.name, model=inst.model, **{"from": old.value, "to": new.value},
-                                  cause=cause, duration_seconds=duration))
+        log.log(
+            level,
+            "%s %s: %s -> %s (%s)%s",
+            inst.name,
+            inst.model,
+            old.value,
+            new.value,
+            cause,
+            took,
+            extra=logs.fields(instance=inst.name, model=inst.model, **{"from": old.value, "to": new.value}, cause=cause, duration_seconds=duration),
+        )
         self.events.publish(Event(inst.name, inst.model, old.value, new.value, cause, duration))
 
     def _became_awake(self, slot: _Slot, old: InstanceState) -> None:
@@ -626,7 +653,15 @@ class Lifecycle:
             if self._sm.wakeup_on_request:
                 self._start_wake(wakeable[0])
             else:
-                self._fail_waiters(model, Unavailable(503, "model_asleep", f"model {model} is {wakeable[0].state.value} and wakeup_on_request is false; wake it with `kvctl wake`", _ASLEEP_RETRY_AFTER))
+                self._fail_waiters(
+                    model,
+                    Unavailable(
+                        503,
+                        "model_asleep",
+                        f"model {model} is {wakeable[0].state.value} and wakeup_on_request is false; wake it with `kvctl wake`",
+                        _ASLEEP_RETRY_AFTER,
+                    ),
+                )
             return False
         if any(slot.state is S.DRAINING for slot in slots):
             return False  # a manual sleep: once asleep, the waiters wake it
@@ -638,8 +673,7 @@ class Lifecycle:
         failed = [slot for slot in self._by_model[model] if slot.state is S.FAILED]
         if failed and all(slot.state in (S.FAILED, S.DOWN) for slot in self._by_model[model]):
             reasons = "; ".join(f"instance {slot.inst.name} failed to start: {slot.failure}" for slot in failed)
-            return Unavailable(503, "model_failed", f"model {model}: {reasons} (fix it, then `kvctl restart NAME` or `kvctl up`)",
-                               _WAKE_FAILED_RETRY_AFTER)
+            return Unavailable(503, "model_failed", f"model {model}: {reasons} (fix it, then `kvctl restart NAME` or `kvctl up`)", _WAKE_FAILED_RETRY_AFTER)
         retry = max(1, math.ceil(self._config.router.health_check_interval_seconds))
         return Unavailable(503, "model_unavailable", f"model {model}: no healthy instance (all down)", retry)
 
@@ -691,8 +725,10 @@ class Lifecycle:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    message = (f"model {model} could not be woken within wake_timeout_seconds={self._sm.wake_timeout_seconds:g}: "
-                               f"the memory budget ({self._sm.memory_budget_gb:g} GB) is held by {self._budget_holders(slot)}")
+                    message = (
+                        f"model {model} could not be woken within wake_timeout_seconds={self._sm.wake_timeout_seconds:g}: "
+                        f"the memory budget ({self._sm.memory_budget_gb:g} GB) is held by {self._budget_holders(slot)}"
+                    )
                     log.warning(message, extra=logs.fields(instance=slot.inst.name, model=model))
                     self._fail_waiters(model, Unavailable(503, "wake_timeout", message, _WAKE_FAILED_RETRY_AFTER))
                     return ActionResult(model, False, message, self.model_state(model), 504, self._evicted.pop(model, []))
@@ -705,8 +741,14 @@ class Lifecycle:
             result = await self._cold_start(slot, deadline, cause)
         elif slot.state is not S.ASLEEP:  # it went down (or came back otherwise) meanwhile
             self._dispatch(model)
-            return ActionResult(model, slot.state is S.AWAKE, f"instance {slot.inst.name} is {slot.state.value}", self.model_state(model),
-                                200 if slot.state is S.AWAKE else 503, self._evicted.pop(model, []))
+            return ActionResult(
+                model,
+                slot.state is S.AWAKE,
+                f"instance {slot.inst.name} is {slot.state.value}",
+                self.model_state(model),
+                200 if slot.state is S.AWAKE else 503,
+                self._evicted.pop(model, []),
+            )
         else:
             self._set_state(slot, S.WAKING, cause)
             result = await self._finish_wake(slot, deadline, cause)
@@ -743,8 +785,15 @@ class Lifecycle:
         held = []
         for s in self._slots:
             if s.holds_memory and s.memory > 0 and s is not slot:
-                why = ("sleep disabled" if not s.inst.sleep.enabled else f"{s.in_flight} in flight" if s.in_flight
-                       else "requests queued" if self._queues.get(s.inst.model) else s.state.value)
+                why = (
+                    "sleep disabled"
+                    if not s.inst.sleep.enabled
+                    else f"{s.in_flight} in flight"
+                    if s.in_flight
+                    else "requests queued"
+                    if self._queues.get(s.inst.model)
+                    else s.state.value
+                )
                 held.append(f"{s.inst.name} ({s.memory:g} GB, {why})")
         return ", ".join(held) or "nothing (the instance alone exceeds it)"
 
@@ -791,8 +840,12 @@ class Lifecycle:
             slot.reference = slot.reference or answer
             self._count(self._metrics.verifications_total if self._metrics else None, model, "ok")
             return True
-        log.warning("%s %s: verify: the answer after waking differs from the one recorded at start; reloading the weights", inst.name, model,
-                    extra=logs.fields(instance=inst.name, model=model, check="verify", result="mismatch"))
+        log.warning(
+            "%s %s: verify: the answer after waking differs from the one recorded at start; reloading the weights",
+            inst.name,
+            model,
+            extra=logs.fields(instance=inst.name, model=model, check="verify", result="mismatch"),
+        )
         try:
             await adapter.reload_weights(self._http, inst, timeout=inst.startup_timeout_seconds)
             answer = await self._probe_answer(slot)
@@ -800,8 +853,12 @@ class Lifecycle:
             log.warning("%s %s: verify: reloading the weights failed: %s", inst.name, model, _first_line(exc))
             answer = None
         if answer == slot.reference:
-            log.info("%s %s: verify: correct after reloading the weights", inst.name, model,
-                     extra=logs.fields(instance=inst.name, model=model, check="verify", result="reloaded"))
+            log.info(
+                "%s %s: verify: correct after reloading the weights",
+                inst.name,
+                model,
+                extra=logs.fields(instance=inst.name, model=model, check="verify", result="reloaded"),
+            )
             self._count(self._metrics.verifications_total if self._metrics else None, model, "reloaded")
             return True
         self._count(self._metrics.verifications_total if self._metrics else None, model, "restarted")
@@ -842,11 +899,18 @@ class Lifecycle:
         by_name = {s.inst.name: s for s in self._slots}
         holders = [
             policy.Holder(
-                name=s.inst.name, model=s.inst.model, memory_gb=s.memory, priority=s.inst.sleep.priority, last_used=s.last_used,
-                awake_for=now - s.awake_at, busy=bool(s.in_flight or self._queues.get(s.inst.model)), used_since_awake=s.used_since_awake,
+                name=s.inst.name,
+                model=s.inst.model,
+                memory_gb=s.memory,
+                priority=s.inst.sleep.priority,
+                last_used=s.last_used,
+                awake_for=now - s.awake_at,
+                busy=bool(s.in_flight or self._queues.get(s.inst.model)),
+                used_since_awake=s.used_since_awake,
                 can_sleep=s.inst.sleep.enabled and s.inst.model != slot.inst.model,
             )
-            for s in self._slots if s.state is S.AWAKE
+            for s in self._slots
+            if s.state is S.AWAKE
         ]
         queue = self._queues.get(slot.inst.model)
         starving = bool(queue and now - queue[0].since >= self._sm.max_swap_wait_seconds)
@@ -886,7 +950,9 @@ class Lifecycle:
         deadline = time.monotonic() + self._sm.drain_timeout_seconds
         while slot.in_flight > 0 and slot.state is S.DRAINING:
             if not await self._wait_change(deadline - time.monotonic()):
-                message = f"sleep of {inst.name} aborted: {slot.in_flight} request(s) still in flight after drain_timeout_seconds={self._sm.drain_timeout_seconds:g}"
+                message = (
+                    f"sleep of {inst.name} aborted: {slot.in_flight} request(s) still in flight after drain_timeout_seconds={self._sm.drain_timeout_seconds:g}"
+                )
                 self._set_state(slot, S.AWAKE, f"sleep aborted: {slot.in_flight} request(s) still in flight after the drain timeout")
                 self._dispatch(model)
                 return ActionResult(model, False, message, self.model_state(model), 409)

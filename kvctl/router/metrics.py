@@ -32,12 +32,16 @@ class Metrics:
         r = self.registry
         self.requests_total = Counter("kvctl_requests", "Requests forwarded, by model and HTTP status", ["model", "status"], registry=r)
         self.errors_total = Counter("kvctl_errors", "Requests that failed, by model and cause", ["model", "reason"], registry=r)
-        self.request_latency_seconds = Histogram("kvctl_request_latency_seconds", "Time from request to last byte sent", ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_latency_seconds = Histogram(
+            "kvctl_request_latency_seconds", "Time from request to last byte sent", ["model"], buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.ttft_seconds = Histogram("kvctl_ttft_seconds", "Time to first streamed byte", ["model"], buckets=_TTFT_BUCKETS, registry=r)
         self.in_flight = Gauge("kvctl_in_flight", "Requests being served", ["model"], registry=r)
         self.queued = Gauge("kvctl_queued", "Requests waiting for a wake or a free instance", ["model"], registry=r)
         self.state = Enum("kvctl_model_state", "Aggregate model state", ["model"], states=STATES, registry=r)
-        self.sleeps_total = Counter("kvctl_sleeps", "Times an instance of a model was put to sleep, by cause (manual, idle, budget, policy)", ["model", "cause"], registry=r)
+        self.sleeps_total = Counter(
+            "kvctl_sleeps", "Times an instance of a model was put to sleep, by cause (manual, idle, budget, policy)", ["model", "cause"], registry=r
+        )
         self.wakes_total = Counter("kvctl_wakes", "Wakes, by result and cause (request, manual)", ["model", "result", "cause"], registry=r)
         self.starts_total = Counter("kvctl_starts", "On-demand starts of stopped instances, by cause", ["model", "cause"], registry=r)
         self.stops_total = Counter("kvctl_stops", "Instances stopped by kvctl, by cause (manual, policy)", ["model", "cause"], registry=r)

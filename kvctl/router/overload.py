@@ -40,8 +40,11 @@ def message(what: str) -> str:
 def response_bytes(what: str) -> bytes:
     """A complete 503 `router_overloaded` HTTP response that closes the connection."""
     body = json.dumps(error_object(503, message(what), "router_overloaded")).encode()
-    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"retry-after: %d\r\nconnection: close\r\n\r\n%s" % (len(body), RETRY_AFTER_SECONDS, body))
+    return b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: %d\r\nretry-after: %d\r\nconnection: close\r\n\r\n%s" % (
+        len(body),
+        RETRY_AFTER_SECONDS,
+        body,
+    )
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -82,8 +85,7 @@ class _Throttle:
         if now - self._last.get(where, -LOG_INTERVAL_SECONDS) < LOG_INTERVAL_SECONDS:
             return
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        log.warning("out of file descriptors (%s; limit %d): answering 503 router_overloaded; %d time(s) since the last report",
-                    where, limit, count)
+        log.warning("out of file descriptors (%s; limit %d): answering 503 router_overloaded; %d time(s) since the last report", where, limit, count)
         self._last[where] = now
         self._count[where] = 0
 

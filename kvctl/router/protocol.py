@@ -144,8 +144,12 @@ class LimitedProtocol(HttpToolsProtocol):
             self._too_large()
             raise _Refused
         if self._overloaded:
-            self._refuse(503, "router_overloaded", overload.message(f"max_connections {self.limits.max_connections}"),
-                         ((b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS),))
+            self._refuse(
+                503,
+                "router_overloaded",
+                overload.message(f"max_connections {self.limits.max_connections}"),
+                ((b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS),),
+            )
             raise _Refused
         super().on_headers_complete()
         self._body_pending = True
@@ -192,9 +196,11 @@ class LimitedProtocol(HttpToolsProtocol):
         self._refuse(408, "request_timeout", f"The request body stalled: no byte for {self.limits.body_timeout:g}s.")
 
     def _too_large(self) -> None:
-        self._refuse(431, "request_headers_too_large",
-                     f"The request line and headers exceed the router's limit of {self.limits.max_header_bytes} bytes "
-                     f"or {MAX_HEADERS} header lines.")
+        self._refuse(
+            431,
+            "request_headers_too_large",
+            f"The request line and headers exceed the router's limit of {self.limits.max_header_bytes} bytes or {MAX_HEADERS} header lines.",
+        )
 
     def _refuse(self, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """Answer `status` with an OpenAI-shaped error and close the connection."""

@@ -53,8 +53,20 @@ if TYPE_CHECKING:
 
 Headers = tuple[tuple[bytes, bytes], ...]
 PROXIED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
-                         b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade"})
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
 # The router's credentials are not the engine's; length and id are set by the router.
 _NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-request-id", b"expect"}
 _NOT_RETURNED = _HOP_BY_HOP | {b"x-request-id"}
@@ -70,7 +82,7 @@ def _without_connection_options(forwarded: list[bytes], connection: bytes) -> li
     named = {option.strip().lower() for option in connection.split(b",")} - _PLAIN_OPTIONS
     if not named:
         return forwarded  # the usual `keep-alive` or `close`
-    return [part for i in range(0, len(forwarded), 4) if forwarded[i] not in named for part in forwarded[i:i + 4]]
+    return [part for i in range(0, len(forwarded), 4) if forwarded[i] not in named for part in forwarded[i : i + 4]]
 
 
 class _ClientGone(Exception):
@@ -176,8 +188,16 @@ class Proxy:
             await self._reject(send, t0, rid, None, 400, DUPLICATE_MESSAGE, DUPLICATE_CODE, headers=rid_header)
             return
         if self._keys and not self.authorized(auth):
-            await self._reject(send, t0, rid, None, 401, "Invalid or missing API key: send 'Authorization: Bearer KEY'.", "invalid_api_key",
-                               headers=(*rid_header, (b"www-authenticate", b"Bearer")))
+            await self._reject(
+                send,
+                t0,
+                rid,
+                None,
+                401,
+                "Invalid or missing API key: send 'Authorization: Bearer KEY'.",
+                "invalid_api_key",
+                headers=(*rid_header, (b"www-authenticate", b"Bearer")),
+            )
             return
         if length is not None:
             try:
@@ -210,8 +230,17 @@ class Proxy:
             return
         canonical = self.routes.get(model)
         if canonical is None:
-            await self._reject(send, t0, rid, None, 404, f"The model '{shorten(model)}' does not exist. GET /v1/models lists the models.",
-                               "model_not_found", "model", rid_header)
+            await self._reject(
+                send,
+                t0,
+                rid,
+                None,
+                404,
+                f"The model '{shorten(model)}' does not exist. GET /v1/models lists the models.",
+                "model_not_found",
+                "model",
+                rid_header,
+            )
             return
         if canonical != model:
             data["model"] = canonical
@@ -220,8 +249,7 @@ class Proxy:
         path = scope["path"].encode()
         if scope.get("query_string"):
             path += b"?" + scope["query_string"]
-        head = b"".join((b"POST ", path, b" HTTP/1.1\r\ncontent-length: ", str(len(body)).encode(),
-                         b"\r\nx-request-id: ", rid, b"\r\n", *forwarded))
+        head = b"".join((b"POST ", path, b" HTTP/1.1\r\ncontent-length: ", str(len(body)).encode(), b"\r\nx-request-id: ", rid, b"\r\n", *forwarded))
         await self._forward(canonical, head, body, rid_header, scope, send, t0)
 
     def authorized(self, header: bytes | None) -> bool:
@@ -250,11 +278,20 @@ class Proxy:
         return b"".join(parts)
 
     async def _too_large(self, send: Send, rid_header: Headers, t0: float) -> None:
-        await self._reject(send, t0, rid_header[0][1], None, 413, f"The request body is larger than the router's limit of {self._max_body} bytes.",
-                           "request_too_large", headers=(*rid_header, (b"connection", b"close")))
+        await self._reject(
+            send,
+            t0,
+            rid_header[0][1],
+            None,
+            413,
+            f"The request body is larger than the router's limit of {self._max_body} bytes.",
+            "request_too_large",
+            headers=(*rid_header, (b"connection", b"close")),
+        )
 
-    async def _reject(self, send: Send, t0: float, rid: bytes, model: str | None, status: int, message: str, code: str,
-                      param: str | None = None, headers: Headers = ()) -> None:
+    async def _reject(
+        self, send: Send, t0: float, rid: bytes, model: str | None, status: int, message: str, code: str, param: str | None = None, headers: Headers = ()
+    ) -> None:
         """An error of the router's own making, answered and access-logged (not counted as model traffic)."""
         await send_error(send, status, message, code, param, headers)
         _access(model, status, time.monotonic() - t0, None, None, rid, code)
@@ -298,8 +335,13 @@ class Proxy:
                     return
                 except RouterOverloaded as exc:  # the router's own exhaustion: the engine is not to blame
                     status, reason = 503, exc.reason
-                    await send_error(send, 503, overload.message(str(exc)), "router_overloaded",
-                                     headers=(*rid_header, (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)))
+                    await send_error(
+                        send,
+                        503,
+                        overload.message(str(exc)),
+                        "router_overloaded",
+                        headers=(*rid_header, (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)),
+                    )
                     return
                 finally:
                     lifecycle.release(inst)
@@ -309,8 +351,7 @@ class Proxy:
             else:  # the server stops and cut the request before its answer began (see _relay)
                 ex.finished = True
                 status, reason = 503, _SHUTDOWN_CODE
-                await send_error(send, 503, _SHUTDOWN_MESSAGE, _SHUTDOWN_CODE,
-                                 headers=(*rid_header, (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)))
+                await send_error(send, 503, _SHUTDOWN_MESSAGE, _SHUTDOWN_CODE, headers=(*rid_header, (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)))
         finally:
             ex.finished = True
             cycle.on_client_lost = None
@@ -318,8 +359,9 @@ class Proxy:
             self._account(model, status, reason, latency, ttft)
             _access(model, status, latency, ttft, sent, rid_header[0][1], reason)
 
-    async def _exchange(self, inst: Instance, head: bytes, body: bytes, rid_header: Headers, cycle: Cycle, send: Send,
-                        ex: _Exchange, t0: float) -> tuple[int, float | None, str | None, int | None]:
+    async def _exchange(
+        self, inst: Instance, head: bytes, body: bytes, rid_header: Headers, cycle: Cycle, send: Send, ex: _Exchange, t0: float
+    ) -> tuple[int, float | None, str | None, int | None]:
         """One request to one instance. Returns (status sent, ttft, failure reason or None, body bytes sent)."""
         pool = self._pools.get(inst.name)
         if pool is None:
@@ -341,24 +383,29 @@ class Proxy:
                 await conn.read_head(self._first_byte_timeout)
         except UpstreamTimeout:
             conn.abort()
-            await send_error(send, 504, f"Model '{inst.model}': engine {inst.name} sent no response within "
-                             f"{self._first_byte_timeout:g}s.", "upstream_timeout", headers=rid_header)
+            await send_error(
+                send,
+                504,
+                f"Model '{inst.model}': engine {inst.name} sent no response within {self._first_byte_timeout:g}s.",
+                "upstream_timeout",
+                headers=rid_header,
+            )
             return 504, None, "first_byte_timeout", None
         except (ConnectFailed, RouterOverloaded):
             conn.abort()
             raise  # the reconnect after a stale keep-alive failed: as any failed connect
         except UpstreamError as exc:
             conn.abort()
-            await send_error(send, 502, f"Model '{inst.model}': engine {inst.name} failed before answering: {exc}",
-                             "engine_failed", headers=rid_header)
+            await send_error(send, 502, f"Model '{inst.model}': engine {inst.name} failed before answering: {exc}", "engine_failed", headers=rid_header)
             return 502, None, exc.reason, None
         except BaseException:
             conn.abort()
             raise
         return await self._relay(conn, inst, rid_header, cycle, ex, t0)
 
-    async def _relay(self, conn: Connection, inst: Instance, rid_header: Headers, cycle: Cycle, ex: _Exchange,
-                     t0: float) -> tuple[int, float | None, str | None, int]:
+    async def _relay(
+        self, conn: Connection, inst: Instance, rid_header: Headers, cycle: Cycle, ex: _Exchange, t0: float
+    ) -> tuple[int, float | None, str | None, int]:
         """Answer the client with the engine's response, written to its transport directly
         (not through ASGI send(), which checks every header of every message again)."""
         status = conn.status
@@ -408,8 +455,11 @@ class Proxy:
                 _close(cycle)
                 return status, ttft, exc.reason, writer.sent
             timed_out = isinstance(exc, UpstreamTimeout)
-            message = (f"Model '{inst.model}': engine {inst.name} sent nothing for {self._idle_timeout:g}s" if timed_out
-                       else f"Model '{inst.model}': engine {inst.name} broke the stream: {exc}")
+            message = (
+                f"Model '{inst.model}': engine {inst.name} sent nothing for {self._idle_timeout:g}s"
+                if timed_out
+                else f"Model '{inst.model}': engine {inst.name} broke the stream: {exc}"
+            )
             code = "stream_timeout" if timed_out else "engine_disconnected"
             ex.finished = True
             _end_with(cycle, sse_error_event(message, code), chunked)
@@ -469,10 +519,26 @@ def _access(model: str | None, status: int, latency: float, ttft: float | None, 
         return
     request_id = rid.decode("ascii", "replace")
     ttft_text = f"{ttft * 1000:.0f}ms" if ttft is not None else "-"
-    log.log(level, "%s %d %.0fms ttft=%s bytes=%s id=%s%s", model or "-", status, latency * 1000, ttft_text,
-            "-" if sent is None else sent, request_id, f" ({reason})" if reason else "",
-            extra=logs.fields(model=model, status=status, latency_seconds=round(latency, 6),
-                              ttft_seconds=None if ttft is None else round(ttft, 6), bytes=sent, request_id=request_id, reason=reason))
+    log.log(
+        level,
+        "%s %d %.0fms ttft=%s bytes=%s id=%s%s",
+        model or "-",
+        status,
+        latency * 1000,
+        ttft_text,
+        "-" if sent is None else sent,
+        request_id,
+        f" ({reason})" if reason else "",
+        extra=logs.fields(
+            model=model,
+            status=status,
+            latency_seconds=round(latency, 6),
+            ttft_seconds=None if ttft is None else round(ttft, 6),
+            bytes=sent,
+            request_id=request_id,
+            reason=reason,
+        ),
+    )
 
 
 def _ttft(writer: _Writer, sse: bool, t0: float) -> float | None:

@@ -44,21 +44,23 @@ def serve(config: Config) -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     _raise_fd_limit(config)
     app = create_app(config)
-    server = _Server(uvicorn.Config(
-        app,
-        host=config.router.host,
-        port=config.router.port,
-        http=protocol_for(lambda: app.config.router),  # uvicorn's httptools protocol with the client limits
-        ws="none",
-        proxy_headers=False,  # X-Forwarded-* parsing per request for a client address nothing here uses
-        loop="asyncio",  # not uvloop: see serve()'s docstring
-        lifespan="on",
-        log_config=None,  # logs.configure() set up every logger; uvicorn's dictConfig would undo it
-        access_log=False,  # kvctl.access logs each request with its model, TTFT and request id
-        server_header=False,  # the engine's own headers (Date, Server) pass through
-        date_header=False,
-        timeout_graceful_shutdown=30,
-    ))
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=config.router.host,
+            port=config.router.port,
+            http=protocol_for(lambda: app.config.router),  # uvicorn's httptools protocol with the client limits
+            ws="none",
+            proxy_headers=False,  # X-Forwarded-* parsing per request for a client address nothing here uses
+            loop="asyncio",  # not uvloop: see serve()'s docstring
+            lifespan="on",
+            log_config=None,  # logs.configure() set up every logger; uvicorn's dictConfig would undo it
+            access_log=False,  # kvctl.access logs each request with its model, TTFT and request id
+            server_header=False,  # the engine's own headers (Date, Server) pass through
+            date_header=False,
+            timeout_graceful_shutdown=30,
+        )
+    )
     server.on_shutdown = app.begin_shutdown
     server.run()
 
@@ -99,5 +101,10 @@ def _raise_fd_limit(config: Config) -> None:
     streams = overload.stream_capacity(soft)
     log.info("file descriptor limit %d: room for about %d concurrent streams", soft, streams)
     if streams < config.router.max_connections:
-        log.warning("the file descriptor limit (%d) allows about %d concurrent streams, fewer than router.max_connections (%d); "
-                    "beyond that clients get 503 router_overloaded", soft, streams, config.router.max_connections)
+        log.warning(
+            "the file descriptor limit (%d) allows about %d concurrent streams, fewer than router.max_connections (%d); "
+            "beyond that clients get 503 router_overloaded",
+            soft,
+            streams,
+            config.router.max_connections,
+        )

@@ -26,10 +26,7 @@ def read(path: Path) -> dict[str, Record]:
     """Instance name -> its record; empty when the file is missing or unreadable."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return {
-            str(name): Record(str(entry["state"]), entry.get("cause"), entry.get("since"))
-            for name, entry in data["instances"].items()
-        }
+        return {str(name): Record(str(entry["state"]), entry.get("cause"), entry.get("since")) for name, entry in data["instances"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 

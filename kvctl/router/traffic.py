@@ -86,8 +86,9 @@ class _ModelTraffic:
 class TrafficMonitor:
     """Traffic per configured model. `in_flight`/`queued` come from the lifecycle."""
 
-    def __init__(self, models: Iterable[str], idle_threshold: float,
-                 in_flight: Callable[[str], int] = lambda m: 0, queued: Callable[[str], int] = lambda m: 0) -> None:
+    def __init__(
+        self, models: Iterable[str], idle_threshold: float, in_flight: Callable[[str], int] = lambda m: 0, queued: Callable[[str], int] = lambda m: 0
+    ) -> None:
         now = time.time()
         self._models = {model: _ModelTraffic(now) for model in models}
         self.idle_threshold = idle_threshold

@@ -289,9 +289,7 @@ class Pool:
 
     async def connect(self) -> Connection:
         try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: Connection(self), self.host, self.port), self.connect_timeout
-            )
+            _, conn = await asyncio.wait_for(self.loop.create_connection(lambda: Connection(self), self.host, self.port), self.connect_timeout)
         except TimeoutError:
             raise ConnectFailed(f"connecting to {self.host}:{self.port} timed out after {self.connect_timeout:g}s") from None
         except OSError as exc:

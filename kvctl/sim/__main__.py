@@ -43,11 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--wake-corrupts-weights", action="store_true", help="every wake leaves garbage weights until they are reloaded")
     p.add_argument("--reload-no-effect", action="store_true", help="reloading the weights does not repair them")
     p.add_argument(
-        "--spawn-children", type=int, default=0, metavar="N",
+        "--spawn-children",
+        type=int,
+        default=0,
+        metavar="N",
         help="start N idle child processes, as vLLM starts its EngineCore and workers; they outlive a killed parent",
     )
     p.add_argument(
-        "--kv-bytes-per-token", type=int, default=SimSettings.kv_bytes_per_token, metavar="N",
+        "--kv-bytes-per-token",
+        type=int,
+        default=SimSettings.kv_bytes_per_token,
+        metavar="N",
         help="KV cache a token holds, with ENABLE_KVCACHED=true in the environment (default 128 KiB)",
     )
     return p
@@ -133,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
             kv = KvPool(segment, settings.sim.kv_bytes_per_token)
         app = create_app(settings, kv)
         print(f"kvctl.sim: serving {settings.model} ({settings.sim.dialect} dialect) on {settings.host}:{settings.port}", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=settings.host, port=settings.port, loop="asyncio", http="httptools", access_log=False, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.run(
+            app, host=settings.host, port=settings.port, loop="asyncio", http="httptools", access_log=False, log_level="warning", timeout_graceful_shutdown=5
+        )
     finally:
         cleanup()
 

@@ -217,7 +217,15 @@ class _Engine:
         return Response(payload, media_type=_JSON)
 
     async def models(self, request: Request) -> Response:
-        card = {"id": self.model, "object": "model", "created": self.created, "owned_by": self.dialect, "root": self.model, "parent": None, "max_model_len": protocol.MAX_MODEL_LEN}
+        card = {
+            "id": self.model,
+            "object": "model",
+            "created": self.created,
+            "owned_by": self.dialect,
+            "root": self.model,
+            "parent": None,
+            "max_model_len": protocol.MAX_MODEL_LEN,
+        }
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health(self, request: Request) -> Response:
@@ -379,7 +387,10 @@ class _Metrics:
             gauge = GaugeMetricFamily(name, doc, labels=labels)
             gauge.add_metric(values, value)
             yield gauge
-        for name, doc, value in (("prompt_tokens", "Prompt tokens processed.", state.prompt_tokens), ("generation_tokens", "Tokens generated.", state.generation_tokens)):
+        for name, doc, value in (
+            ("prompt_tokens", "Prompt tokens processed.", state.prompt_tokens),
+            ("generation_tokens", "Tokens generated.", state.generation_tokens),
+        ):
             counter = CounterMetricFamily(f"{self.engine.dialect}:{name}", doc, labels=labels)
             counter.add_metric(values, value)
             yield counter
