@@ -9,7 +9,8 @@ measured in-process or with benchmarks/router_overhead.py on the 2-core dev mach
   httpx ~3000 µs a request, aiohttp ~500, it a few tens;
 * the engine's body is pushed to the client from the upstream protocol's callback
   (`_Writer`): no task wake-up, future, timer or ASGI message per chunk (~6.5 µs of
-  those per chunk in-process; per paced chunk at 64 streams 21–22 → 14–18 µs);
+  those per chunk in-process; per paced chunk at 64 streams 21–22 → 14–18 µs, at 8,000
+  streams 48 → 20 µs: benchmarks/many_streams.py);
 * answers are written to the client's transport directly with a pre-built head (not
   through uvicorn's send(), which re-checks every header), a whole non-streamed answer in
   one write: one send syscall instead of two when the engine's answer came in one read;
