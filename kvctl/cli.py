@@ -27,13 +27,13 @@ from kvctl.tables import Cell, Column
 if TYPE_CHECKING:
     from kvctl import client as client_mod
     from kvctl import config as config_mod
-    from kvctl import gpu, kvcached, reaper, tree
+    from kvctl import kvcached, tree
     from kvctl import render as render_mod
     from kvctl import supervisor as supervisor_mod
     from kvctl.config import Config
 else:
-    client_mod, config_mod, gpu, kvcached, reaper, render_mod, supervisor_mod, tree = map(
-        lazy_module, ("kvctl.client", "kvctl.config", "kvctl.gpu", "kvctl.kvcached", "kvctl.reaper", "kvctl.render", "kvctl.supervisor", "kvctl.tree")
+    client_mod, config_mod, kvcached, render_mod, supervisor_mod, tree = map(
+        lazy_module, ("kvctl.client", "kvctl.config", "kvctl.kvcached", "kvctl.render", "kvctl.supervisor", "kvctl.tree")
     )
 
 app = typer.Typer(
@@ -182,13 +182,9 @@ def restart(
 def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Programs, health and model states. Exit 0 healthy, 1 degraded, 3 not running."""
     config = _load(config_path)
-    result = tree.status(config, _router_instances(config))
-    measured = _measured(config, result)
+    result = tree.status(config, tree.router_instances(config))
     if as_json:
-        data = result.as_json()
-        for entry in data["instances"]:  # type: ignore[attr-defined]
-            entry["kv"], entry["gpu_memory_bytes"] = measured[entry["name"]]
-        out.print_json(json.dumps(data))
+        out.print_json(json.dumps(result.as_json()))
         raise typer.Exit(result.exit_code)
     if not result.running:
         err.print(f"kvctl is not running (no supervisord at {render_mod.RunPaths(config.run_dir).socket}).", markup=False)
@@ -224,8 +220,8 @@ def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
                 _uptime(process.uptime if process else None),
                 _health(inst.health),
                 Text(inst.state, style=_STATE_STYLE.get(inst.state, "")),
-                _kv_cell(measured[inst.name][0]),
-                _gib(measured[inst.name][1], "{:.1f}G"),
+                _kv_cell(inst.kv),
+                _gib(inst.gpu_memory_bytes, "{:.1f}G"),
             ]
         )
     table = tables.fit(
@@ -256,19 +252,6 @@ _STATUS_COLUMNS = [
 ]
 
 
-def _measured(config: Config, result: tree.TreeStatus) -> dict[str, tuple[dict[str, int] | None, int | None]]:
-    """Per instance: its kvcached segment (used/limit/prealloc, None when unknown) and the GPU
-    memory of its engine's process tree through NVML (None without NVML and a GPU)."""
-    nvml = gpu.unavailable_reason() is None
-    measured = {}
-    for inst, status in zip(config.instances, result.instances, strict=True):
-        info = kvcached.for_env(inst.env)
-        pid = status.process.pid if status.process and status.process.pid else None
-        gpu_bytes = gpu.process_memory_bytes({pid, *reaper.descendants(pid)}) if nvml and pid else None
-        measured[inst.name] = (info.as_json() if info is not None else None, gpu_bytes)
-    return measured
-
-
 def _gib(n: int | float | None, fmt: str = "{:.1f}") -> str:
     return fmt.format(n / 2**30) if isinstance(n, (int, float)) else "-"
 
@@ -279,18 +262,6 @@ def _kv_cell(kv: dict[str, Any] | None) -> Text:
         return Text("-")
     over = kv["used_bytes"] > kv["limit_bytes"]
     return Text(f"{_gib(kv['used_bytes'])}/{_gib(kv['limit_bytes'])}G", style="red" if over else "")
-
-
-def _router_instances(config: Config) -> dict[str, dict[str, Any]] | None:
-    """The router's /health/all entries by instance name; None when it cannot be asked."""
-    if not config.router.enabled:
-        return None
-    try:
-        with client_mod.RouterClient(config, timeout=3) as client:
-            body = client_mod.json_object(client.get("/health/all"))
-    except KvctlError:
-        return None
-    return {str(i["name"]): i for i in body.get("instances") or () if isinstance(i, dict) and "name" in i}
 
 
 def _uptime(seconds: float | None) -> str:
@@ -439,14 +410,7 @@ def kv_limit(
 def kv_list(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Every kvcached segment kvctl names (/dev/shm/kvctl_*): this config's instances, then others."""
     config = _load(config_path)
-    segments = kvcached.list_owned()
-    rows: list[dict[str, Any]] = []
-    for inst in config.instances:
-        if kvcached.enabled(inst.env):
-            name = kvcached.segment_name(inst.env)
-            info = segments.pop(name, None)
-            rows.append({"instance": inst.name, "model": inst.model, "segment": name, "kv": info.as_json() if info else None})
-    rows += [{"instance": None, "model": None, "segment": name, "kv": info.as_json()} for name, info in segments.items()]
+    rows = kvcached.inventory((inst.name, inst.model, inst.env) for inst in config.instances)
     if as_json:
         out.print_json(json.dumps({"segments": rows}))
         return

@@ -17,9 +17,10 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SHM_DIR = Path("/dev/shm")
 SEGMENT_BYTES = 24
@@ -108,6 +109,20 @@ def write_limit(name: str, limit_bytes: int) -> KvInfo | None:
             return before
     finally:
         os.close(fd)
+
+
+def inventory(instances: Iterable[tuple[str, str, Mapping[str, str]]]) -> list[dict[str, Any]]:
+    """`kvctl kv list`: a row per kvcached instance given as (name, model, env), its segment
+    (`kv` None when there is none), then every other kvctl_* segment in /dev/shm."""
+    segments = list_owned()
+    rows: list[dict[str, Any]] = []
+    for name, model, env in instances:
+        if enabled(env):
+            segment = segment_name(env)
+            info = segments.pop(segment, None)
+            rows.append({"instance": name, "model": model, "segment": segment, "kv": info.as_json() if info else None})
+    rows += [{"instance": None, "model": None, "segment": segment, "kv": info.as_json()} for segment, info in segments.items()]
+    return rows
 
 
 def list_owned() -> dict[str, KvInfo]:

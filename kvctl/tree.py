@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 
 from kvctl import config as config_mod
-from kvctl import converge, kvcached, procstate, reaper, render
-from kvctl.client import RouterClient
+from kvctl import converge, gpu, kvcached, procstate, reaper, render
+from kvctl.client import RouterClient, json_object
 from kvctl.config import Config, Instance
 from kvctl.engines import adapter_for
 from kvctl.errors import KvctlError, NotRunningError, StartupError, UsageError
@@ -92,7 +92,7 @@ def up(config: Config, report: Reporter, *, wait: bool = True) -> UpResult:
     # stopped by policy or by hand; a request or `kvctl wake` starts them.
     stopped = {inst.name for inst in config.launched if inst.sleep.start == "stopped"}
     if not started_supervisord:
-        stopped |= {name for name, state in _router_states(config).items() if state == "stopped"}
+        stopped |= {name for name, info in (router_instances(config) or {}).items() if info.get("state") == "stopped"}
     stopped -= {name for name, info in processes.items() if info.state in RUNNING_STATES}
     # The router first: clients get a clear 503 rather than a refused connection while engines load.
     order = [ROUTER] if ROUTER in processes else []
@@ -157,15 +157,16 @@ def _wait(url: str, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _router_states(config: Config) -> dict[str, str]:
-    """Instance name -> state, as the router has it (empty when it cannot be asked)."""
+def router_instances(config: Config) -> dict[str, dict[str, Any]] | None:
+    """The router's /health/all entries by instance name; None when it cannot be asked."""
     if not config.router.enabled:
-        return {}
+        return None
     try:
         with RouterClient(config, timeout=5) as client:
-            return {i["name"]: i["state"] for i in client.get("/health/all").get("instances", [])}
+            body = json_object(client.get("/health/all"))
     except KvctlError:
-        return {}
+        return None
+    return {str(i["name"]): i for i in body.get("instances") or () if isinstance(i, dict) and "name" in i}
 
 
 def _wait_router_ready(config: Config, report: Reporter, stopped: set[str]) -> None:
@@ -319,6 +320,8 @@ class InstanceStatus:
     # cannot be asked (not running, or no router configured).
     state: str
     failure: str | None = None  # why the instance is `failed` (the launcher gave up)
+    kv: dict[str, int] | None = None  # its kvcached segment (used/limit/prealloc bytes), None when unknown
+    gpu_memory_bytes: int | None = None  # its engine process tree's GPU memory (NVML), None when unknown
 
     @property
     def healthy(self) -> bool:
@@ -342,6 +345,8 @@ class InstanceStatus:
             "health": self.health,
             "state": self.state,
             "failure": self.failure,
+            "kv": self.kv,
+            "gpu_memory_bytes": self.gpu_memory_bytes,
         }
 
 
@@ -382,8 +387,11 @@ def status(config: Config, router_instances: dict[str, dict[str, Any]] | None) -
     except NotRunningError:
         processes = None
     instances = []
+    nvml = gpu.unavailable_reason() is None
     for inst in config.instances:
         process = (processes or {}).get(inst.name)
+        kv = kvcached.for_env(inst.env)
+        pid = process.pid if process and process.pid else None
         seen = router_instances.get(inst.name) if router_instances is not None else None
         state = "-" if router_instances is None else str(seen.get("state", "unknown")) if seen else "unknown"
         record = procstate.read(config.run_dir, inst.name)
@@ -399,6 +407,8 @@ def status(config: Config, router_instances: dict[str, dict[str, Any]] | None) -
                 health=_health(inst, process, state, probed=processes is not None or inst.external),
                 state=state,
                 failure=str(failure) if failure else None,
+                kv=kv.as_json() if kv is not None else None,
+                gpu_memory_bytes=gpu.process_memory_bytes({pid, *reaper.descendants(pid)}) if nvml and pid else None,
             )
         )
     router = (processes or {}).get(ROUTER)
