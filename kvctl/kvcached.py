@@ -12,12 +12,13 @@ not started, has no kvcached, or died is an ordinary sight.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,22 +72,33 @@ def path(name: str) -> Path:
     return SHM_DIR / name
 
 
+@contextlib.contextmanager
+def _mapped(name: str, *, write: bool) -> Iterator[mmap.mmap | None]:
+    """The segment mapped under a shared (read) or exclusive (write) lock; None when there is
+    no segment of the protocol's size (nothing is created). Closing the fd releases the lock."""
+    try:
+        fd = os.open(path(name), (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        yield None
+        return
+    try:
+        if os.fstat(fd).st_size < SEGMENT_BYTES:
+            yield None
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+        with mmap.mmap(fd, SEGMENT_BYTES, access=mmap.ACCESS_WRITE if write else mmap.ACCESS_READ) as mm:
+            yield mm
+    finally:
+        os.close(fd)
+
+
 def read(name: str) -> KvInfo | None:
     """The segment's three fields under a shared lock; None when it does not exist (or is not one)."""
     try:
-        fd = os.open(path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with _mapped(name, write=False) as mm:
+            return None if mm is None else KvInfo(*_LAYOUT.unpack(mm[:SEGMENT_BYTES]))
     except OSError:
         return None
-    try:
-        if os.fstat(fd).st_size < SEGMENT_BYTES:
-            return None
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        with mmap.mmap(fd, SEGMENT_BYTES, access=mmap.ACCESS_READ) as mm:
-            return KvInfo(*_LAYOUT.unpack(mm[:SEGMENT_BYTES]))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def write_limit(name: str, limit_bytes: int) -> KvInfo | None:
@@ -95,20 +107,12 @@ def write_limit(name: str, limit_bytes: int) -> KvInfo | None:
     asked: the engine frees as requests finish."""
     if limit_bytes < 0:
         raise ValueError(f"a KV limit must be >= 0 bytes, got {limit_bytes}")
-    try:
-        fd = os.open(path(name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if os.fstat(fd).st_size < SEGMENT_BYTES:
+    with _mapped(name, write=True) as mm:
+        if mm is None:
             return None
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        with mmap.mmap(fd, SEGMENT_BYTES, access=mmap.ACCESS_WRITE) as mm:
-            before = KvInfo(*_LAYOUT.unpack(mm[:SEGMENT_BYTES]))
-            mm[0:8] = struct.pack("=q", limit_bytes)
-            return before
-    finally:
-        os.close(fd)
+        before = KvInfo(*_LAYOUT.unpack(mm[:SEGMENT_BYTES]))
+        mm[0:8] = struct.pack("=q", limit_bytes)
+        return before
 
 
 def inventory(instances: Iterable[tuple[str, str, Mapping[str, str]]]) -> list[dict[str, Any]]:
