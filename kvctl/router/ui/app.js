@@ -155,12 +155,18 @@ function askAdmin(message) {
   $("admin-input").focus();
 }
 
-function useKey(event) {
+// Both secrets are typed into a form, kept for this tab only, and the form put away.
+function takeSecret(event, name) {
   event.preventDefault();
-  S.key = $("key-input").value.trim();
-  sessionStorage.setItem("kvctl.key", S.key);
-  $("key-input").value = "";
-  $("key-form").hidden = true;
+  const value = $(`${name}-input`).value.trim();
+  sessionStorage.setItem(`kvctl.${name}`, value);
+  $(`${name}-input`).value = "";
+  $(`${name}-form`).hidden = true;
+  return value;
+}
+
+function useKey(event) {
+  S.key = takeSecret(event, "key");
   showAuth();
   S.needKey = false;
   poll();
@@ -169,11 +175,7 @@ function useKey(event) {
 }
 
 function useAdmin(event) {
-  event.preventDefault();
-  S.admin = $("admin-input").value.trim();
-  sessionStorage.setItem("kvctl.admin", S.admin);
-  $("admin-input").value = "";
-  $("admin-form").hidden = true;
+  S.admin = takeSecret(event, "admin");
   showAuth();
   const pending = S.pending;
   S.pending = null;
