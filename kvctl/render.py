@@ -25,9 +25,9 @@ from kvctl.engines import adapter_for
 from kvctl.errors import ConfigError
 from kvctl.files import write_private
 from kvctl.launch import GAVE_UP_EXIT, LaunchSpec
+from kvctl.paths import ROUTER, RunPaths
 from kvctl.reaper import marker
 
-ROUTER = "router"
 ROUTER_STOPWAIT_SECONDS = 60
 ENGINE_STOPWAIT_SECONDS = 30
 # supervisord closes fds up to `minfds` in every child it spawns: a higher value costs each start.
@@ -48,46 +48,6 @@ class Program:
     @property
     def env_digest(self) -> str:
         return env_digest(self.env)
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    run_dir: Path
-
-    @property
-    def conf(self) -> Path:
-        return self.run_dir / "supervisord.conf"
-
-    @property
-    def socket(self) -> Path:
-        return self.run_dir / "supervisor.sock"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.run_dir / "supervisord.pid"
-
-    @property
-    def logs(self) -> Path:
-        return self.run_dir / "logs"
-
-    @property
-    def env_dir(self) -> Path:
-        return self.run_dir / "env"
-
-    @property
-    def router_state(self) -> Path:
-        return self.run_dir / "router-state.json"
-
-    @property
-    def applied_config(self) -> Path:
-        """A copy of the config file `kvctl up` applied last, to tell what changed since."""
-        return self.run_dir / "applied-config.yaml"
-
-    def log(self, program: str) -> Path:
-        return self.logs / f"{program}.log"
-
-    def env_file(self, program: str) -> Path:
-        return self.env_dir / f"{program}.json"
 
 
 def programs(config: Config) -> list[Program]:

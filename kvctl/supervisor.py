@@ -17,7 +17,7 @@ from typing import Any
 from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from kvctl.errors import NotRunningError, SupervisorError
-from kvctl.render import RunPaths
+from kvctl.paths import RunPaths
 
 # After a stop's timeout: how long a second SIGTERM gets before SIGKILL.
 CUT_GRACE_SECONDS = 3.0

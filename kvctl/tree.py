@@ -21,7 +21,7 @@ from kvctl.engines import adapter_for
 from kvctl.errors import KvctlError, NotRunningError, StartupError, UsageError
 from kvctl.files import write_private
 from kvctl.launch import backoff
-from kvctl.render import ROUTER, RunPaths
+from kvctl.paths import ROUTER, RunPaths
 from kvctl.supervisor import FAILED_STATES, RUNNING_STATES, ProcessInfo, Supervisor
 
 ROUTER_STARTUP_TIMEOUT_SECONDS = 60.0

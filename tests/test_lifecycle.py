@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from kvctl.config import Config
-from kvctl.render import RunPaths
+from kvctl.paths import RunPaths
 from kvctl.router.lifecycle import Lifecycle, Unavailable
 from kvctl.router.metrics import Metrics
 

@@ -34,7 +34,7 @@ from kvctl import procstate
 from kvctl.config import Config, Instance
 from kvctl.engines import EngineAdapter, adapter_for
 from kvctl.errors import EngineError, EngineTimeout, KvctlError
-from kvctl.render import RunPaths
+from kvctl.paths import RunPaths
 from kvctl.router import kv, logs, overload, policy, state_file
 from kvctl.router.events import Event, EventBus
 from kvctl.supervisor import Supervisor
