@@ -177,7 +177,7 @@ async def test_relay_pauses_reading_from_the_engine_until_resumed() -> None:
     byte arrives once, in order."""
     import asyncio
 
-    from kvctl.router.upstream import Pool
+    from kvctl.http1 import Pool
 
     pieces = [b"%d" % i * 1000 for i in range(5)]
     relaying = asyncio.Event()

@@ -43,7 +43,7 @@ from kvctl.router.auth import DUPLICATE_CODE, DUPLICATE_MESSAGE, bearer, matches
 from kvctl.router.errors import send_error, shorten, sse_error_event
 from kvctl.router.lifecycle import Unavailable
 from kvctl.router.protocol import Cycle
-from kvctl.router.upstream import ConnectFailed, Connection, Pool, RouterOverloaded, UpstreamClosed, UpstreamError, UpstreamTimeout
+from kvctl.http1 import ConnectFailed, Connection, Pool, RouterOverloaded, UpstreamClosed, UpstreamError, UpstreamTimeout
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
