@@ -6,27 +6,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import ROOT, Procs, free_port, wait_for, wait_http_ok
-from test_lifecycle_support import sim_instance, start_engines, write_config
-from test_router_support import start_router
+from helpers import KVCTL, Procs, free_port, kvctl, sim_instance, start_engines, start_router, wait_for, wait_http_ok, write_config
 
 TTFT_MS = 40.0
 TOKENS_PER_SECOND = 100.0  # 10 ms between tokens
 METRICS = ("ttft_ms", "itl_ms", "e2e_latency_ms")
 COUNTS = ("requests", "ok", "failed", "errors", "request_rate", "output_tokens", "output_tokens_per_second")
-
-
-def kvctl(*args: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    env["COLUMNS"] = "200"  # rich tables one line per row
-    return subprocess.run([sys.executable, "-m", "kvctl", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 
 def check_metrics(m: dict[str, Any]) -> None:
@@ -180,7 +171,7 @@ def test_bench_ctrl_c_reports_what_finished(procs: Procs, tmp_path: Path) -> Non
     out = tmp_path / "bench.json"
     env = {**os.environ, "COLUMNS": "200"}
     bench = procs.start(
-        [sys.executable, "-m", "kvctl", "bench", "--url", f"http://127.0.0.1:{port}", "--model", "slow", "--duration", "60", "--json", str(out)],
+        [*KVCTL, "bench", "--url", f"http://127.0.0.1:{port}", "--model", "slow", "--duration", "60", "--json", str(out)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

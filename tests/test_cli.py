@@ -8,27 +8,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import httpx
 
-from conftest import ROOT, Procs, free_port, wait_for
-from test_tree import Tree, kvtree, sim_instance  # noqa: F401 (kvtree is a fixture)
+from helpers import KVCTL, Procs, Tree, free_port, kvctl, sim_yaml, wait_for
 
-KVCTL = [sys.executable, "-m", "kvctl"]
 ADMIN = "cli-admin-token"
 KEY = "cli-api-key"
 # Every read and action needs a key: the CLI must send the admin token it finds in the config.
 AUTH = f"  api_keys: [{KEY}]\n  admin_token: {ADMIN}\n"
 EVENT_KEYS = {"time", "instance", "model", "from", "to", "cause", "duration_seconds"}
-
-
-def kvctl(*args: str, columns: int = 200, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "KVCTL_ADMIN_TOKEN"}
-    env["COLUMNS"] = str(columns)
-    return subprocess.run([*KVCTL, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
 
 
 # --------------------------------------------------------------------------- config warnings
@@ -91,7 +82,7 @@ class Lines:
 
 
 def test_events_prints_history_and_follows_until_ctrl_c(kvtree: Tree, procs: Procs) -> None:
-    kvtree.write(sim_instance("a", free_port()) + sim_instance("b", free_port()), extra=AUTH)
+    kvtree.write(sim_yaml("a", free_port()) + sim_yaml("b", free_port()), extra=AUTH)
     assert kvtree.kvctl("up").returncode == 0
     slept = kvtree.kvctl("sleep", "org/a")
     assert slept.returncode == 0, slept.stdout + slept.stderr
@@ -127,14 +118,14 @@ def test_events_prints_history_and_follows_until_ctrl_c(kvtree: Tree, procs: Pro
 
 
 def test_events_errors(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("a", free_port()), extra=AUTH)
+    kvtree.write(sim_yaml("a", free_port()), extra=AUTH)
     down = kvtree.kvctl("events", "-f")
     assert down.returncode == 1 and down.stderr.startswith("error: router at") and "Traceback" not in down.stderr
     assert kvtree.kvctl("up").returncode == 0
-    kvtree.write(sim_instance("a", free_port()), extra=f"  api_keys: [{KEY}]\n  admin_token: wrong\n")  # the CLI now sends a wrong token
+    kvtree.write(sim_yaml("a", free_port()), extra=f"  api_keys: [{KEY}]\n  admin_token: wrong\n")  # the CLI now sends a wrong token
     refused = kvtree.kvctl("events")
     assert refused.returncode == 1 and "401" in refused.stderr and ADMIN not in refused.stderr and "wrong" not in refused.stderr
-    kvtree.write(sim_instance("a", free_port()), extra=f"  api_keys: [{KEY}]\n")  # no admin token: the api key opens read routes
+    kvtree.write(sim_yaml("a", free_port()), extra=f"  api_keys: [{KEY}]\n")  # no admin token: the api key opens read routes
     with_key = kvtree.kvctl("events")
     assert with_key.returncode == 0 and "a org/a: starting -> awake" in with_key.stdout, with_key.stderr
 
@@ -151,7 +142,7 @@ def model_states(tree: Tree) -> dict[str, str]:
 def test_wake_reports_end_states_and_who_made_room(kvtree: Tree) -> None:
     # The budget holds one of the two models at a time.
     gb = "    memory_gb: 6\n"
-    kvtree.write(sim_instance("a", free_port(), extra=gb) + sim_instance("b", free_port(), extra=gb), extra=AUTH + "sleep_manager:\n  memory_budget_gb: 10\n")
+    kvtree.write(sim_yaml("a", free_port(), extra=gb) + sim_yaml("b", free_port(), extra=gb), extra=AUTH + "sleep_manager:\n  memory_budget_gb: 10\n")
     assert kvtree.kvctl("up").returncode == 0
 
     woke = kvtree.kvctl("wake", "org/a")
@@ -179,7 +170,7 @@ def test_wake_reports_end_states_and_who_made_room(kvtree: Tree) -> None:
 
 
 def test_sleep_refused_reports_the_routers_reason(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("a", free_port(), extra="    sleep: {enabled: false}\n") + sim_instance("b", free_port()), extra=AUTH)
+    kvtree.write(sim_yaml("a", free_port(), extra="    sleep: {enabled: false}\n") + sim_yaml("b", free_port()), extra=AUTH)
     assert kvtree.kvctl("up").returncode == 0
     slept = kvtree.kvctl("sleep", "--all")
     assert slept.returncode == 1
@@ -203,7 +194,7 @@ def by_name(body: dict) -> dict[str, dict]:
 
 
 def test_status_degraded_when_the_router_does_not_know_a_running_instance(kvtree: Tree) -> None:
-    instances = sim_instance("a", free_port()) + sim_instance("b", free_port())
+    instances = sim_yaml("a", free_port()) + sim_yaml("b", free_port())
     kvtree.write(instances)
     assert kvtree.kvctl("up").returncode == 0
     assert status_json(kvtree)["exit_code"] == 0
@@ -226,7 +217,7 @@ def test_status_degraded_when_the_router_does_not_know_a_running_instance(kvtree
 
 
 def test_status_shows_a_loading_engine_as_loading_not_failing(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("slow", free_port(), extra="    sim: {load_seconds: 25}\n"))  # startup timeout: 30 s
+    kvtree.write(sim_yaml("slow", free_port(), extra="    sim: {load_seconds: 25}\n"))  # startup timeout: 30 s
     up = kvtree.kvctl("up", "--no-wait")
     assert up.returncode == 0, up.stderr
     slow = by_name(body := status_json(kvtree))["slow"]
@@ -242,8 +233,8 @@ def test_status_shows_a_loading_engine_as_loading_not_failing(kvtree: Tree) -> N
 
 def test_status_shows_why_an_instance_failed_and_fits_80_columns(kvtree: Tree) -> None:
     kvtree.write(
-        sim_instance("good-instance", free_port(), model="meta-llama/Llama-3.2-1B")
-        + sim_instance("broken", free_port(), extra="    startretries: 0\n    engine_args: ['--ttft-ms', 'not-a-number']\n")
+        sim_yaml("good-instance", free_port(), model="meta-llama/Llama-3.2-1B")
+        + sim_yaml("broken", free_port(), extra="    startretries: 0\n    engine_args: ['--ttft-ms', 'not-a-number']\n")
     )
     assert kvtree.kvctl("up").returncode == 1
     broken = wait_for(lambda: (b := by_name(status_json(kvtree))["broken"])["state"] == "failed" and b, timeout=30, what="broken to be failed")
@@ -262,7 +253,7 @@ def test_status_shows_why_an_instance_failed_and_fits_80_columns(kvtree: Tree) -
 
 
 def test_status_a_stopped_on_purpose_instance_is_not_a_fault(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("cold", free_port(), extra="    sleep: {start: stopped}\n") + sim_instance("warm", free_port()))
+    kvtree.write(sim_yaml("cold", free_port(), extra="    sleep: {start: stopped}\n") + sim_yaml("warm", free_port()))
     assert kvtree.kvctl("up").returncode == 0
     body = status_json(kvtree)
     cold = by_name(body)["cold"]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from kvctl import config as config_mod
 from kvctl.engines import adapter_for
 from kvctl.errors import ConfigError
 
-from conftest import ROOT
+from helpers import ROOT, kvctl
 
 GOOD_INSTANCE = """\
   - name: a
@@ -24,10 +22,6 @@ GOOD_INSTANCE = """\
     engine: sim
     port: 12001
 """
-
-
-def kvctl(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kvctl", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=60)
 
 
 # (id, file text, expected "LINE:COL", a fragment of the message)
@@ -131,7 +125,7 @@ def test_config_path_from_environment_and_relative_paths_resolve_against_the_fil
     sub = tmp_path / "conf"
     sub.mkdir()
     (sub / "kvctl.yaml").write_text("run_dir: state\ninstances:\n" + GOOD_INSTANCE)
-    env = {**os.environ, "KVCTL_CONFIG": str(sub / "kvctl.yaml")}
+    env = {"KVCTL_CONFIG": str(sub / "kvctl.yaml")}
     result = kvctl("config", "render", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     assert f"file={sub / 'state' / 'supervisor.sock'}" in result.stdout

@@ -13,8 +13,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import free_port, wait_for
-from test_tree import KVCTL, LineStream, Tree, kvtree, sim_instance  # noqa: F401  (kvtree is a fixture)
+from helpers import KVCTL, LineStream, Tree, free_port, sim_yaml, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -63,7 +62,7 @@ class _Stream(threading.Thread):
 def test_up_applies_every_router_level_change_in_place(kvtree: Tree) -> None:
     ports = {name: free_port() for name in "abc"}
     slow = "    sim: {tokens_per_second: 30}\n"
-    a, b, c = (sim_instance(name, ports[name], extra=slow) for name in "abc")
+    a, b, c = (sim_yaml(name, ports[name], extra=slow) for name in "abc")
     kvtree.write(a + b)
     assert kvtree.kvctl("up").returncode == 0
     pids = kvtree.pids()
@@ -135,7 +134,7 @@ def test_up_applies_every_router_level_change_in_place(kvtree: Tree) -> None:
 
 def test_up_then_sleep_works_with_a_slow_loading_engine(kvtree: Tree) -> None:
     port = free_port()
-    kvtree.write(sim_instance("slow", port, extra="    sim: {load_seconds: 1.5}\n"))
+    kvtree.write(sim_yaml("slow", port, extra="    sim: {load_seconds: 1.5}\n"))
     assert kvtree.kvctl("up").returncode == 0
     result = kvtree.kvctl("sleep", "org/slow")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -143,7 +142,7 @@ def test_up_then_sleep_works_with_a_slow_loading_engine(kvtree: Tree) -> None:
 
 
 def test_up_no_wait_returns_once_the_router_answers(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("slow", free_port(), extra="    sim: {load_seconds: 2}\n"))
+    kvtree.write(sim_yaml("slow", free_port(), extra="    sim: {load_seconds: 2}\n"))
     result = kvtree.kvctl("up", "--no-wait")
     assert result.returncode == 0, result.stderr
     assert httpx.get(kvtree.router_url + "/health").status_code == 200
@@ -151,7 +150,7 @@ def test_up_no_wait_returns_once_the_router_answers(kvtree: Tree) -> None:
 
 def test_router_log_and_events_tell_every_state_change_with_its_cause(kvtree: Tree) -> None:
     kvtree.write(
-        sim_instance("m", free_port()),
+        sim_yaml("m", free_port()),
         extra=f"  api_keys: [{KEY}]\n  admin_token: {ADMIN}\n  health_check_interval_seconds: 0.2\n"
         "sleep_manager:\n  auto_sleep_enabled: true\n  idle_threshold_seconds: 3\n  check_interval_seconds: 0.2\n",
     )
@@ -190,13 +189,13 @@ def test_router_log_and_events_tell_every_state_change_with_its_cause(kvtree: Tr
 
 def test_up_restarts_only_what_needs_it(kvtree: Tree) -> None:
     ports = {name: free_port() for name in "ab"}
-    a, b = (sim_instance(name, ports[name]) for name in "ab")
+    a, b = (sim_yaml(name, ports[name]) for name in "ab")
     kvtree.write(a + b)
     assert kvtree.kvctl("up").returncode == 0
     pids, router_pid = kvtree.pids(), kvtree.status()["router"]["pid"]
 
     # An engine setting: that engine restarts, and is routed as soon as `up` returns.
-    kvtree.write(sim_instance("a", ports["a"], extra="    sim: {ttft_ms: 1}\n") + b)
+    kvtree.write(sim_yaml("a", ports["a"], extra="    sim: {ttft_ms: 1}\n") + b)
     result = kvtree.kvctl("up")
     assert result.returncode == 0 and "instance a: restarted (sim changed)" in result.stdout, result.stdout + result.stderr
     after = kvtree.pids()
@@ -207,7 +206,7 @@ def test_up_restarts_only_what_needs_it(kvtree: Tree) -> None:
     # The router's port: only the router restarts, on the new port.
     old_url = kvtree.router_url
     kvtree.router_port = free_port()
-    kvtree.write(sim_instance("a", ports["a"], extra="    sim: {ttft_ms: 1}\n") + b)
+    kvtree.write(sim_yaml("a", ports["a"], extra="    sim: {ttft_ms: 1}\n") + b)
     result = kvtree.kvctl("up")
     assert result.returncode == 0 and "router: restarted (its host or port changed)" in result.stdout, result.stdout + result.stderr
     assert kvtree.pids() == after
@@ -218,7 +217,7 @@ def test_up_restarts_only_what_needs_it(kvtree: Tree) -> None:
 
 def test_json_logs_models_retrieve_and_a_burst_right_after_an_engine_restart(kvtree: Tree) -> None:
     port = free_port()
-    kvtree.write(sim_instance("m", port, extra="    aliases: [short]\n"), extra="  log_format: json\n")
+    kvtree.write(sim_yaml("m", port, extra="    aliases: [short]\n"), extra="  log_format: json\n")
     assert kvtree.kvctl("up").returncode == 0
     client = openai.OpenAI(base_url=kvtree.router_url + "/v1", api_key="unused", max_retries=0)
     model = client.models.retrieve("short")  # the openai client's models.retrieve
@@ -227,7 +226,7 @@ def test_json_logs_models_retrieve_and_a_burst_right_after_an_engine_restart(kvt
         client.models.retrieve("nope")
 
     # An engine setting changed: `up` restarts it, and every request right after `up` is served.
-    kvtree.write(sim_instance("m", port, extra="    aliases: [short]\n    sim: {ttft_ms: 2}\n"), extra="  log_format: json\n")
+    kvtree.write(sim_yaml("m", port, extra="    aliases: [short]\n    sim: {ttft_ms: 2}\n"), extra="  log_format: json\n")
     result = kvtree.kvctl("up")
     assert result.returncode == 0 and "instance m: restarted" in result.stdout, result.stdout + result.stderr
 
@@ -247,7 +246,7 @@ def test_json_logs_models_retrieve_and_a_burst_right_after_an_engine_restart(kvt
 
 
 def test_ctrl_c_during_up_says_what_keeps_running(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("slow", free_port(), extra="    sim: {load_seconds: 30}\n").replace("startup_timeout_seconds: 30", "startup_timeout_seconds: 60"))
+    kvtree.write(sim_yaml("slow", free_port(), extra="    sim: {load_seconds: 30}\n").replace("startup_timeout_seconds: 30", "startup_timeout_seconds: 60"))
     proc = subprocess.Popen([*KVCTL, "up", "-c", str(kvtree.config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(
@@ -265,7 +264,7 @@ def test_ctrl_c_during_up_says_what_keeps_running(kvtree: Tree) -> None:
 
 
 def test_down_timeout_ends_a_long_stream_with_the_error_event(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("m", free_port(), extra="    sim: {tokens_per_second: 5}\n"))
+    kvtree.write(sim_yaml("m", free_port(), extra="    sim: {tokens_per_second: 5}\n"))
     assert kvtree.kvctl("up").returncode == 0
     reader = LineStream(kvtree.router_url, "org/m", 500)
     reader.start()

@@ -10,7 +10,7 @@ import pytest
 from kvctl import config as config_mod
 from kvctl.engines import adapter_for
 
-from conftest import Procs, free_port, wait_http_ok
+from helpers import Procs, free_port, wait_http_ok
 
 
 @pytest.mark.parametrize("level", [1, 2])

@@ -7,8 +7,6 @@ import fcntl
 import json
 import os
 import struct
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,7 +18,7 @@ import pytest
 
 from kvctl import kvcached
 
-from conftest import Procs, free_port, wait_for
+from helpers import Procs, Tree, engine_pid, free_port, kvctl, sim_yaml, wait_for
 
 GiB = 2**30
 MiB = 2**20
@@ -211,14 +209,12 @@ def test_config_keys_and_errors(tmp_path: Path) -> None:
 
     # Without NVML and a GPU (this machine), `memory_gb: auto` is an error at the key, exit 2.
     path = conf("    memory_gb: auto\n")
-    check = subprocess.run([sys.executable, "-m", "kvctl", "config", "check", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    check = kvctl("config", "check", "-c", str(path))
     assert check.returncode == 2
     assert f"{path}:9:16: memory_gb: 'auto' needs each engine's GPU memory from NVML" in check.stderr
 
 
 # --------------------------------------------------------------------------- end to end: real trees of sims
-
-from test_tree import Tree, engine_pid, kvtree, sim_instance, tree_pids  # noqa: E402,F401  (kvtree: the fixture)
 
 KV_ENV = "kvcached:\n  enable_kvcached: true\n"  # upper-cased into every engine's environment
 # Segment names are per machine: unique instance names keep concurrent runs of these tests apart.
@@ -227,9 +223,7 @@ ALPHA, BETA, BUSY, IDLE, A, B, C = f"alpha.{T}", f"beta{T}", f"busy{T}", f"idle{
 
 
 def _kv_sim(name: str, port: int, memory_gb: float, kv_bytes: int, tps: float = 10, extra: str = "", model: str | None = None) -> str:
-    return sim_instance(
-        name, port, model=model, extra=f"    sim: {{memory_gb: {memory_gb}, kv_bytes_per_token: {kv_bytes}, tokens_per_second: {tps}}}\n{extra}"
-    )
+    return sim_yaml(name, port, model=model, extra=f"    sim: {{memory_gb: {memory_gb}, kv_bytes_per_token: {kv_bytes}, tokens_per_second: {tps}}}\n{extra}")
 
 
 def _json(tree: Tree, *args: str) -> dict:
@@ -311,9 +305,7 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
     assert {i["name"]: i["kv"]["limit_bytes"] for i in _json(kvtree, "status")["instances"]} == {ALPHA: 300 * MiB, BETA: 256 * MiB}
     models = httpx.get(kvtree.router_url + "/models", timeout=5).json()["models"]
     assert models["org/" + ALPHA]["instances"][0]["kv"] == {"used_bytes": 0, "limit_bytes": 300 * MiB, "prealloc_bytes": 0}
-    wide = subprocess.run(
-        [sys.executable, "-m", "kvctl", "status", "-c", str(kvtree.config)], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}
-    )
+    wide = kvtree.kvctl("status")  # COLUMNS=200
     assert "0.0/0.3G" in wide.stdout  # the KV column: used/limit GiB
 
     # kv_limit_gb again after a wake (another writer changed it meanwhile) and after a restart.
@@ -409,8 +401,8 @@ def test_rebalance_moves_limit_to_the_busy_instance_and_holds(kvtree: Tree) -> N
 
 def test_colliding_ipc_names_are_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "kvctl.yaml"
-    path.write_text("instances:\n" + sim_instance("a.b", 9001) + sim_instance("a-b", 9002))
-    check = subprocess.run([sys.executable, "-m", "kvctl", "config", "check", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    path.write_text("instances:\n" + sim_yaml("a.b", 9001) + sim_yaml("a-b", 9002))
+    check = kvctl("config", "check", "-c", str(path))
     assert check.returncode == 2 and "its kvcached IPC name 'kvctl_a-b' is also that of instance 'a.b'" in check.stderr
 
 

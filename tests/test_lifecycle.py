@@ -18,8 +18,7 @@ from kvctl.paths import RunPaths
 from kvctl.router.lifecycle import Lifecycle, Unavailable
 from kvctl.router.metrics import Metrics
 
-from conftest import Procs
-from test_lifecycle_support import asim_state, sim_instance, start_engine, start_engines, until, write_config
+from helpers import Procs, asim_state, sim_instance, start_engine, start_engines, until, write_config
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,10 +8,9 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,43 +20,9 @@ import pytest
 
 from kvctl.config import Config
 
-from conftest import Procs, wait_for, wait_http_ok
-from test_lifecycle_support import sim_instance, sim_state, start_engines, write_config
+from helpers import Router, kvctl, sim_instance, sim_state, wait_for, write_config
 
 pytestmark = pytest.mark.timeout(180)
-
-KVCTL = [sys.executable, "-m", "kvctl"]
-
-
-class Router:
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.url = config.router.url
-
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=30)
-
-    def post(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=60, **kwargs)
-
-    def state(self, model: str) -> str:
-        return self.get("/models").json()["models"][model]["state"]
-
-    def complete(self, model: str, **body: Any) -> httpx.Response:
-        return self.post("/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 4, **body})
-
-
-@pytest.fixture
-def router(procs: Procs, tmp_path: Path) -> Iterator[Callable[..., Router]]:
-    def _start(instances: list[dict[str, Any]], **sections: Any) -> Router:
-        config = write_config(tmp_path, instances, **sections)
-        start_engines(procs, config)
-        log = open(tmp_path / "router.log", "ab")  # noqa: SIM115 - kept open for the subprocess
-        procs.start([*KVCTL, "router", "-c", str(config.path)], stdout=log, stderr=subprocess.STDOUT)
-        wait_http_ok(config.router.url + "/health")
-        return Router(config)
-
-    yield _start
 
 
 class Poller:
@@ -87,12 +52,12 @@ class Poller:
 def test_kvctl_sleep_is_idempotent_and_every_alias_route_works_with_encoded_slash(router: Callable[..., Router]) -> None:
     r = router([sim_instance("org/m1"), sim_instance("m2")])
     inst = r.config.instances[0]
-    first = subprocess.run([*KVCTL, "sleep", "org/m1", "-c", str(r.config.path)], capture_output=True, text=True, timeout=60)
+    first = kvctl("sleep", "org/m1", "-c", str(r.config.path))
     assert first.returncode == 0, first.stderr
     assert "asleep" in first.stdout
     state = sim_state(inst)
     assert state["sleeping"] is True and state["sleep_calls"] == 1
-    again = subprocess.run([*KVCTL, "sleep", "org/m1", "-c", str(r.config.path)], capture_output=True, text=True, timeout=60)
+    again = kvctl("sleep", "org/m1", "-c", str(r.config.path))
     assert again.returncode == 0, again.stderr
     assert sim_state(inst)["sleep_calls"] == 1
     status = r.get("/sleep/status").json()
@@ -213,7 +178,7 @@ def test_router_sigkilled_and_restarted_by_supervisord_keeps_sleep_states() -> N
     config = write_config(base, [sim_instance("v1"), sim_instance("s1", dialect="sglang"), sim_instance("a1")])
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*KVCTL, *args, "-c", str(config.path)], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        return kvctl(*args, "-c", str(config.path))
 
     try:
         up = run("up")

@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_wheel_ships_the_template_and_renders_from_it(tmp_path: Path) -> None:

@@ -11,8 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import free_port, wait_for
-from test_tree import Tree, alive, kvtree, sim_instance  # noqa: F401  (kvtree is a fixture)
+from helpers import Tree, alive, free_port, sim_yaml, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -35,7 +34,7 @@ def _states(tree: Tree) -> dict[str, str]:
 def test_each_instance_sleeps_after_its_own_idle_seconds(kvtree: Tree) -> None:
     ports = [free_port(), free_port()]
     kvtree.write(
-        sim_instance("quick", ports[0], extra="    sleep: {idle_seconds: 2}\n") + sim_instance("patient", ports[1], extra="    sleep: {idle_seconds: 30}\n"),
+        sim_yaml("quick", ports[0], extra="    sleep: {idle_seconds: 2}\n") + sim_yaml("patient", ports[1], extra="    sleep: {idle_seconds: 30}\n"),
         extra=FAST_HEALTH,
     )
     assert kvtree.kvctl("up").returncode == 0
@@ -50,7 +49,7 @@ def test_each_instance_sleeps_after_its_own_idle_seconds(kvtree: Tree) -> None:
 
 def test_start_asleep_loads_once_then_sleeps_and_a_request_wakes_it(kvtree: Tree) -> None:
     port = free_port()
-    kvtree.write(sim_instance("parked", port, extra="    sleep: {start: asleep}\n"), extra=FAST_HEALTH)
+    kvtree.write(sim_yaml("parked", port, extra="    sleep: {start: asleep}\n"), extra=FAST_HEALTH)
     assert kvtree.kvctl("up").returncode == 0
     assert _states(kvtree) == {"parked": "asleep"}  # `up` returned once it was parked
     pid = kvtree.pids()["parked"]
@@ -64,7 +63,7 @@ def test_start_asleep_loads_once_then_sleeps_and_a_request_wakes_it(kvtree: Tree
 def test_start_stopped_starts_on_request_and_stops_again_after_idling(kvtree: Tree) -> None:
     port = free_port()
     kvtree.write(
-        sim_instance("cold", port, extra="    sleep: {start: stopped, idle_seconds: 1, stop_after_seconds: 3}\n    sim: {load_seconds: 0.5}\n"),
+        sim_yaml("cold", port, extra="    sleep: {start: stopped, idle_seconds: 1, stop_after_seconds: 3}\n    sim: {load_seconds: 0.5}\n"),
         extra=FAST_HEALTH,
     )
     result = kvtree.kvctl("up")
@@ -92,9 +91,9 @@ def test_start_stopped_starts_on_request_and_stops_again_after_idling(kvtree: Tr
 def test_priority_decides_who_sleeps_under_the_budget(kvtree: Tree) -> None:
     ports = [free_port() for _ in range(3)]
     kvtree.write(
-        sim_instance("low", ports[0], extra="    memory_gb: 10\n    sleep: {priority: 0}\n")
-        + sim_instance("high", ports[1], extra="    memory_gb: 10\n    sleep: {priority: 5}\n")
-        + sim_instance("new", ports[2], extra="    memory_gb: 10\n    sleep: {priority: 5, start: asleep}\n"),
+        sim_yaml("low", ports[0], extra="    memory_gb: 10\n    sleep: {priority: 0}\n")
+        + sim_yaml("high", ports[1], extra="    memory_gb: 10\n    sleep: {priority: 5}\n")
+        + sim_yaml("new", ports[2], extra="    memory_gb: 10\n    sleep: {priority: 5, start: asleep}\n"),
         extra=FAST_HEALTH + "sleep_manager:\n  memory_budget_gb: 20\n  min_awake_seconds: 0\n",
     )
     assert kvtree.kvctl("up").returncode == 0
@@ -109,7 +108,7 @@ def test_priority_decides_who_sleeps_under_the_budget(kvtree: Tree) -> None:
 def test_verified_wake_never_serves_garbage(kvtree: Tree, reload_helps: bool) -> None:
     port = free_port()
     faults = "wake_corrupts_weights: true" + ("" if reload_helps else ", reload_no_effect: true")
-    kvtree.write(sim_instance("checked", port, extra=f"    sleep: {{level: 2, verify: true}}\n    sim: {{{faults}}}\n"), extra=FAST_HEALTH)
+    kvtree.write(sim_yaml("checked", port, extra=f"    sleep: {{level: 2, verify: true}}\n    sim: {{{faults}}}\n"), extra=FAST_HEALTH)
     assert kvtree.kvctl("up").returncode == 0
     expected = _complete(kvtree, "org/checked")
     assert "!" not in expected
@@ -134,7 +133,7 @@ def test_alternating_models_under_a_budget_for_one_take_turns_instead_of_thrashi
     sim = "    memory_gb: 10\n    sim: {sleep_seconds: 0.1, wake_seconds: 0.2}\n"
     min_awake, max_wait, seconds, rate = 5, 15, 20, 10
     kvtree.write(
-        sim_instance("a", ports[0], extra=sim) + sim_instance("b", ports[1], extra=sim),
+        sim_yaml("a", ports[0], extra=sim) + sim_yaml("b", ports[1], extra=sim),
         extra=FAST_HEALTH + f"sleep_manager:\n  memory_budget_gb: 10\n  min_awake_seconds: {min_awake}\n  max_swap_wait_seconds: {max_wait}\n",
     )
     assert kvtree.kvctl("up").returncode == 0

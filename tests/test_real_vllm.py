@@ -13,7 +13,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,8 +25,7 @@ import pytest
 from kvctl.config import Config
 from kvctl.engines import adapter_for
 
-from conftest import Procs, free_port, wait_for, wait_http_ok
-from test_lifecycle_support import write_config
+from helpers import Procs, free_port, router_process, wait_for, wait_http_ok, write_config
 
 DIR = Path(os.environ.get("KVCTL_REAL_VLLM_DIR", Path.home() / ".cache" / "kvctl-real-vllm"))
 PYTHON = DIR / "venv" / "bin" / "python"
@@ -89,8 +87,7 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         wait_http_ok(inst.url + "/health", timeout=600)
         print(f"\nreal vLLM ready in {time.monotonic() - started:.1f}s")
         rlog = open(tmp / "router.log", "ab")  # noqa: SIM115
-        procs.start([sys.executable, "-m", "kvctl", "router", "-c", str(config.path)], stdout=rlog, stderr=subprocess.STDOUT)
-        wait_http_ok(config.router.url + "/health")
+        router_process(procs, config, stdout=rlog, stderr=subprocess.STDOUT)
         yield Setup(config)
     finally:
         procs.stop_all()

@@ -22,8 +22,7 @@ import pytest
 from kvctl import procstate
 from kvctl.launch import LaunchSpec
 
-from conftest import Procs, free_port, wait_for
-from test_tree import Tree, alive, engine_pid, kvtree, sim_instance, tree_pids  # noqa: F401  (kvtree is a fixture)
+from helpers import Procs, Tree, alive, engine_pid, free_port, sim_yaml, tree_pids, wait_for
 
 
 def _cmdline(pid: int) -> bytes:
@@ -60,7 +59,7 @@ def test_kill_9_of_an_engine_reaps_its_workers_and_down_leaves_nothing(kvtree: T
     model = f"org/reap-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("KVTEST_ROUTER_KEY", "sk-not-for-engines")
     kvtree.write(
-        sim_instance("alpha", free_port(), model=model, extra="    sim: {spawn_children: 2}\n"),
+        sim_yaml("alpha", free_port(), model=model, extra="    sim: {spawn_children: 2}\n"),
         extra='  api_keys: ["${KVTEST_ROUTER_KEY}"]\n',
     )
     up = kvtree.kvctl("up")
@@ -99,7 +98,7 @@ def test_kill_9_of_an_engine_reaps_its_workers_and_down_leaves_nothing(kvtree: T
 def test_leftovers_of_a_killed_launcher_or_supervisord_are_ended(kvtree: Tree) -> None:
     model = f"org/left-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    kvtree.write(sim_instance("alpha", port, model=model, extra="    sim: {spawn_children: 2}\n"))
+    kvtree.write(sim_yaml("alpha", port, model=model, extra="    sim: {spawn_children: 2}\n"))
     assert kvtree.kvctl("up").returncode == 0
     launcher = kvtree.pids()["alpha"]
     old_tree = tree_pids(launcher)
@@ -124,8 +123,8 @@ def test_leftovers_of_a_killed_launcher_or_supervisord_are_ended(kvtree: Tree) -
 def test_a_crash_loop_ends_failed_and_restart_tries_again(kvtree: Tree) -> None:
     port = free_port()
     kvtree.write(
-        sim_instance("flaky", port, extra="    startretries: 2\n")
-        + sim_instance("slow", free_port(), extra="    startretries: 1\n    sim: {load_seconds: 60}\n").replace(
+        sim_yaml("flaky", port, extra="    startretries: 2\n")
+        + sim_yaml("slow", free_port(), extra="    startretries: 1\n    sim: {load_seconds: 60}\n").replace(
             "startup_timeout_seconds: 30", "startup_timeout_seconds: 1"
         )
     )

@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
-import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,26 +17,9 @@ from kvctl.config import Config
 from kvctl.errors import UsageError
 from kvctl.router.server import check_bind
 
-from conftest import Procs, free_port, wait_for, wait_http_ok
-from test_lifecycle_support import sim_instance, start_engine, write_config
-from test_router_support import start_router
+from helpers import BROKEN_ENGINE, Procs, free_port, kvctl, sim_instance, start_engine, start_router, wait_for, wait_http_ok, write_config
 
 LIMIT = 65536
-
-# An "engine" that is healthy but fails every generation: "drop" closes without answering,
-# "cut" sends a head and part of the body, then closes.
-_BROKEN_ENGINE = textwrap.dedent("""
-    import socket, sys
-    srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
-    while True:
-        conn, _ = srv.accept()
-        data = conn.recv(65536)
-        if data.startswith(b"GET "):
-            conn.sendall(b"HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\nconnection: close\\r\\n\\r\\n{}")
-        elif sys.argv[2] == "cut":
-            conn.sendall(b"HTTP/1.1 200 OK\\r\\ncontent-type: application/json\\r\\ncontent-length: 100\\r\\n\\r\\n{\\"partial")
-        conn.close()
-""")
 
 
 def _shaped(response: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -67,7 +48,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config, st
         for inst in config.instances[:2]:
             start_engine(procs, inst)
         for port, mode in ((broken_port, "drop"), (cut_port, "cut")):
-            procs.start([sys.executable, "-c", _BROKEN_ENGINE, str(port), mode])
+            procs.start([sys.executable, "-c", BROKEN_ENGINE, str(port), mode])
             wait_http_ok(f"http://127.0.0.1:{port}/health")
         base = start_router(procs, config, awake=False)
         wait_for(
@@ -212,7 +193,7 @@ def test_non_loopback_without_keys_is_refused(tmp_path: Path) -> None:
     data = json.loads(config.path.read_text())
     data["router"]["router_host"] = "0.0.0.0"
     path.write_text(json.dumps(data))
-    done = subprocess.run([sys.executable, "-m", "kvctl", "router", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    done = kvctl("router", "-c", str(path), timeout=60)
     assert done.returncode != 0
     assert "api_keys" in done.stderr and "Traceback" not in done.stderr
     # serve() checks again, whatever built the Config.

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -14,23 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvctl.config import Instance
-from kvctl.engines import adapter_for
-
-from conftest import Procs, free_port, wait_for
-from test_lifecycle_support import sim_instance, sim_state, write_config
-from test_router_support import cut, open_stream, start_router
-
-
-def _start(procs: Procs, inst: Instance) -> subprocess.Popen:
-    proc = procs.start(adapter_for(inst).command(inst))
-    wait_for(lambda: httpx.get(inst.url + "/health", timeout=2).status_code == 200, what=f"{inst.name} healthy")
-    return proc
+from helpers import BROKEN_ENGINE, Procs, cut, free_port, open_stream, sim_instance, sim_state, start_engine, start_router, wait_for, write_config
 
 
 def test_engine_killed_mid_stream_ends_the_stream_with_an_error_event(tmp_path: Path, procs: Procs) -> None:
     config = write_config(tmp_path, [sim_instance("org/m", name="m", tokens_per_second=20)])
-    engine = _start(procs, config.instances[0])
+    engine = start_engine(procs, config.instances[0])
     base = start_router(procs, config)
     lines: list[str] = []
     body = {"model": "org/m", "prompt": "hello", "max_tokens": 1000, "stream": True}
@@ -53,8 +41,8 @@ def test_engine_killed_mid_stream_ends_the_stream_with_an_error_event(tmp_path: 
 def test_client_disconnect_aborts_the_upstream_request(tmp_path: Path, procs: Procs) -> None:
     config = write_config(tmp_path, [sim_instance("m", name="m", tokens_per_second=50), sim_instance("slow", name="slow", ttft_ms=30000)])
     fast, slow = config.instances
-    _start(procs, fast)
-    _start(procs, slow)
+    start_engine(procs, fast)
+    start_engine(procs, slow)
     base = start_router(procs, config)
     # A stream: the client reads a little, then leaves.
     sock = open_stream(config.router.port, "m")
@@ -74,7 +62,7 @@ def test_client_disconnect_aborts_the_upstream_request(tmp_path: Path, procs: Pr
 def test_streams_cut_mid_flight_do_not_hurt_the_router(tmp_path: Path, procs: Procs) -> None:
     config = write_config(tmp_path, [sim_instance("m", name="m", tokens_per_second=200)])
     inst = config.instances[0]
-    _start(procs, inst)
+    start_engine(procs, inst)
     base = start_router(procs, config)
     for _ in range(3):
         socks = [open_stream(config.router.port, "m") for _ in range(10)]
@@ -106,8 +94,8 @@ def _streams(base: str, model: str, count: int, max_tokens: int) -> list[int]:
 def test_replicas_share_load_and_a_dead_one_is_skipped_then_used_again(tmp_path: Path, procs: Procs) -> None:
     config = write_config(tmp_path, [sim_instance("rep", name="r1", tokens_per_second=25), sim_instance("rep", name="r2", tokens_per_second=25)])
     r1, r2 = config.instances
-    _start(procs, r1)
-    p2 = _start(procs, r2)
+    start_engine(procs, r1)
+    p2 = start_engine(procs, r2)
     base = start_router(procs, config)
 
     # Six concurrent streams split 3/3 by fewest in-flight.
@@ -125,7 +113,7 @@ def test_replicas_share_load_and_a_dead_one_is_skipped_then_used_again(tmp_path:
     wait_for(lambda: not next(i for i in httpx.get(base + "/health/all").json()["instances"] if i["name"] == "r2")["healthy"], what="r2 unhealthy")
 
     # r2 returns: the health probe brings it back and it gets traffic again.
-    _start(procs, r2)
+    start_engine(procs, r2)
     wait_for(lambda: next(i for i in httpx.get(base + "/health/all").json()["instances"] if i["name"] == "r2")["state"] == "awake", what="r2 awake again")
     assert _streams(base, "rep", 4, 25) == [200] * 4
     assert sim_state(r2)["requests_served"] >= 1
@@ -137,7 +125,7 @@ def test_a_long_fast_stream_reaches_a_small_window_whole_and_well_framed(tmp_pat
     valid chunked framing, and the stream ends with [DONE] and the last chunk."""
     config = write_config(tmp_path, [sim_instance("m", name="m")])  # unpaced: as fast as the engine can
     inst = config.instances[0]
-    _start(procs, inst)
+    start_engine(procs, inst)
     start_router(procs, config)
     tokens = 8000  # the sim's context is 8192
     body = json.dumps({"model": "m", "prompt": "hello", "max_tokens": tokens, "stream": True}).encode()
@@ -223,11 +211,9 @@ async def test_relay_pauses_reading_from_the_engine_until_resumed() -> None:
 
 
 def test_a_non_streamed_answer_cut_mid_body_closes_and_counts_as_failed(tmp_path: Path, procs: Procs) -> None:
-    from test_router_errors import _BROKEN_ENGINE  # "cut": a head, part of the body, then close
-
     port = free_port()
     config = write_config(tmp_path, [{"model": "cut", "name": "cut", "engine": "sim", "port": port, "external": True}])
-    procs.start([sys.executable, "-c", _BROKEN_ENGINE, str(port), "cut"])
+    procs.start([sys.executable, "-c", BROKEN_ENGINE, str(port), "cut"])  # "cut": a head, part of the body, then close
     base = start_router(procs, config)
     with pytest.raises(httpx.RemoteProtocolError):  # never a short body that looks complete
         httpx.post(base + "/v1/completions", json={"model": "cut", "prompt": "x"}, timeout=10)

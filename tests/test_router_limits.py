@@ -11,7 +11,6 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +23,7 @@ import pytest
 
 from kvctl.config import Config
 
-from conftest import Procs, wait_for, wait_http_ok
-from test_lifecycle_support import sim_instance, sim_state, start_engines, write_config
+from helpers import Procs, router_process, sim_instance, sim_state, start_engines, wait_for, write_config
 
 
 @dataclass
@@ -52,8 +50,7 @@ class Router:
 
 
 def run_router(procs: Procs, config: Config, **popen: object) -> Router:
-    proc = procs.start([sys.executable, "-m", "kvctl", "router", "-c", str(config.path)], **popen)
-    wait_http_ok(config.router.url + "/health")
+    proc = router_process(procs, config, **popen)
     wait_for(
         lambda: all(m["state"] == "awake" for m in httpx.get(config.router.url + "/models", timeout=5).json()["models"].values()), what="every model awake"
     )
@@ -375,9 +372,8 @@ def test_an_http10_client_gets_a_stream_that_ends_with_the_connection(router: Ro
 def test_two_authorization_headers_are_refused_on_every_route(tmp_path: Path, procs: Procs) -> None:
     config = write_config(tmp_path, [sim_instance("org/m")], router={"api_keys": ["k1", "k2"], "admin_token": "adm"})
     start_engines(procs, config)
-    proc = procs.start([sys.executable, "-m", "kvctl", "router", "-c", str(config.path)])
+    proc = router_process(procs, config)
     base = config.router.url
-    wait_http_ok(base + "/health")
     two = [("Authorization", "Bearer k1"), ("Authorization", "Bearer k2")]
     answers = [
         httpx.post(base + "/v1/completions", json={"model": "org/m", "prompt": "x", "max_tokens": 1}, headers=two),

@@ -12,9 +12,7 @@ import pytest
 
 from kvctl.config import Config
 
-from conftest import Procs
-from test_lifecycle_support import sim_instance, sim_state, start_engines, write_config
-from test_router_support import start_router
+from helpers import Procs, sim_instance, sim_state, start_engines, start_router, write_config
 
 VLLM_MODEL = "org/vllm-model"  # a `/` in the name
 SGLANG_MODEL = "sglang-model"

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import Procs
-from test_lifecycle_support import sim_instance, start_engines, write_config
-from test_router_support import start_router
+from helpers import Procs, sim_instance, start_engines, start_router, write_config
 
 
 def _stream_lines(base: str, model: str, max_tokens: int) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from kvctl.router import create_app
 from kvctl.router.traffic import MAX_WINDOW_SECONDS, TrafficMonitor
 
-from test_lifecycle_support import sim_instance, write_config
+from helpers import sim_instance, write_config
 
 
 async def _call(app, body: bytes) -> int:

@@ -23,7 +23,7 @@ from kvctl.config import SimSettings
 from kvctl.engines import SglangAdapter, VllmAdapter, adapter_for
 from kvctl.sim import Settings, create_app
 
-from conftest import Procs, free_port, wait_for, wait_http_ok
+from helpers import Procs, alive, free_port, tree_pids, wait_for, wait_http_ok
 
 MODEL = "org/sim-model"
 
@@ -490,7 +490,6 @@ async def test_create_app_serves_in_process() -> None:
 
 
 def test_spawn_children_outlive_a_killed_parent_and_end_with_a_clean_stop(procs: Procs) -> None:
-    from test_tree import alive, tree_pids
 
     assert "--spawn-children" in subprocess.run([sys.executable, "-m", "kvctl.sim", "--help"], capture_output=True, text=True, check=True).stdout
     port, clean_port = free_port(), free_port()

@@ -7,7 +7,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ROOT, Procs, wait_for
-from test_lifecycle_support import sim_instance, start_engines, write_config
-from test_router_support import start_router
+from helpers import KVCTL, ROOT, Procs, kvctl, sim_instance, start_engines, start_router, wait_for, write_config
 
 ADMIN = "stats-admin"
 KEY = "stats-key"
@@ -42,12 +39,6 @@ FIELDS = {
     "memory_gb",
     "kv",
 }
-
-
-def kvctl(*args: str, columns: int = 200) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "KVCTL_ADMIN_TOKEN"}
-    env["COLUMNS"] = str(columns)  # 200: every column of rich's tables
-    return subprocess.run([sys.executable, "-m", "kvctl", *args], capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
 
 
 def stats_json(config_path: Path, *args: str) -> dict:
@@ -178,7 +169,7 @@ def _total(screen: str, model: str) -> int | None:
 def test_stats_live_redraws_survives_a_router_restart_and_exits_0_on_ctrl_c(tree, procs: Procs, tmux: Tmux) -> None:
     config, client = tree
     env_free = ["env", "-u", "KVCTL_ADMIN_TOKEN", "COLUMNS=200"]
-    tmux.start([*env_free, sys.executable, "-m", "kvctl", "stats", "-c", str(config.path), "--live", "--interval", "0.3"])
+    tmux.start([*env_free, *KVCTL, "stats", "-c", str(config.path), "--live", "--interval", "0.3"])
     wait_for(lambda: _total(tmux.screen(), "model-b") == 0, timeout=20, what="the live table with model-b at 0 requests")
 
     for _ in range(3):
@@ -186,7 +177,7 @@ def test_stats_live_redraws_survives_a_router_restart_and_exits_0_on_ctrl_c(tree
     wait_for(lambda: _total(tmux.screen(), "model-b") == 3, timeout=20, what="model-b's total to reach 3 on screen")
 
     # The router goes away: the display says so instead of crashing...
-    router = next(p for p in procs._procs if p.args[:4] == [sys.executable, "-m", "kvctl", "router"])
+    router = next(p for p in procs._procs if p.args[:4] == [*KVCTL, "router"])
     os.killpg(router.pid, signal.SIGKILL)
     router.wait(timeout=10)
     wait_for(lambda: "router unreachable" in tmux.screen(), timeout=20, what="the unreachable notice")

@@ -4,125 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
-import subprocess
-import sys
-import tempfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
-import pytest
 
-from conftest import free_port, wait_for
-
-KVCTL = [sys.executable, "-m", "kvctl"]
-
-
-class Tree:
-    """One kvctl config in a short temp dir (unix socket paths are length-limited)."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="kv"))
-        self.config = self.dir / "kvctl.yaml"
-        self.run_dir = self.dir / ".kvctl"
-        self.router_port = free_port()
-
-    def write(self, instances: str, extra: str = "") -> None:
-        self.config.write_text(f"router:\n  router_port: {self.router_port}\n{extra}instances:\n{instances}")
-
-    def kvctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*KVCTL, *args, "-c", str(self.config)], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-    def supervisorctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.run_dir / "supervisord.conf"), *args], capture_output=True, text=True, timeout=30
-        )
-
-    def status(self) -> dict:
-        result = self.kvctl("status", "--json")
-        return json.loads(result.stdout)
-
-    def pids(self) -> dict[str, int]:
-        return {i["name"]: i["pid"] for i in self.status()["instances"] if i["pid"]}
-
-    @property
-    def router_url(self) -> str:
-        return f"http://127.0.0.1:{self.router_port}"
-
-    def cleanup(self) -> None:
-        if self.config.exists():
-            self.kvctl("down", "--timeout", "5")
-        pidfile = self.run_dir / "supervisord.pid"
-        if pidfile.exists():  # `down` failed: do not leave a supervisord behind
-            for pid in tree_pids(int(pidfile.read_text())):
-                _kill(pid)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def sim_instance(name: str, port: int, model: str | None = None, extra: str = "") -> str:
-    return f"  - name: {name}\n    model: {model or 'org/' + name}\n    engine: sim\n    port: {port}\n    startup_timeout_seconds: 30\n{extra}"
-
-
-@pytest.fixture
-def kvtree() -> Iterator[Tree]:
-    tree = Tree()
-    try:
-        yield tree
-    finally:
-        tree.cleanup()
-
-
-def tree_pids(root: int) -> list[int]:
-    """`root` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
-def engine_pid(launcher: int) -> int:
-    """The engine: the only child of its launcher (`python -m kvctl.launch`, the PID supervisord reports)."""
-    [pid] = [p for p in tree_pids(launcher) if _ppid(p) == launcher]
-    return pid
-
-
-def _ppid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+from helpers import LineStream, Tree, alive, engine_pid, free_port, sim_yaml, tree_pids, wait_for
 
 
 def test_up_serves_supervisorctl_works_and_down_leaves_nothing(kvtree: Tree) -> None:
     ports = [free_port(), free_port()]
-    kvtree.write(sim_instance("alpha", ports[0], model="meta-llama/Llama-3.2-1B") + sim_instance("beta", ports[1], extra="    sim: {dialect: sglang}\n"))
+    kvtree.write(sim_yaml("alpha", ports[0], model="meta-llama/Llama-3.2-1B") + sim_yaml("beta", ports[1], extra="    sim: {dialect: sglang}\n"))
     up = kvtree.kvctl("up")
     assert up.returncode == 0, up.stderr + up.stdout
 
@@ -163,7 +57,7 @@ def test_up_serves_supervisorctl_works_and_down_leaves_nothing(kvtree: Tree) -> 
 
 def test_up_is_idempotent_and_a_changed_instance_alone_restarts(kvtree: Tree) -> None:
     ports = [free_port(), free_port()]
-    kvtree.write(sim_instance("alpha", ports[0]) + sim_instance("beta", ports[1]))
+    kvtree.write(sim_yaml("alpha", ports[0]) + sim_yaml("beta", ports[1]))
     assert kvtree.kvctl("up").returncode == 0
     before = kvtree.pids()
     router_before = kvtree.status()["router"]["pid"]
@@ -174,7 +68,7 @@ def test_up_is_idempotent_and_a_changed_instance_alone_restarts(kvtree: Tree) ->
     assert kvtree.pids() == before
     assert kvtree.status()["router"]["pid"] == router_before
 
-    kvtree.write(sim_instance("alpha", ports[0]) + sim_instance("beta", ports[1], extra="    engine_args: ['--ttft-ms', '3']\n"))
+    kvtree.write(sim_yaml("alpha", ports[0]) + sim_yaml("beta", ports[1], extra="    engine_args: ['--ttft-ms', '3']\n"))
     third = kvtree.kvctl("up")
     assert third.returncode == 0, third.stderr
     after = kvtree.pids()
@@ -184,7 +78,7 @@ def test_up_is_idempotent_and_a_changed_instance_alone_restarts(kvtree: Tree) ->
 
 
 def test_engine_failing_at_start_fails_up_with_its_log_tail(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("good", free_port()) + sim_instance("broken", free_port(), extra="    engine_args: ['--ttft-ms', 'not-a-number']\n"))
+    kvtree.write(sim_yaml("good", free_port()) + sim_yaml("broken", free_port(), extra="    engine_args: ['--ttft-ms', 'not-a-number']\n"))
     result = kvtree.kvctl("up")
     assert result.returncode == 1
     assert "broken" in result.stderr
@@ -193,7 +87,7 @@ def test_engine_failing_at_start_fails_up_with_its_log_tail(kvtree: Tree) -> Non
 
 def test_supervisord_restarts_an_engine_killed_with_sigkill(kvtree: Tree) -> None:
     port = free_port()
-    kvtree.write(sim_instance("alpha", port))
+    kvtree.write(sim_yaml("alpha", port))
     assert kvtree.kvctl("up").returncode == 0
     old = kvtree.pids()["alpha"]
     os.kill(old, signal.SIGKILL)
@@ -204,7 +98,7 @@ def test_supervisord_restarts_an_engine_killed_with_sigkill(kvtree: Tree) -> Non
 def test_env_values_and_args_reach_the_engine_byte_for_byte(kvtree: Tree) -> None:
     tricky = """50% off, "double" and 'single' quotes,comma; semi # hash \\ back"""
     kvtree.write(
-        sim_instance(
+        sim_yaml(
             "alpha",
             free_port(),
             extra="    engine_env:\n      TRICKY: "
@@ -226,7 +120,7 @@ def test_env_values_and_args_reach_the_engine_byte_for_byte(kvtree: Tree) -> Non
 
 
 def test_logs_prints_a_program_log_and_rejects_unknown_names(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("alpha", free_port()))
+    kvtree.write(sim_yaml("alpha", free_port()))
     assert kvtree.kvctl("up").returncode == 0
     wait_for(lambda: kvtree.kvctl("logs", "alpha").stdout.strip(), timeout=20, what="alpha's log")  # noqa: PLW0108 - runs `logs` each poll
     unknown = kvtree.kvctl("logs", "nope")
@@ -234,7 +128,7 @@ def test_logs_prints_a_program_log_and_rejects_unknown_names(kvtree: Tree) -> No
 
 
 def test_status_reports_degraded_when_an_engine_is_down(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("alpha", free_port()))
+    kvtree.write(sim_yaml("alpha", free_port()))
     assert kvtree.kvctl("up").returncode == 0
     assert kvtree.supervisorctl("stop", "alpha").returncode == 0
     result = kvtree.kvctl("status")
@@ -242,25 +136,8 @@ def test_status_reports_degraded_when_an_engine_is_down(kvtree: Tree) -> None:
     assert "alpha" in result.stdout and "STOPPED" in result.stdout
 
 
-class LineStream(threading.Thread):
-    """A streamed completion read line by line in the background while a test acts on the tree."""
-
-    def __init__(self, url: str, model: str, max_tokens: int) -> None:
-        super().__init__(daemon=True)
-        self.url, self.body = url, {"model": model, "prompt": "count slowly", "max_tokens": max_tokens, "stream": True}
-        self.lines: list[str] = []
-        self.started = threading.Event()  # the first line arrived
-
-    def run(self) -> None:
-        with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=60) as response:
-            for line in response.iter_lines():
-                if line:
-                    self.lines.append(line)
-                    self.started.set()
-
-
 def test_down_under_load_lets_in_flight_streams_finish(kvtree: Tree) -> None:
-    kvtree.write(sim_instance("slow", free_port(), extra="    sim: {tokens_per_second: 20}\n"))
+    kvtree.write(sim_yaml("slow", free_port(), extra="    sim: {tokens_per_second: 20}\n"))
     assert kvtree.kvctl("up").returncode == 0
     supervisord_pid = int((kvtree.run_dir / "supervisord.pid").read_text())
     everything = tree_pids(supervisord_pid)

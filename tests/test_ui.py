@@ -16,17 +16,13 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from test_lifecycle_e2e import Router, router  # noqa: F401 - the fixture, reused
 
 from kvctl.config import Instance
 from kvctl.router.history import SPAN_SECONDS, STEP_SECONDS, History
 from kvctl.router.lifecycle import Lifecycle
 from kvctl.router.traffic import TrafficMonitor
 
-from conftest import free_port, wait_for
-from test_lifecycle_support import sim_instance, sim_state, write_config
-from test_tree import Tree, kvtree  # noqa: F401 - the fixture, reused
-from test_tree import sim_instance as tree_instance
+from helpers import Router, Tree, free_port, sim_instance, sim_state, sim_yaml, wait_for, write_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -201,7 +197,7 @@ def test_history_keeps_a_fixed_number_of_samples(tmp_path: Path) -> None:
 
 
 def test_dashboard_stops_and_starts_an_engine_of_a_real_tree(kvtree: Tree, browser: WebDriver) -> None:
-    kvtree.write(tree_instance("s", free_port(), model="org/s"))
+    kvtree.write(sim_yaml("s", free_port(), model="org/s"))
     assert kvtree.kvctl("up").returncode == 0
     browser.get(kvtree.router_url + "/ui")
     wait_for(lambda: text(browser, "org/s", ".state") == "awake", 20, what="shown awake")
