@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
-from kvctl import kvcached
+from kvctl import gpu, kvcached, reaper
 from kvctl.config import Config, Instance
 from kvctl.kvcached import KvInfo
 from kvctl.router import logs
@@ -32,6 +33,40 @@ def held_gb(inst: Instance) -> float:
     """The KV cache a kvcached engine really holds (used + prealloc), in GB; 0 when unknown."""
     info = read(inst)
     return info.held_bytes / GiB if info is not None else 0.0
+
+
+# `memory_gb: auto`: each engine's processes, looked up again at most this often (a /proc scan).
+_PIDS_TTL_SECONDS = 2.0
+_pids: dict[str, tuple[float, list[int]]] = {}
+_awake_gb: dict[str, float] = {}  # the figure last measured while awake: what a wake takes again
+
+
+def _engine_pids(inst: Instance) -> list[int]:
+    """The processes of the instance's engine in this tree (launcher, engine, its workers): they
+    carry its KVCTL_INSTANCE marker, `NAME@RUN` (kvctl.reaper). The router is a program of the
+    same supervisord, so its own marker's RUN part is this tree's. None outside a tree."""
+    own = os.environ.get(reaper.MARKER_VAR, "")
+    if "@" not in own:
+        return []
+    now = time.monotonic()
+    cached = _pids.get(inst.name)
+    if cached is None or now - cached[0] > _PIDS_TTL_SECONDS:
+        cached = _pids[inst.name] = (now, reaper.marked(f"{inst.name}@{own.rpartition('@')[2]}"))
+    return cached[1]
+
+
+def gpu_gb(inst: Instance, awake: bool) -> float:
+    """`memory_gb: auto`: the GPU memory the engine's processes hold now (NVML, kvctl.gpu), its
+    KV cache included. Awake, that is the figure; otherwise (waking, draining, asleep) the larger
+    of it and the last figure measured awake, which a wake takes again. 0 until first measured."""
+    pids = _engine_pids(inst)
+    measured = gpu.process_memory_bytes(pids) if pids else None
+    if measured is None:
+        return _awake_gb.get(inst.name, 0.0)
+    if awake:
+        _awake_gb[inst.name] = measured / GiB
+        return measured / GiB
+    return max(measured / GiB, _awake_gb.get(inst.name, 0.0))
 
 
 def size(n: int) -> str:

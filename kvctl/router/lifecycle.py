@@ -149,7 +149,10 @@ class _Slot:
 
     @property
     def memory(self) -> float:
-        # A kvcached engine: its weights and fixed buffers plus the KV cache it really holds (SPEC §13).
+        # `memory_gb: auto`: the engine's GPU memory as NVML measures it, its KV cache included;
+        # otherwise a kvcached engine's weights and fixed buffers plus the KV cache it really holds (SPEC §13).
+        if self.inst.memory_auto:
+            return kv.gpu_gb(self.inst, awake=self.state is S.AWAKE)
         return (self.inst.memory_gb or 0.0) + kv.held_gb(self.inst)
 
     @property
