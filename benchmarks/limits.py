@@ -29,7 +29,7 @@ from pathlib import Path
 
 from router_overhead import PY, Procs, cpu_seconds, free_port, pct, rss_mb, wait_ok
 
-from kvctl.bench_http import Pool
+from kvctl.http1 import Client
 
 CONFIG = """
 router:
@@ -130,7 +130,7 @@ async def streams_part(tmp: Path, n: int, tokens: int, rate: float, router_nofil
         done = asyncio.Event()
 
         async def in_flight() -> None:
-            reader_pool = Pool(stack.engine_url, 1, timeout=10)
+            reader_pool = Client(stack.engine_url, 1, timeout=10)
             while not done.is_set():
                 got = bytearray()
                 status, _ = await reader_pool.send(b"GET /sim/state HTTP/1.1\r\nhost: x\r\n\r\n", got.extend)
@@ -179,7 +179,7 @@ async def streams_part(tmp: Path, n: int, tokens: int, rate: float, router_nofil
 async def rss_part(tmp: Path, n: int, every: int, concurrency: int) -> dict:
     stack = Stack(tmp, [])
     try:
-        pool = Pool(stack.base, concurrency, timeout=60)
+        pool = Client(stack.base, concurrency, timeout=60)
         request = pool.build("/v1/completions", completion(False, 1), {"Content-Type": "application/json"})
         curve = [(0, round(stack.rss(), 1))]
         sent = completed = failures = 0
@@ -241,7 +241,7 @@ async def slow_client(port: int) -> tuple[float, str]:
 async def slowloris_part(tmp: Path, slow: int, normal_clients: int) -> dict:
     stack = Stack(tmp, [])
     try:
-        pool = Pool(stack.base, normal_clients, timeout=60)
+        pool = Client(stack.base, normal_clients, timeout=60)
         request = pool.build("/v1/completions", completion(False, 4), {"Content-Type": "application/json"})
         phase = "before"
         stats: dict[str, dict[str, list[float] | int]] = {p: {"latencies": [], "errors": 0} for p in ("before", "during", "after")}

@@ -47,7 +47,7 @@ from typing import Any
 
 import httpx
 
-from kvctl.bench_http import Pool
+from kvctl.http1 import Client as Pool
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PY = sys.executable

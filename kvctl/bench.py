@@ -1,6 +1,6 @@
 """`kvctl bench`: an OpenAI-compatible load generator with TTFT / ITL / latency percentiles.
 
-One event loop, one pooled keep-alive client (kvctl.bench_http), request bodies built
+One event loop, one pooled keep-alive client (kvctl.http1.Client), request bodies built
 before the run, SSE parsed by hand: the generator's own cost per request stays small
 next to any engine's (figures in README, from benchmarks/bench_client_ceiling.py).
 
@@ -25,9 +25,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from kvctl.bench_http import HttpError, Pool
 from kvctl.config import Config
 from kvctl.errors import KvctlError, UsageError
+from kvctl.http1 import Client, UpstreamError
 from kvctl.percentile import percentile
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -343,7 +343,7 @@ class _Run:
         self.issued = 0
         self.done = 0
         self.failed = 0
-        self.pool = Pool(spec.base_url, spec.concurrency, spec.timeout)
+        self.pool = Client(spec.base_url, spec.concurrency, spec.timeout)
         self.requests = self._build_requests()
 
     def _build_requests(self) -> dict[str, list[bytes]]:
@@ -377,7 +377,7 @@ class _Run:
         start = time.perf_counter()
         try:
             status, error_body = await self.pool.send(request, reader.feed)
-        except HttpError as exc:
+        except UpstreamError as exc:
             return self._failed(tally, str(exc))
         end = time.perf_counter()
         if not 200 <= status < 300:

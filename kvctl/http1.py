@@ -1,52 +1,61 @@
-"""A lean HTTP/1.1 client for the proxy's hot path: asyncio Protocols + httptools.
+"""kvctl's one HTTP/1.1 client: asyncio Protocols + httptools' parser, keep-alive pools.
 
-Why not httpx or aiohttp: measured per request on the router's hot path, httpx costs
-~3 ms of CPU and aiohttp ~0.5 ms; this client is a few tens of µs (see benchmarks/).
-It does exactly what the proxy needs and nothing else: one request at a time per
-connection, a keep-alive pool per engine instance, the response head parsed by
-httptools; then the body is pushed to a sink as each read arrives (`relay`), from the
-protocol callback itself: no task wakes up per chunk. Backpressure: the sink pauses
-reading from the engine while the client is not taking what was written.
+Used by the router for its engines (`Pool`, `Connection`: the hot path) and by `kvctl
+bench` and the benchmarks (`Client`: a base URL, http or https). Why not httpx or aiohttp:
+measured per request, httpx costs ~2 ms of CPU and aiohttp ~0.5 ms; this client costs a few
+tens of µs (benchmarks/router_overhead.py, benchmarks/bench_client_ceiling.py).
+
+It does what those two need and nothing else: one request at a time per connection, a
+keep-alive pool per origin, the response head parsed by httptools; then the body is pushed
+to a sink as each read arrives (`relay`), from the protocol callback itself: no task wakes
+up per chunk. Backpressure: the sink may pause reading until its consumer catches up.
+Imports only the standard library and httptools (bench must not pull in the router).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ssl
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import httptools
 
-from kvctl.router.overload import EXHAUSTED, fd_exhausted
-
-# Engines are uvicorn servers that drop idle keep-alive connections after 5 s; we retire ours
-# earlier so that a request is never written to a connection the engine is closing.
+# What connect() and accept() raise when the process or the system has no descriptor (or
+# socket buffer) left: this process's overload, not the server's fault.
+EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Servers such as uvicorn drop idle keep-alive connections after 5 s; ours are retired
+# earlier so that a request is never written to a connection the server is closing.
 _IDLE_SECONDS = 4.0
-_MAX_IDLE_PER_POOL = 256
-# Stop reading from the engine once this much is buffered and not yet relayed to the client.
+_MAX_IDLE = 256
+# Stop reading from the server once this much is buffered and not yet relayed.
 _HIGH_WATER = 256 * 1024
+_MAX_ERROR_BODY = 64 * 1024  # Client keeps a non-2xx body only for its message
 
 
 class UpstreamError(Exception):
-    """The engine could not be used; `reason` is a short machine-readable cause."""
+    """The server could not be used; `reason` is a short machine-readable cause (the
+    router's error metric label)."""
 
     reason = "upstream_error"
 
 
 class ConnectFailed(UpstreamError):
-    """No connection could be made (refused, unreachable, timed out): nothing was sent."""
+    """No connection could be made (refused, unreachable, TLS, timed out): nothing was sent."""
 
     reason = "connect_failed"
 
 
-class RouterOverloaded(UpstreamError):
-    """The router itself is out of file descriptors: not the engine's fault."""
+class OutOfDescriptors(UpstreamError):
+    """This process is out of file descriptors: its own overload, not the server's fault."""
 
     reason = "router_overloaded"
 
 
 class UpstreamClosed(UpstreamError):
-    """The engine closed the connection or sent a malformed response."""
+    """The server closed the connection or sent a malformed response."""
 
     reason = "engine_closed"
 
@@ -56,11 +65,11 @@ class UpstreamTimeout(UpstreamError):
 
 
 class Connection(asyncio.Protocol):
-    """One keep-alive connection to an engine, carrying one request at a time."""
+    """One keep-alive connection, carrying one request at a time."""
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
-        self._loop = pool.loop
+        self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
@@ -70,7 +79,7 @@ class Connection(asyncio.Protocol):
         self._error: UpstreamError | None = None
         self._until_close = False  # body delimited by connection close (no length, not chunked)
         self._sink: Callable[[bytes], None] | None = None  # where body bytes go once relayed
-        self._held = False  # reading paused until the client takes what was relayed
+        self._held = False  # reading paused until the sink's consumer catches up
         self._timer: asyncio.TimerHandle | None = None
         self._timeout = 0.0
         self._since = 0.0  # start of the current wait, or the last read during it
@@ -95,7 +104,7 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamClosed(f"malformed response from the engine: {exc}"))
+            self._fail(UpstreamClosed(f"malformed response: {exc}"))
             self.abort()
             return
         # Relaying: what this read carried goes on at once, as one piece (one client write).
@@ -115,7 +124,7 @@ class Connection(asyncio.Protocol):
         if self.head_done and not self.done and self._until_close:
             self.on_message_complete()
         elif not self.done:
-            self._fail(UpstreamClosed("the engine closed the connection" + (f" ({exc})" if exc else "")))
+            self._fail(UpstreamClosed("the server closed the connection" + (f" ({exc})" if exc else "")))
         self._transport = None
 
     def pause_writing(self) -> None:  # requests are small; nothing to throttle
@@ -130,6 +139,7 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
+        # Read here: once the message is complete the parser has reset and says "no keep-alive".
         self.keep_alive = self._parser.should_keep_alive()
         names = {name.lower() for name, _ in self.headers}
         self.has_length = b"content-length" in names
@@ -150,20 +160,20 @@ class Connection(asyncio.Protocol):
         self.done = True
         self._wake()
 
-    # -- used by the proxy
+    # -- used by the router and by Client
     def send(self, data: bytes) -> None:
         assert self._transport is not None
         self._transport.write(data)
 
     async def read_head(self, timeout: float) -> None:
-        """Wait for the status line and headers (504-worthy if `timeout` passes first)."""
+        """Wait for the status line and headers (UpstreamTimeout if `timeout` passes first)."""
         while not self.head_done:
             if self._error is not None:
                 raise self._error
             await self._wait(timeout)
 
     def relay(self, sink: Callable[[bytes], None]) -> bytes:
-        """Body bytes from now on go to `sink`, one call per read from the engine.
+        """Body bytes from now on go to `sink`, one call per read from the server.
         Returns the bytes that arrived before (with the head, typically)."""
         chunks = self._chunks
         self._chunks = []
@@ -176,7 +186,7 @@ class Connection(asyncio.Protocol):
 
     async def relayed(self, timeout: float) -> bool:
         """Wait until the relayed response is complete (True) or the sink paused it (False).
-        UpstreamTimeout when no byte came for `timeout` (the client's slowness does not count)."""
+        UpstreamTimeout when no byte came for `timeout` (a paused sink does not count)."""
         while not self.done:
             if self._error is not None:
                 raise self._error
@@ -186,7 +196,7 @@ class Connection(asyncio.Protocol):
         return True
 
     def pause(self) -> None:
-        """Stop reading from the engine until resume(): the client is not keeping up."""
+        """Stop reading from the server until resume(): the sink's consumer is not keeping up."""
         if not self._held and self._transport is not None:
             self._held = True
             self._transport.pause_reading()
@@ -199,7 +209,7 @@ class Connection(asyncio.Protocol):
                 self._transport.resume_reading()
 
     def abort(self) -> None:
-        """Drop the connection at once (the engine sees the disconnect and aborts)."""
+        """Drop the connection at once (the server sees the disconnect and aborts)."""
         if self._transport is not None:
             self._transport.abort()
 
@@ -216,7 +226,7 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.has_length = False
         self._sink = None
-        self.resume()  # the response ended during a pause for the client
+        self.resume()  # the response ended during a pause for the sink
 
     # -- internals
     def _wake(self) -> None:
@@ -264,15 +274,16 @@ class Connection(asyncio.Protocol):
 
 
 class Pool:
-    """Keep-alive connections to one engine instance (most recently used first)."""
+    """Keep-alive connections to one origin (most recently used first), TLS if `tls` is set."""
 
-    def __init__(self, host: str, port: int, connect_timeout: float) -> None:
+    def __init__(self, host: str, port: int, connect_timeout: float, *, tls: ssl.SSLContext | None = None, max_idle: int = _MAX_IDLE) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
-        # The Host header and the blank line that end every request head sent to this engine.
+        self.tls = tls
+        self.max_idle = max_idle
+        # The Host header and the blank line that end every request head sent here.
         self.host_header = f"host: {f'[{host}]' if ':' in host else host}:{port}\r\n\r\n".encode()
-        self.loop = asyncio.get_running_loop()
         self._idle: list[Connection] = []
 
     async def get(self) -> Connection:
@@ -288,19 +299,40 @@ class Pool:
         return await self.connect()
 
     async def connect(self) -> Connection:
+        loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(self.loop.create_connection(lambda: Connection(self), self.host, self.port), self.connect_timeout)
+            _, conn = await asyncio.wait_for(loop.create_connection(lambda: Connection(self), self.host, self.port, ssl=self.tls), self.connect_timeout)
         except TimeoutError:
             raise ConnectFailed(f"connecting to {self.host}:{self.port} timed out after {self.connect_timeout:g}s") from None
         except OSError as exc:
             if exc.errno in EXHAUSTED:
-                fd_exhausted.note("connecting to an engine")
-                raise RouterOverloaded("out of file descriptors") from None
+                raise OutOfDescriptors("out of file descriptors") from None
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
         return conn
 
+    async def open(self, request: bytes, timeout: float) -> Connection:
+        """Send `request` and wait for the response head (`timeout`); the connection is
+        aborted if that fails. A kept-alive connection the server had closed before reading
+        anything is retried once on a fresh one: nothing was processed."""
+        conn = await self.get()
+        try:
+            conn.send(request)
+            try:
+                await conn.read_head(timeout)
+            except UpstreamClosed:
+                if not (conn.reused and not conn.received):
+                    raise
+                conn.abort()
+                conn = await self.connect()
+                conn.send(request)
+                await conn.read_head(timeout)
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
     def put(self, conn: Connection) -> None:
-        if len(self._idle) >= _MAX_IDLE_PER_POOL:
+        if len(self._idle) >= self.max_idle:
             conn.abort()
             return
         conn.reset()
@@ -318,3 +350,51 @@ class Pool:
         for conn in self._idle:
             conn.abort()
         self._idle.clear()
+
+
+class Client:
+    """Requests to one base URL (http or https, its path a prefix of every request path)
+    over at most `limit` keep-alive connections; `timeout` bounds the connect and each wait
+    for a read (never a whole response)."""
+
+    def __init__(self, base_url: str, limit: int, timeout: float) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self.pool = Pool(parts.hostname, parts.port or (443 if tls else 80), timeout, tls=tls, max_idle=limit)
+        self.host = parts.netloc.rpartition("@")[2]  # as the URL gave it, without credentials
+        self.prefix = parts.path.rstrip("/")
+        self.timeout = timeout
+        self._slots = asyncio.Semaphore(limit)
+
+    def build(self, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+        """Encode a POST once, so sending it costs nothing per request."""
+        lines = [f"POST {self.prefix}{path} HTTP/1.1", f"Host: {self.host}", f"Content-Length: {len(body)}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+    async def send(self, request: bytes, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
+        """Send a built request; 2xx body bytes go to `sink` as they arrive.
+        Returns (status, the first 64 KiB of a non-2xx body); UpstreamError if the exchange failed."""
+        async with self._slots:
+            conn = await self.pool.open(request, self.timeout)
+            try:
+                status = conn.status
+                error = bytearray()
+                if not 200 <= status < 300:
+
+                    def sink(data: bytes) -> None:
+                        error.extend(data[: _MAX_ERROR_BODY - len(error)])
+
+                if data := conn.relay(sink):
+                    sink(data)
+                await conn.relayed(self.timeout)  # never paused: sinks here do not pause
+            except BaseException:
+                conn.abort()
+                raise
+            conn.finish()
+            return status, bytes(error)
+
+    async def close(self) -> None:
+        self.pool.close()

@@ -37,13 +37,14 @@ from typing import TYPE_CHECKING
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from kvctl.config import Config, Instance
+from kvctl.http1 import ConnectFailed, Connection, Pool, UpstreamClosed, UpstreamError, UpstreamTimeout
+from kvctl.http1 import OutOfDescriptors as RouterOverloaded
 from kvctl.router import logs, overload
 from kvctl.router.asgi import Receive, Scope, Send
 from kvctl.router.auth import DUPLICATE_CODE, DUPLICATE_MESSAGE, bearer, matches
 from kvctl.router.errors import send_error, shorten, sse_error_event
 from kvctl.router.lifecycle import Unavailable
 from kvctl.router.protocol import Cycle
-from kvctl.http1 import ConnectFailed, Connection, Pool, RouterOverloaded, UpstreamClosed, UpstreamError, UpstreamTimeout
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -335,6 +336,7 @@ class Proxy:
                     await send_error(send, 502, f"Model '{model}': engine {inst.name} is unreachable: {exc}", "engine_unreachable", headers=rid_header)
                     return
                 except RouterOverloaded as exc:  # the router's own exhaustion: the engine is not to blame
+                    overload.fd_exhausted.note("connecting to an engine")
                     status, reason = 503, exc.reason
                     await send_error(
                         send,
