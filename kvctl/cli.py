@@ -394,13 +394,19 @@ def kv_limit(
     instance: Annotated[str | None, typer.Option("--instance", help="Only this replica of the model.")] = None,
     config_path: ConfigOption = None,
 ) -> None:
-    """Set the KV-cache limit of a model's kvcached engines (through the router; logged there)."""
+    """Set the KV-cache limit of a model's kvcached engines (through the router, logged there;
+    with no router, written to the segments directly)."""
     config = _load(config_path)
     body: dict[str, Any] = _kv_size(size)
     if instance is not None:
         body["instance"] = instance
-    with client_mod.RouterClient(config) as client:
-        result = client.post(f"/models/{client_mod.model_path(model)}/kv_limit", body=body)
+    try:
+        if not config.router.enabled:
+            raise client_mod.RouterUnreachable("no router (enable_router: false)")
+        with client_mod.RouterClient(config) as client:
+            result = client.post(f"/models/{client_mod.model_path(model)}/kv_limit", body=body)
+    except client_mod.RouterUnreachable as exc:
+        result = kvcached.limit_directly(config, model, body, str(exc))
     for entry in result.get("instances") or ():
         mark = "ok" if entry.get("limit_bytes") is not None else "failed"
         out.print(Text.assemble((mark, _MARKS[mark]), f" {entry.get('message')}"), soft_wrap=True)

@@ -21,7 +21,13 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from kvctl import reaper
+from kvctl.errors import KvctlError, UsageError
+
+if TYPE_CHECKING:
+    from kvctl.config import Config
 
 SHM_DIR = Path("/dev/shm")
 SEGMENT_BYTES = 24
@@ -46,6 +52,11 @@ class KvInfo:
 
     def as_json(self) -> dict[str, int]:
         return {"used_bytes": self.used_bytes, "limit_bytes": self.limit_bytes, "prealloc_bytes": self.prealloc_bytes}
+
+
+def size(n: int) -> str:
+    """Bytes for a message: `2.0 GiB`, `512 MiB`."""
+    return f"{n / 2**30:.1f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def sanitize(name: str) -> str:
@@ -186,21 +197,107 @@ class Segment:
         os.close(self._fd)
 
 
-def in_use(name: str) -> bool:
-    """Whether a live process has the segment mapped or open (an engine of another kvctl tree
-    may use the same name): /proc, for the processes this user may read."""
+def users(name: str) -> list[int]:
+    """Live processes that have the segment mapped or open (an engine, kvcached's tool), from
+    /proc, for the processes this user may read."""
     target = str(path(name))
+    found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if target in (proc / "maps").read_text():
-                return True
-            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
-                return True
+            if target in (proc / "maps").read_text() or any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                found.append(int(proc.name))
         except OSError:
             continue
-    return False
+    return found
+
+
+def in_use(name: str) -> bool:
+    """Whether a live process still uses the segment (an engine of another kvctl tree may have the same name)."""
+    return bool(users(name))
+
+
+def shared_with_others(config: Config) -> list[str]:
+    """Segment names are per machine (/dev/shm): another kvctl tree (another run dir) with an
+    instance of the same name, or any engine given the same KVCACHED_IPC_NAME, would share an
+    engine's segment with this tree's, and each would read the other's figures and limit. A
+    problem line per segment of this config in use by a process that is not of this tree."""
+    ours: set[int] | None = None
+    problems = []
+    for inst in config.launched:
+        name = segment_name(inst.env)
+        if not enabled(inst.env) or not path(name).exists():
+            continue
+        if ours is None:
+            ours = set(reaper.marked_in_run(config.run_dir))
+        others = [pid for pid in users(name) if pid not in ours and pid != os.getpid()]
+        if others:
+            problems.append(
+                f"instance '{inst.name}': its kvcached segment {path(name)} is in use by {_owner(others[0])}; "
+                "segment names are per machine: rename the instance, or stop that engine"
+            )
+    return problems
+
+
+def _owner(pid: int) -> str:
+    """`the kvctl tree of run dir DIR (PID N)`, or `PID N (not started by kvctl)`: the tree is
+    told by the engine's KVCTL_INSTANCE marker, shared with its launcher, whose command line
+    names the tree's RUN_DIR/env/NAME.json."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        environ = []
+    prefix = f"{reaper.MARKER_VAR}=".encode()
+    mark = next((item[len(prefix) :].decode(errors="replace") for item in environ if item.startswith(prefix)), None)
+    if mark is None:
+        return f"PID {pid} (not started by kvctl)"
+    for launcher in reaper.marked(mark):
+        try:
+            argv = Path(f"/proc/{launcher}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "kvctl.launch" in argv[:-1]:
+            run_dir = Path(argv[argv.index("kvctl.launch") + 1]).parent.parent
+            return f"the kvctl tree of run dir {run_dir} (PID {pid})"
+    return f"another kvctl tree (PID {pid}, {reaper.MARKER_VAR}={mark})"
+
+
+def limit_directly(config: Config, model: str, request: Mapping[str, Any], why: str) -> dict[str, Any]:
+    """`kvctl kv limit` when no router answers (`why`): the protocol lets any process write the
+    limit, so kvctl writes each segment itself; the same answer as POST /models/{model}/kv_limit.
+    `request` is that route's body (`bytes`, optional `instance`). No router, no router log: the
+    caller prints each change."""
+    canonical = config.aliases().get(model, model)
+    instances = config.models().get(canonical)
+    if instances is None:
+        raise UsageError(f"model '{model[:80]}' is not in {config.path}")
+    only = request.get("instance")
+    if only is not None and only not in {i.name for i in instances}:
+        raise UsageError(f"model '{canonical}' has no instance '{str(only)[:80]}'")
+    targets = [i for i in instances if enabled(i.env) and only in (None, i.name)]
+    if not targets:
+        raise UsageError(f"model '{canonical}' has no kvcached instance (ENABLE_KVCACHED=true in its environment)")
+    if "bytes" not in request:
+        # A share is of the capacity each engine created its segment with, which the router
+        # remembers; the segment itself only holds the current limit.
+        raise UsageError(f"{why}, and a percentage needs it (it knows each engine's KV capacity): give a size such as 2G")
+    limit = int(request["bytes"])
+    results: list[dict[str, Any]] = []
+    for inst in targets:
+        segment = segment_name(inst.env)
+        before = write_limit(segment, limit)
+        if before is None:
+            results.append(
+                {"name": inst.name, "limit_bytes": None, "before": None, "message": f"{inst.name}: no kvcached segment {segment} (engine not running?)"}
+            )
+            continue
+        over = f"; {size(before.used_bytes)} in use, freed as requests finish" if before.used_bytes > limit else ""
+        message = f"{inst.name} {inst.model}: kv limit {size(before.limit_bytes)} -> {size(limit)} (manual, written to {path(segment)}: {why}){over}"
+        results.append({"name": inst.name, "limit_bytes": limit, "before": before.as_json(), "message": message})
+    if all(r["limit_bytes"] is None for r in results):
+        raise KvctlError(f"model '{canonical}': " + "; ".join(r["message"] for r in results))
+    return {"model_name": canonical, "success": True, "instances": results}
 
 
 def remove(name: str) -> bool:

@@ -59,6 +59,9 @@ def up(config: Config, report: Reporter, *, wait: bool = True) -> UpResult:
     """Make the running tree match the file (SPEC §14): render, start or update supervisord,
     reload the router in place, start what is not running, and (unless `wait` is False)
     return only when the router reports every launched instance ready."""
+    shared = kvcached.shared_with_others(config)  # /dev/shm names are per machine, not per tree
+    if shared:
+        raise KvctlError("\n".join(shared))
     paths = RunPaths(config.run_dir)
     previous = _applied(config)
     render.write(config)

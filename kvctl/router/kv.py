@@ -69,11 +69,6 @@ def gpu_gb(inst: Instance, awake: bool) -> float:
     return max(measured / GiB, _awake_gb.get(inst.name, 0.0))
 
 
-def size(n: int) -> str:
-    """Bytes for a log line: `2.0 GiB`, `512 MiB`."""
-    return f"{n / GiB:.1f} GiB" if abs(n) >= GiB else f"{n / 2**20:.0f} MiB"
-
-
 class KvControl:
     def __init__(self, config: Config, events: EventBus) -> None:
         self.config = config
@@ -161,8 +156,8 @@ class KvControl:
         before = kvcached.write_limit(kvcached.segment_name(inst.env), limit_bytes)
         if before is None or before.limit_bytes == limit_bytes:
             return before
-        change = f"kv limit {size(before.limit_bytes)} -> {size(limit_bytes)}"
-        below = f"; {size(before.used_bytes)} in use, freed as requests finish" if before.used_bytes > limit_bytes else ""
+        change = f"kv limit {kvcached.size(before.limit_bytes)} -> {kvcached.size(limit_bytes)}"
+        below = f"; {kvcached.size(before.used_bytes)} in use, freed as requests finish" if before.used_bytes > limit_bytes else ""
         log.info(
             "%s %s: %s (%s)%s",
             inst.name,
