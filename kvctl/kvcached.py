@@ -8,6 +8,10 @@ pool when ``limit`` changes. kvcached's own ``kvctl list/limit/watch`` speaks th
 
 A missing or malformed segment is "unknown" (``None``), never an error: an engine that has
 not started, has no kvcached, or died is an ordinary sight.
+
+Also here, because they are the protocol seen from the command line: writing a limit with no
+router (`limit_directly`) and finding who else uses a segment (`shared_with_others`), since
+/dev/shm names are per machine while kvctl trees are per run dir.
 """
 
 from __future__ import annotations
