@@ -6,6 +6,7 @@ before raising one :class:`ConfigError`, so an operator fixes a file in one pass
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import ipaddress
@@ -28,6 +29,9 @@ from ruamel.yaml.nodes import MappingNode, SequenceNode
 
 from kvctl import engines, kvcached
 from kvctl.errors import ConfigError
+from kvctl.settings import INVALID, Bool, Choice, Convert, Integer, Number, Pos, Setting, clip, describe, fields_of, quote, reference_table, setting
+from kvctl.sim import settings as sim_settings
+from kvctl.sim.settings import SimSettings
 
 DEFAULT_PATH = "kvctl.yaml"
 # Loader limits (docs/config.md): a real kvctl.yaml is a few KiB, a few levels deep.
@@ -46,62 +50,314 @@ _RESERVED_NAMES = {"router", "supervisord", "supervisor"}
 _MAX_SOCKET_PATH = 100
 
 
+# --------------------------------------------------------------------------- converters
+# Checks that need the reader (${VAR} expansion, the file's directory, positions of items);
+# plain checks are kvctl.settings' Bool, Number, Integer and Choice.
+
+
+def _expand(reader: _Reader, value: str, pos: Pos) -> str | object:
+    """Replace ${VAR} from the environment; an unset or malformed one is an error."""
+    bad = False
+
+    def sub(match: re.Match[str]) -> str:
+        nonlocal bad
+        name = match.group(1)
+        if not _ENV_KEY.match(name):
+            reader.error(pos, f"'${{{clip(name)}}}' is not a valid environment variable reference")
+            bad = True
+            return ""
+        if name not in os.environ:
+            reader.error(pos, f"environment variable '{clip(name)}' is not set")
+            bad = True
+            return ""
+        return os.environ[name]
+
+    result = _VAR.sub(sub, value)
+    return INVALID if bad else result
+
+
+def _string(reader: _Reader, value: Any, pos: Pos) -> Any:
+    if not isinstance(value, str):
+        reader.error(pos, f"expected a string, got {describe(value)}")
+        return INVALID
+    return _expand(reader, value, pos)
+
+
+def _nonempty_string(reader: _Reader, value: Any, pos: Pos) -> Any:
+    result = _string(reader, value, pos)
+    if result == "":
+        reader.error(pos, "must not be empty")
+        return INVALID
+    return result
+
+
+_port = Integer(1, 65535)
+
+
+def _memory_gb(reader: _Reader, value: Any, pos: Pos) -> Any:
+    """A number of GB, or `auto`: measured per engine process through NVML, which must be there."""
+    if value != "auto":
+        return Number(positive=True, optional=True)(reader, value, pos)
+    from kvctl import gpu
+
+    reason = gpu.unavailable_reason()
+    if reason is not None:
+        reader.error(pos, f"'auto' needs each engine's GPU memory from NVML, which is not available here ({reason}); give a number of GB")
+        return INVALID
+    return value
+
+
+def _engine(reader: _Reader, value: Any, pos: Pos) -> Any:
+    try:
+        return engines.engine_name(value)
+    except ValueError as exc:
+        reader.error(pos, str(exc))
+        return INVALID
+
+
+def _path(reader: _Reader, value: Any, pos: Pos) -> Any:
+    text = _nonempty_string(reader, value, pos)
+    if text is INVALID:
+        return INVALID
+    # abspath, not resolve(): a venv's bin/python is a symlink, and following it would
+    # run the base interpreter outside the venv.
+    return Path(os.path.abspath(reader.file.parent / Path(text).expanduser()))
+
+
+def _list_of(item_convert: Convert) -> Convert:
+    def convert(reader: _Reader, value: Any, pos: Pos) -> Any:
+        if not isinstance(value, CommentedSeq):
+            reader.error(pos, f"expected a list of strings, got {describe(value)}")
+            return INVALID
+        out = []
+        for index, item in enumerate(value):
+            converted = item_convert(reader, item, value.lc.item(index))
+            if converted is not INVALID:
+                out.append(converted)
+        return tuple(out)
+
+    return convert
+
+
+def _secret(reader: _Reader, value: Any, pos: Pos) -> Any:
+    """An API key or admin token; messages never show it."""
+    text = _string(reader, value, pos)
+    if text is not INVALID and (not text or any(ch.isspace() or not ch.isprintable() for ch in text)):
+        # Clients send it as `Authorization: Bearer KEY`: blank or spaced keys can never match.
+        reader.error(pos, "must not be empty or contain spaces or control characters")
+        return INVALID
+    return text
+
+
+def _optional_secret(reader: _Reader, value: Any, pos: Pos) -> Any:
+    return None if value is None else _secret(reader, value, pos)
+
+
+def _args(reader: _Reader, value: Any, pos: Pos) -> Any:
+    """A string or a list; each item is split like a shell word list (never run by a shell)."""
+    items: list[tuple[Any, Pos]]
+    if isinstance(value, str):
+        items = [(value, pos)]
+    elif isinstance(value, CommentedSeq):
+        items = [(item, value.lc.item(i)) for i, item in enumerate(value)]
+    else:
+        reader.error(pos, f"expected a string or a list of strings, got {describe(value)}")
+        return INVALID
+    out: list[str] = []
+    for item, item_pos in items:
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            item = str(item)
+        text = _string(reader, item, item_pos)
+        if text is INVALID:
+            continue
+        try:
+            words = shlex.split(text)
+        except ValueError as exc:
+            reader.error(item_pos, f"cannot split engine argument {quote(text)}: {exc}")
+            continue
+        for word in words:
+            if "\n" in word or "\r" in word or "\0" in word:
+                reader.error(item_pos, f"engine argument {quote(word)} contains a newline or NUL")
+            else:
+                out.append(word)
+    return out
+
+
+def _env_value(reader: _Reader, value: Any, pos: Pos) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if value is None:
+        return ""
+    text = _string(reader, value, pos)
+    if text is not INVALID and "\0" in text:
+        reader.error(pos, "environment values cannot contain NUL")
+        return INVALID
+    return text
+
+
+def _env(reader: _Reader, value: Any, pos: Pos) -> Any:
+    """`["KEY=VALUE", ...]` or a mapping."""
+    out: dict[str, str] = {}
+    if isinstance(value, CommentedSeq):
+        for index, item in enumerate(value):
+            item_pos = value.lc.item(index)
+            if not isinstance(item, str) or "=" not in item:
+                reader.error(item_pos, f"expected 'KEY=VALUE', got {quote(item)}")
+                continue
+            key, _, raw = item.partition("=")
+            converted = _env_value(reader, raw, item_pos)
+            if not _ENV_KEY.match(key):
+                reader.error(item_pos, f"'{clip(str(key))}' is not a valid environment variable name")
+            elif converted is not INVALID:
+                out[key] = converted
+    elif isinstance(value, CommentedMap):
+        for key in value:
+            if not isinstance(key, str) or not _ENV_KEY.match(key):
+                reader.error(_key_pos(value, key, pos), f"'{clip(str(key))}' is not a valid environment variable name")
+                continue
+            converted = _env_value(reader, value[key], _value_pos(value, key, pos))
+            if converted is not INVALID:
+                out[key] = converted
+    elif value is not None:
+        reader.error(pos, f"expected a list of 'KEY=VALUE' strings or a mapping, got {describe(value)}")
+        return INVALID
+    return out
+
+
+def _kvcached(reader: _Reader, value: Any, pos: Pos) -> Any:
+    """The kvcached block: keys upper-cased into every engine's environment."""
+    if value is None:
+        return {}
+    if not isinstance(value, CommentedMap):
+        reader.error(pos, f"expected a mapping, got {describe(value)}")
+        return INVALID
+    env = _env(reader, value, pos)
+    return {key.upper(): val for key, val in env.items()}
+
+
+def _section(where: str, fields: dict[str, Setting]) -> Convert:
+    def convert(reader: _Reader, value: Any, pos: Pos) -> Any:
+        return reader.mapping(value, pos, where, fields)
+
+    return convert
+
+
+# --------------------------------------------------------------------------- the schema
+# Each setting once: its dataclass field says its default, its check and its line in
+# docs/config.md (`reference_tables`); the key tables below are derived from the fields.
+
+_SECONDS_POSITIVE = Number(positive=True)
+
+
 @dataclass(frozen=True)
 class SleepSettings:
     """An instance's `sleep:` block: how it sleeps, and its own lifecycle policy (SPEC §15)."""
 
-    enabled: bool = True
-    level: int = 1
-    mode: str | None = None  # vLLM only: abort | wait
-    idle_seconds: float | None = None  # its own idle threshold (None: sleep_manager's, when auto-sleep is on)
-    start: str = "awake"  # awake | asleep (loaded, then slept) | stopped (not started by `up`)
+    enabled: bool = setting(True, Bool(), "`false` pins the instance awake (no sleep, by hand, idle or budget)")
+    level: int = setting(
+        1,
+        Choice(1, 2),
+        "vLLM sleep level: 1 keeps weights in CPU memory, 2 discards them (a wake reloads them)",
+        default_text="`sleep_manager.vllm_sleep_level`",
+    )
+    mode: str | None = setting(
+        None, Choice("abort", "wait", optional=True), "vLLM: abort running requests at sleep, or wait for them", default_text="`sleep_manager.vllm_sleep_mode`"
+    )
+    idle_seconds: float | None = setting(
+        None,
+        Number(positive=True, optional=True),
+        "this instance's own idle threshold; set here, it applies even when `auto_sleep_enabled` is false",
+        default_text="`sleep_manager.idle_threshold_seconds` (when `auto_sleep_enabled`)",
+    )
+    start: str = setting(
+        "awake",
+        Choice("awake", "asleep", "stopped"),
+        "state after `up`: `asleep` = loaded, then put to sleep; `stopped` = not started until the first request",
+    )
     start_explicit: bool = False  # `start:` written in the file (only then does it pin memory at `up`)
-    stop_after_seconds: float | None = None  # asleep this long -> process stopped
-    priority: int = 0  # under the memory budget, lower priority sleeps first
-    verify: bool = False  # probe after every wake; reload or restart on a mismatch
+    stop_after_seconds: float | None = setting(
+        None, Number(positive=True, optional=True), "asleep this long → the engine process is stopped (a request starts it again)"
+    )
+    priority: int = setting(0, Integer(-1000, 1000), "under the memory budget, lower priorities are put to sleep first")
+    verify: bool = setting(
+        False, Bool(), "after every wake, a fixed probe must answer as at first start, else the weights are reloaded (then the engine restarted)"
+    )
 
 
-@dataclass(frozen=True)
-class SimSettings:
-    """Settings for the simulated engine (`engine: sim`), mapped 1:1 to its flags."""
-
-    dialect: str = "vllm"
-    load_seconds: float = 0.0
-    ttft_ms: float = 0.0
-    tokens_per_second: float = 0.0
-    sleep_seconds: float = 0.0
-    wake_seconds: float = 0.0
-    fail_rate: float = 0.0
-    crash_after: int | None = None
-    hang_on_sleep: bool = False
-    hang_on_wake: bool = False
-    seed: int = 0
-    spawn_children: int = 0  # idle child processes, as vLLM starts EngineCore and workers
-    wake_corrupts_weights: bool = False  # every wake leaves garbage weights (some vLLM versions' level-2 bug)
-    reload_no_effect: bool = False  # reloading the weights does not repair them
-    memory_gb: float | None = None  # --memory-gb; None: the instance's memory_gb
-    kv_bytes_per_token: int = kvcached.SIM_KV_BYTES_PER_TOKEN  # KV cache a token holds (with ENABLE_KVCACHED=true)
+_SLEEP_FIELDS = fields_of(SleepSettings)
+_SIM_FIELDS = sim_settings.FIELDS
 
 
 @dataclass(frozen=True)
 class Instance:
-    name: str
-    model: str
-    engine: str  # vllm | sglang | sim
-    host: str
-    port: int
-    args: tuple[str, ...]  # engine args as given (split), kvctl's own --host/--port not included
-    env: Mapping[str, str]  # kvcached block, kvcached_env, engine_env, KVCACHED_IPC_NAME
-    python: str
-    aliases: tuple[str, ...] = ()
-    memory_gb: float | None = None
+    name: str = setting(
+        dataclasses.MISSING,
+        _nonempty_string,
+        "process name: letters, digits, `_`, `.`, `-`, at most 64; unique; `router`, `supervisor`, `supervisord` are reserved",
+        type_text="string",
+        default_text="last part of `model`",
+    )
+    model: str = setting(
+        dataclasses.MISSING,
+        _nonempty_string,
+        "the model name clients ask for (the routing key); several instances of one model are replicas",
+        type_text="string",
+    )
+    engine: str = setting(dataclasses.MISSING, _engine, "the engine (case-insensitive)", type_text=engines.NAMES_DOC)
+    host: str = setting(dataclasses.MISSING, _nonempty_string, "the engine's address", type_text="string", default_text="from `--host`, else `127.0.0.1`")
+    port: int = setting(
+        dataclasses.MISSING,
+        _port,
+        "the engine's port (one of the two is required; then kvctl adds `--port`)",
+        type_text="port",
+        default_text="from `--port` in `engine_args`",
+    )
+    # engine args as given (split), kvctl's own --host/--port not included
+    args: tuple[str, ...] = setting(
+        dataclasses.MISSING,
+        _args,
+        "the engine's own arguments; each item split like shell words (never run by a shell)",
+        key="engine_args",
+        type_text="string or list of strings",
+        default_text="`[]`",
+    )
+    python: str = setting(
+        dataclasses.MISSING, _path, "the engine's interpreter when not using a venv", type_text="path", default_text="the interpreter kvctl runs on"
+    )
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)  # kvcached block, kvcached_env, engine_env, KVCACHED_IPC_NAME
+    aliases: tuple[str, ...] = setting(
+        (),
+        _list_of(_nonempty_string),
+        "more model names; a request naming one is forwarded with `model` set to this instance's model",
+        type_text="list of strings",
+    )
+    memory_gb: float | None = setting(
+        None,
+        _memory_gb,
+        "GPU memory it holds awake, for `memory_budget_gb` (the sim reports it); with kvcached (`ENABLE_KVCACHED=true`) its weights and fixed "
+        "buffers only, as its measured KV cache counts on top; `auto`: the engine processes' GPU memory measured through NVML "
+        "(`pip install 'kvctl[gpu]'`; without a GPU and NVML, `auto` is an error)",
+        type_text="number > 0, or `auto`",
+    )
     memory_auto: bool = False  # `memory_gb: auto`: measured through NVML (kvctl/gpu.py)
-    kv_limit_gb: float | None = None  # kvcached KV-cache limit applied when the engine is ready
-    sleep: SleepSettings = SleepSettings()
-    startup_timeout_seconds: float = 900.0
-    startretries: int = 3  # failed starts in a row before the instance stays `failed`
-    sim: SimSettings = SimSettings()
-    external: bool = False
+    kv_limit_gb: float | None = setting(
+        None,
+        Number(positive=True, optional=True),
+        "kvcached KV-cache limit written to the engine's segment whenever it becomes ready (start, restart, wake); needs `ENABLE_KVCACHED=true` in its environment",
+    )
+    sleep: SleepSettings = setting(
+        SleepSettings(), _section("sleep", _SLEEP_FIELDS), "how this instance sleeps", type_text="mapping", default_text="see [sleep](#sleep)"
+    )
+    startup_timeout_seconds: float = setting(900.0, _SECONDS_POSITIVE, "how long a start may take until the health check passes")
+    startretries: int = setting(
+        3,
+        Integer(0),
+        "failed starts in a row (with back-off) before it stays stopped in state `failed`; `kvctl restart NAME` tries again",
+    )
+    sim: SimSettings = setting(SimSettings(), _section("sim", _SIM_FIELDS), "settings of `engine: sim`", type_text="mapping", default_text="see [sim](#sim)")
+    external: bool = setting(False, Bool(), "already running elsewhere: routed, not launched")
     add_host_flag: bool = False  # host/port came from kvctl keys, so kvctl passes the flags
     add_port_flag: bool = False
 
@@ -111,30 +367,61 @@ class Instance:
         return f"http://{host}:{self.port}"
 
 
+# Keys of an instance that feed other attributes (`env`, `python`) rather than one of their own.
+_INSTANCE_INPUTS = {
+    "engine_env": Setting(_env, "environment of the engine", type_text="list of `KEY=VALUE` or mapping", default_text="`{}`"),
+    "kvcached_env": Setting(_env, "environment of the engine (kvcached's settings)", type_text="list of `KEY=VALUE` or mapping", default_text="`{}`"),
+    "using_venv": Setting(Bool(), "run the engine with `venv_path`'s `bin/python`", default=False),
+    "venv_path": Setting(_path, "the engine's virtualenv", type_text="path", default=None),
+}
+_INSTANCE_FIELDS = {**fields_of(Instance), **_INSTANCE_INPUTS}
+_INSTANCE_ATTRS = {spec.attr for spec in _INSTANCE_FIELDS.values()}
+_INSTANCE_ALIASES = {"args": "engine_args"}
+
+
 @dataclass(frozen=True)
 class RouterConfig:
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = 8080
-    api_keys: tuple[str, ...] = ()
-    admin_token: str | None = None
-    allow_unauthenticated: bool = False
-    request_timeout_seconds: float = 600.0
-    stream_idle_timeout_seconds: float = 300.0
-    connect_timeout_seconds: float = 10.0
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_queue_per_model: int = 1024
-    health_check_interval_seconds: float = 2.0
-    health_failure_threshold: int = 3
-    log_level: str = "info"
-    log_format: str = "text"  # text | json
-    access_log: bool = True
+    enabled: bool = setting(True, Bool(), "run the router at all", key="enable_router")
+    host: str = setting(
+        "127.0.0.1",
+        _nonempty_string,
+        "address the router binds; a non-loopback address needs `api_keys` or `allow_unauthenticated: true`",
+        key="router_host",
+        type_text="string",
+    )
+    port: int = setting(8080, _port, "the router's port; no instance may use it", key="router_port", type_text="port")
+    api_keys: tuple[str, ...] = setting(
+        (),
+        _list_of(_secret),
+        "keys clients send as `Authorization: Bearer KEY`; each non-empty, without spaces",
+        type_text="list of strings",
+        default_text="`[]` (no auth)",
+    )
+    admin_token: str | None = setting(
+        None,
+        _optional_secret,
+        "guards admin actions (sleep, wake, …), sent as `Authorization: Bearer TOKEN`; non-empty, without spaces",
+        type_text="string",
+    )
+    allow_unauthenticated: bool = setting(False, Bool(), "allow a non-loopback `router_host` with no `api_keys` (then only a warning)")
+    request_timeout_seconds: float = setting(600.0, _SECONDS_POSITIVE, "how long the router waits for an engine's first byte")
+    stream_idle_timeout_seconds: float = setting(300.0, _SECONDS_POSITIVE, "longest pause between two chunks of an engine's answer")
+    connect_timeout_seconds: float = setting(10.0, _SECONDS_POSITIVE, "to open a connection to an engine")
+    max_body_bytes: int = setting(16 * 1024 * 1024, Integer(1), "largest request body accepted (413 beyond)", default_text="`16777216` (16 MiB)")
+    max_queue_per_model: int = setting(1024, Integer(0), "requests that may wait for one model (e.g. during its wake); 429 `queue_full` beyond")
+    health_check_interval_seconds: float = setting(2.0, _SECONDS_POSITIVE, "between health probes of each engine")
+    health_failure_threshold: int = setting(3, Integer(1), "failed probes in a row before an instance is marked `down`")
+    log_level: str = setting("info", Choice("debug", "info", "warning", "error"), "the router log's level")
+    log_format: str = setting("text", Choice("text", "json"), "router log lines as text or as JSON objects")
+    access_log: bool = setting(True, Bool(), "one log line per finished request")
     # Client-side limits (SPEC §16); none of them applies to the engine's side.
-    max_header_bytes: int = 65536
-    header_timeout_seconds: float = 10.0
-    body_timeout_seconds: float = 30.0
-    keepalive_timeout_seconds: float = 5.0
-    max_connections: int = 10000
+    max_header_bytes: int = setting(
+        65536, Integer(1024), "client side: the request line and headers together (431 beyond)"
+    )  # a request line and a few headers must fit
+    header_timeout_seconds: float = setting(10.0, _SECONDS_POSITIVE, "client side: to send the request line and all headers")
+    body_timeout_seconds: float = setting(30.0, _SECONDS_POSITIVE, "client side: longest wait between two reads of a request body")
+    keepalive_timeout_seconds: float = setting(5.0, _SECONDS_POSITIVE, "client side: how long an idle keep-alive connection stays open")
+    max_connections: int = setting(10000, Integer(1), "client side: open connections; beyond, 503 `router_overloaded` with Retry-After")
 
     @property
     def url(self) -> str:
@@ -147,33 +434,79 @@ class RouterConfig:
         return is_loopback(self.host)
 
 
+_ROUTER_FIELDS = fields_of(RouterConfig)
+
+
 @dataclass(frozen=True)
 class SleepManagerConfig:
-    idle_threshold_seconds: float = 300.0
-    check_interval_seconds: float = 60.0
-    auto_sleep_enabled: bool = False
-    wakeup_on_request: bool = True
-    min_sleep_duration: float = 0.0
-    wake_timeout_seconds: float = 300.0
-    drain_timeout_seconds: float = 30.0
-    vllm_sleep_level: int = 1
-    vllm_sleep_mode: str | None = None
-    memory_budget_gb: float | None = None
-    min_awake_seconds: float = 5.0  # a model woken for its queue is not slept for another sooner, while it has work
-    max_swap_wait_seconds: float = 60.0  # no waiting model starves longer, whatever the protection of others
-    kv_rebalance: bool = False  # move kvcached KV limit from idle instances to busy ones (SPEC §13)
-    kv_budget_gb: float | None = None  # the KV limits of awake kvcached instances together
-    kv_min_gb: float = 0.5  # no awake instance's KV limit is moved below this
+    idle_threshold_seconds: float = setting(300.0, _SECONDS_POSITIVE, "an awake model without requests this long is idle")
+    check_interval_seconds: float = setting(60.0, _SECONDS_POSITIVE, "how often auto-sleep looks for idle models")
+    auto_sleep_enabled: bool = setting(False, Bool(), "put idle models to sleep")
+    wakeup_on_request: bool = setting(True, Bool(), "a request for a sleeping model wakes it")
+    min_sleep_duration: float = setting(0.0, Number(), "auto-sleep leaves an instance woken less than this long ago awake (never delays a request)")
+    wake_timeout_seconds: float = setting(300.0, _SECONDS_POSITIVE, "how long a request may wait for a wake (503 `wake_timeout` beyond)")
+    drain_timeout_seconds: float = setting(30.0, Number(), "how long a sleep waits for in-flight requests to finish")
+    vllm_sleep_level: int = setting(1, Choice(1, 2), "default `sleep.level` of vLLM instances")
+    vllm_sleep_mode: str | None = setting(
+        None, Choice("abort", "wait", optional=True), "default `sleep.mode` of vLLM instances", default_text="none (vLLM's default)"
+    )
+    memory_budget_gb: float | None = setting(
+        None,
+        Number(positive=True, optional=True),
+        "GPU memory the awake instances may hold together (their `memory_gb`); waking one beyond it first puts idle ones to sleep "
+        "(lowest `priority`, then least recently used)",
+        default_text="none (no budget)",
+    )
+    # a model woken for its queue is not slept for another sooner, while it has work
+    min_awake_seconds: float = setting(5.0, Number(), "under the budget, a model woken for queued requests stays awake at least this long while it has work")
+    # no waiting model starves longer, whatever the protection of others
+    max_swap_wait_seconds: float = setting(60.0, _SECONDS_POSITIVE, "under the budget, no model with waiting requests waits longer than this for its turn")
+    kv_rebalance: bool = setting(
+        False,
+        Bool(),
+        "every `check_interval_seconds`, move kvcached KV-cache limit from idle awake instances to busy ones, within `kv_budget_gb` (needs it)",
+    )
+    kv_budget_gb: float | None = setting(
+        None, Number(positive=True, optional=True), "the KV-cache limits of the awake kvcached instances together, for `kv_rebalance`"
+    )
+    kv_min_gb: float = setting(0.5, Number(), "`kv_rebalance` never moves an awake instance's KV limit below this (at most `kv_budget_gb`)")
+
+
+_SLEEP_MANAGER_FIELDS = fields_of(SleepManagerConfig)
 
 
 @dataclass(frozen=True)
 class Config:
     path: Path
-    run_dir: Path
-    router: RouterConfig
-    sleep_manager: SleepManagerConfig
-    instances: tuple[Instance, ...]
-    launch_delay_seconds: float = 0.0
+    # read separately (per item, with their own positions); the table's check is never called
+    instances: tuple[Instance, ...] = setting(
+        dataclasses.MISSING,
+        lambda reader, value, pos: INVALID,
+        "the engines to run or route to (at least one)",
+        type_text="list of [instances](#instances)",
+    )
+    router: RouterConfig = setting(
+        dataclasses.MISSING,
+        _section("router", _ROUTER_FIELDS),
+        "the OpenAI-compatible router in front of the engines",
+        type_text="mapping",
+        default_text="see [router](#router)",
+    )
+    sleep_manager: SleepManagerConfig = setting(
+        dataclasses.MISSING,
+        _section("sleep_manager", _SLEEP_MANAGER_FIELDS),
+        "when and how models sleep and wake",
+        type_text="mapping",
+        default_text="see [sleep_manager](#sleep_manager)",
+    )
+    run_dir: Path = setting(
+        dataclasses.MISSING,
+        _nonempty_string,
+        "rendered supervisord config, socket, pid, logs, router state; created mode 0700 (its socket path must stay under 100 characters)",
+        type_text="path",
+        default_text="`.kvctl` beside the file",
+    )
+    launch_delay_seconds: float = setting(0.0, Number(), "pause between engine starts")
     warnings: tuple[str, ...] = ()
     # Environment variables referenced as ${VAR} in router.api_keys / router.admin_token:
     # secrets of the router that engines must not inherit.
@@ -207,6 +540,31 @@ class Config:
             if inst.name == name:
                 return inst
         raise KeyError(name)
+
+
+_TOP_FIELDS = {
+    **fields_of(Config),
+    "kvcached": Setting(
+        _kvcached,
+        "kvcached settings; each key is upper-cased into every engine's environment (`kvcached_gpu_utilization: 0.95` → `KVCACHED_GPU_UTILIZATION=0.95`)",
+        type_text="mapping",
+        default_text="`{}`",
+    ),
+}
+# docs/config.md's headings -> the key table under each
+REFERENCE = {
+    "## Top level": _TOP_FIELDS,
+    "## router": _ROUTER_FIELDS,
+    "## sleep_manager": _SLEEP_MANAGER_FIELDS,
+    "## instances": _INSTANCE_FIELDS,
+    "### sleep": _SLEEP_FIELDS,
+    "### sim": _SIM_FIELDS,
+}
+
+
+def reference_tables() -> dict[str, str]:
+    """docs/config.md's heading -> the Markdown table of every key in that section."""
+    return {heading: reference_table(table, _INSTANCE_ALIASES if table is _INSTANCE_FIELDS else None) for heading, table in REFERENCE.items()}
 
 
 def kvcached_ipc_name(name: str) -> str:
@@ -336,7 +694,7 @@ def _yaml_problem(exc: MarkedYAMLError, text: str) -> tuple[tuple[int, int], str
         return (line, col), "YAML syntax error: a tab character; YAML indents with spaces only"
     if "duplicate key" in problem:
         problem = problem.split(" with value")[0]
-    return (line, col), f"YAML syntax error: {_clip(problem, 120)}"
+    return (line, col), f"YAML syntax error: {clip(problem, 120)}"
 
 
 # `  - key: value`: group 1 the indentation, 2 the item/key start, 3 the key.
@@ -344,21 +702,15 @@ _KEY_LINE = re.compile(r"^( *)((?:- +)*)([^\s#:-][^#:]*?) *:(?:\s|$)")
 
 
 def _misaligned(lines: list[str], line: int, key: re.Match[str]) -> str:
-    own = f"bad indentation: '{_clip(key.group(3), 40)}' (column {key.start(3) + 1})"
+    own = f"bad indentation: '{clip(key.group(3), 40)}' (column {key.start(3) + 1})"
     for above in range(line - 1, -1, -1):
         prev = _KEY_LINE.match(lines[above])
         if prev:
-            return f"{own} is not aligned with '{_clip(prev.group(3), 40)}' (column {prev.start(3) + 1}) on line {above + 1}"
+            return f"{own} is not aligned with '{clip(prev.group(3), 40)}' (column {prev.start(3) + 1}) on line {above + 1}"
     return f"{own} does not match the indentation of the lines above"
 
 
 # --------------------------------------------------------------------------- reading
-
-
-@dataclass
-class _Field:
-    convert: Callable[[_Reader, Any, tuple[int, int]], Any]
-    attr: str | None = None  # dataclass attribute, when it differs from the key
 
 
 class _Reader:
@@ -379,12 +731,12 @@ class _Reader:
         self.warnings.append(f"{self.file}:{pos[0] + 1}:{pos[1] + 1}: warning: {message}")
 
     # -- structure
-    def mapping(self, node: Any, pos: tuple[int, int], where: str, fields: dict[str, _Field], aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    def mapping(self, node: Any, pos: tuple[int, int], where: str, fields: dict[str, Setting], aliases: dict[str, str] | None = None) -> dict[str, Any]:
         """Convert a mapping against `fields`; unknown keys are errors with a did-you-mean."""
         if node is None:
             return {}
         if not isinstance(node, CommentedMap):
-            self.error(pos, f"expected a mapping, got {_kind(node)}" if self.key else f"{where} must be a mapping, got {_kind(node)}")
+            self.error(pos, f"expected a mapping, got {describe(node)}" if self.key else f"{where} must be a mapping, got {describe(node)}")
             return {}
         outer, self.key = self.key, None
         try:
@@ -392,7 +744,7 @@ class _Reader:
         finally:
             self.key = outer
 
-    def _fields(self, node: CommentedMap, pos: tuple[int, int], where: str, fields: dict[str, _Field], aliases: dict[str, str]) -> dict[str, Any]:
+    def _fields(self, node: CommentedMap, pos: tuple[int, int], where: str, fields: dict[str, Setting], aliases: dict[str, str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         seen_by: dict[str, str] = {}
         for key in node:
@@ -400,7 +752,7 @@ class _Reader:
             name = aliases.get(key, key)
             if not isinstance(key, str) or name not in fields:
                 hint = difflib.get_close_matches(str(key), [*fields, *aliases], n=1)
-                self.error(key_pos, f"unknown key '{_clip(str(key))}' in {where}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+                self.error(key_pos, f"unknown key '{clip(str(key))}' in {where}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
                 continue
             if name in seen_by:
                 self.error(key_pos, f"'{key}' and '{seen_by[name]}' in {where} mean the same; give only one")
@@ -410,7 +762,7 @@ class _Reader:
             self.key = key
             value = spec.convert(self, node[key], _value_pos(node, key, key_pos))
             self.key = None
-            if value is not _INVALID:
+            if value is not INVALID:
                 out[spec.attr or name] = value
         return out
 
@@ -438,7 +790,7 @@ class _Reader:
             if not raw_instances:
                 self.error(_value_pos(data, "instances", root_pos), "'instances' is empty: configure at least one engine")
         elif "instances" in data:
-            self.error(_value_pos(data, "instances", root_pos), f"'instances' must be a list, got {_kind(raw_instances)}")
+            self.error(_value_pos(data, "instances", root_pos), f"'instances' must be a list, got {describe(raw_instances)}")
         self.cross_checks(data, placed, router, run_dir)
         self.literal_secrets_warning(data)
         self.budget_checks(placed, sleep_manager)
@@ -456,7 +808,7 @@ class _Reader:
 
     def instance(self, node: Any, pos: tuple[int, int], index: int, kvcached_env: dict[str, str], sm: SleepManagerConfig) -> Instance | None:
         where = f"instances[{index}]"
-        raw = self.mapping(node, pos, where, _INSTANCE_FIELDS, aliases={"args": "engine_args"})
+        raw = self.mapping(node, pos, where, _INSTANCE_FIELDS, aliases=_INSTANCE_ALIASES)
         if not isinstance(node, CommentedMap):
             return None
 
@@ -476,18 +828,18 @@ class _Reader:
         if not _SAFE_NAME.match(name):
             self.error(
                 at("name") if "name" in node else at("model"),
-                f"{where}: name '{_clip(name)}' is not safe as a process name (letters, digits, '_', '.', '-'; at most 64; set 'name:')",
+                f"{where}: name '{clip(name)}' is not safe as a process name (letters, digits, '_', '.', '-'; at most 64; set 'name:')",
             )
             ok = False
         elif name in _RESERVED_NAMES:
             self.error(at("name") if "name" in node else at("model"), f"{where}: name '{name}' is reserved by kvctl")
             ok = False
 
-        args: list[str] = raw.get("engine_args", [])
+        args: list[str] = raw.get("args", [])
         arg_host, arg_port = _flag_value(args, "--host"), _flag_value(args, "--port")
         host = raw.get("host") or arg_host or "127.0.0.1"
         if "host" in raw and arg_host is not None and arg_host != raw["host"]:
-            self.error(at("host"), f"{where}: host '{_clip(raw['host'])}' disagrees with --host {_clip(arg_host)} in engine_args")
+            self.error(at("host"), f"{where}: host '{clip(raw['host'])}' disagrees with --host {clip(arg_host)} in engine_args")
         port = raw.get("port")
         if arg_port is not None:
             try:
@@ -495,7 +847,7 @@ class _Reader:
                 if not 1 <= parsed <= 65535:
                     raise ValueError
             except ValueError:
-                self.error(at("engine_args"), f"{where}: --port '{_clip(arg_port)}' in engine_args is not a port number")
+                self.error(at("engine_args"), f"{where}: --port '{clip(arg_port)}' in engine_args is not a port number")
                 ok = False
             else:
                 if port is not None and port != parsed:
@@ -505,7 +857,7 @@ class _Reader:
             self.error(pos, f"{where}: no port: set 'port:' or pass --port in engine_args")
             ok = False
 
-        external = raw.get("external", False)
+        external = raw.get("external", Instance.external)
         python = self.python_for(raw, node, where, at, external)
         env = dict(kvcached_env)
         env.update(raw.get("kvcached_env", {}))
@@ -514,46 +866,31 @@ class _Reader:
         if env.get("KVCACHED_IPC_NAME", ipc) != ipc:
             self.warn(
                 at("kvcached_env") if "kvcached_env" in node else pos,
-                f"{where}: KVCACHED_IPC_NAME={_clip(env['KVCACHED_IPC_NAME'])} replaced by {ipc} (it must be unique per instance)",
+                f"{where}: KVCACHED_IPC_NAME={clip(env['KVCACHED_IPC_NAME'])} replaced by {ipc} (it must be unique per instance)",
             )
         env["KVCACHED_IPC_NAME"] = ipc
 
         sleep_raw = raw.get("sleep", {})
-        sleep = SleepSettings(
-            enabled=sleep_raw.get("enabled", True),
-            level=sleep_raw.get("level", sm.vllm_sleep_level),
-            mode=sleep_raw.get("mode", sm.vllm_sleep_mode),
-            idle_seconds=sleep_raw.get("idle_seconds"),
-            start=sleep_raw.get("start", "awake"),
-            start_explicit="start" in sleep_raw,
-            stop_after_seconds=sleep_raw.get("stop_after_seconds"),
-            priority=sleep_raw.get("priority", 0),
-            verify=sleep_raw.get("verify", False),
-        )
-        engine_name = engines.engine_name(engine)
-        if not ok or port is None or python is None or engine_name is None:
+        sleep = SleepSettings(**{"level": sm.vllm_sleep_level, "mode": sm.vllm_sleep_mode, **sleep_raw}, start_explicit="start" in sleep_raw)
+        if not ok or port is None or python is None:
             return None
-        inst = Instance(
-            name=name,
-            model=model,
-            engine=engine_name,
-            host=host,
-            port=port,
-            args=tuple(args),
-            env=env,
-            python=python,
-            aliases=tuple(raw.get("aliases", ())),
-            memory_gb=None if raw.get("memory_gb") == "auto" else raw.get("memory_gb"),
-            memory_auto=raw.get("memory_gb") == "auto",
-            kv_limit_gb=raw.get("kv_limit_gb"),
-            sleep=sleep,
-            startup_timeout_seconds=raw.get("startup_timeout_seconds", 900.0),
-            startretries=raw.get("startretries", 3),
-            sim=SimSettings(**raw.get("sim", {})),
-            external=external,
-            add_host_flag=arg_host is None,
-            add_port_flag=arg_port is None,
-        )
+        resolved = {
+            "name": name,
+            "engine": engine,
+            "host": host,
+            "port": port,
+            "args": tuple(args),
+            "env": env,
+            "python": python,
+            "memory_gb": None if raw.get("memory_gb") == "auto" else raw.get("memory_gb"),
+            "memory_auto": raw.get("memory_gb") == "auto",
+            "sleep": sleep,
+            "sim": SimSettings(**raw.get("sim", {})),
+            "add_host_flag": arg_host is None,
+            "add_port_flag": arg_port is None,
+        }
+        # Every other key is its attribute as read (its default when absent).
+        inst = Instance(**{**{key: value for key, value in raw.items() if key in _INSTANCE_ATTRS}, **resolved})
         if not external:
             for message in engines.adapter_for(inst).config_warnings(inst):
                 self.warn(pos, f"{where} ({name}): {message}")
@@ -566,7 +903,7 @@ class _Reader:
                 return None
             python = venv / "bin" / "python"
             if not external and not os.access(python, os.X_OK):
-                self.error(at("venv_path"), f"{where}: venv_path '{_clip(str(venv))}' has no executable bin/python")
+                self.error(at("venv_path"), f"{where}: venv_path '{clip(str(venv))}' has no executable bin/python")
                 return None
             return str(python)
         if raw.get("using_venv", False):
@@ -575,7 +912,7 @@ class _Reader:
         if "python" in raw:
             python = raw["python"]
             if not external and not os.access(python, os.X_OK):
-                self.error(at("python"), f"{where}: python '{_clip(str(python))}' is not an executable file")
+                self.error(at("python"), f"{where}: python '{clip(str(python))}' is not an executable file")
                 return None
             return str(python)
         return sys.executable
@@ -609,20 +946,20 @@ class _Reader:
                 self.error(_port_pos(node, pos), f"instance '{inst.name}': port {inst.port} is the router's port")
             for alias in inst.aliases:
                 if alias in models:
-                    self.error(pos, f"instance '{inst.name}': alias '{_clip(alias)}' is also a model name")
+                    self.error(pos, f"instance '{inst.name}': alias '{clip(alias)}' is also a model name")
                 elif aliases.get(alias, inst.model) != inst.model:
-                    self.error(pos, f"instance '{inst.name}': alias '{_clip(alias)}' already names model '{_clip(aliases[alias])}'")
+                    self.error(pos, f"instance '{inst.name}': alias '{clip(alias)}' already names model '{clip(aliases[alias])}'")
                 aliases[alias] = inst.model
         if not router.is_loopback and not router.api_keys:
             if router.allow_unauthenticated:
-                self.warn(router_pos, f"router binds non-loopback host '{_clip(router.host)}' with no api_keys: anyone who can reach it can use it")
+                self.warn(router_pos, f"router binds non-loopback host '{clip(router.host)}' with no api_keys: anyone who can reach it can use it")
             else:
                 self.error(
                     router_pos,
-                    f"router binds non-loopback host '{_clip(router.host)}' with no api_keys; set router.api_keys or router.allow_unauthenticated: true",
+                    f"router binds non-loopback host '{clip(router.host)}' with no api_keys; set router.api_keys or router.allow_unauthenticated: true",
                 )
         if len(str(run_dir / "supervisor.sock")) > _MAX_SOCKET_PATH:
-            self.error(_pos_of(data, "run_dir", (0, 0)), f"run_dir '{_clip(str(run_dir))}' is too long for a unix socket path; choose a shorter run_dir")
+            self.error(_pos_of(data, "run_dir", (0, 0)), f"run_dir '{clip(str(run_dir))}' is too long for a unix socket path; choose a shorter run_dir")
 
     def literal_secrets_warning(self, data: Any) -> None:
         """Keys written into a file that others can read are keys others have."""
@@ -688,16 +1025,7 @@ class _Reader:
                 )
 
 
-_INVALID = object()
 _Placed = tuple[Instance, tuple[int, int], CommentedMap]  # an instance, its list item's position, its node
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    return {CommentedMap: "a mapping", CommentedSeq: "a list", bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
-        type(value), type(value).__name__
-    )
 
 
 def _pos_of(node: Any, key: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -734,20 +1062,6 @@ def _port_pos(node: CommentedMap, default: tuple[int, int]) -> tuple[int, int]:
 _PORT_FLAG = re.compile(r"(?:^|\s)--port(?:=|\s|$)")
 
 
-def _clip(text: str, limit: int = 60) -> str:
-    """At most `limit` characters of a user's text in a message."""
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _quote(value: Any) -> str:
-    """A user's value in a message: a short prefix of text, only the kind of anything bigger."""
-    if isinstance(value, str):
-        return repr(_clip(value))
-    if isinstance(value, (bool, int, float)):
-        return repr(value)
-    return _kind(value)
-
-
 def _secret_env(data: Any) -> tuple[str, ...]:
     """Names of the variables that router.api_keys and router.admin_token take from the environment."""
     router = data.get("router") if isinstance(data, CommentedMap) else None
@@ -768,353 +1082,6 @@ def _flag_value(args: list[str], flag: str) -> str | None:
         elif arg.startswith(flag + "="):
             value = arg[len(flag) + 1 :]
     return value
-
-
-# --------------------------------------------------------------------------- converters
-
-
-def _expand(reader: _Reader, value: str, pos: tuple[int, int]) -> str | object:
-    """Replace ${VAR} from the environment; an unset or malformed one is an error."""
-    bad = False
-
-    def sub(match: re.Match[str]) -> str:
-        nonlocal bad
-        name = match.group(1)
-        if not _ENV_KEY.match(name):
-            reader.error(pos, f"'${{{_clip(name)}}}' is not a valid environment variable reference")
-            bad = True
-            return ""
-        if name not in os.environ:
-            reader.error(pos, f"environment variable '{_clip(name)}' is not set")
-            bad = True
-            return ""
-        return os.environ[name]
-
-    result = _VAR.sub(sub, value)
-    return _INVALID if bad else result
-
-
-def _string(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    if not isinstance(value, str):
-        reader.error(pos, f"expected a string, got {_kind(value)}")
-        return _INVALID
-    return _expand(reader, value, pos)
-
-
-def _nonempty_string(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    result = _string(reader, value, pos)
-    if result == "":
-        reader.error(pos, "must not be empty")
-        return _INVALID
-    return result
-
-
-def _bool(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    if not isinstance(value, bool):
-        reader.error(pos, f"expected true or false, got {_kind(value)}")
-        return _INVALID
-    return value
-
-
-def _number(
-    minimum: float = 0.0, *, positive: bool = False, maximum: float | None = None, optional: bool = False
-) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
-    def convert(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            reader.error(pos, f"expected a number, got {_kind(value)}")
-            return _INVALID
-        if (positive and value <= 0) or value < minimum or (maximum is not None and value > maximum):
-            bound = "greater than 0" if positive else f"at least {minimum}"
-            if maximum is not None:
-                bound += f" and at most {maximum}"
-            reader.error(pos, f"must be {bound}, got {value}")
-            return _INVALID
-        return float(value)
-
-    return convert
-
-
-def _integer(minimum: int = 0, maximum: int | None = None, optional: bool = False) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
-    def convert(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            reader.error(pos, f"expected an integer, got {_kind(value)}")
-            return _INVALID
-        if value < minimum or (maximum is not None and value > maximum):
-            reader.error(pos, f"must be between {minimum} and {maximum}, got {value}" if maximum is not None else f"must be at least {minimum}, got {value}")
-            return _INVALID
-        return int(value)
-
-    return convert
-
-
-_port = _integer(1, 65535)
-
-
-def _memory_gb(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    """A number of GB, or `auto`: measured per engine process through NVML, which must be there."""
-    if value != "auto":
-        return _number(positive=True, optional=True)(reader, value, pos)
-    from kvctl import gpu
-
-    reason = gpu.unavailable_reason()
-    if reason is not None:
-        reader.error(pos, f"'auto' needs each engine's GPU memory from NVML, which is not available here ({reason}); give a number of GB")
-        return _INVALID
-    return value
-
-
-def _choice(*choices: Any, optional: bool = False) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
-    def convert(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-        if value is None and optional:
-            return None
-        if value not in choices:
-            reader.error(pos, f"must be one of {', '.join(map(str, choices))}, got {_quote(value)}")
-            return _INVALID
-        return value
-
-    return convert
-
-
-def _engine(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    if not isinstance(value, str) or engines.engine_name(value) is None:
-        hint = difflib.get_close_matches(value.lower(), list(engines.ENGINE_NAMES), n=1) if isinstance(value, str) else []
-        choices = ", ".join(sorted(set(engines.ENGINE_NAMES.values())))
-        reader.error(pos, f"unknown engine {_quote(value)}: use {choices}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-        return _INVALID
-    return value.lower()
-
-
-def _path(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    text = _nonempty_string(reader, value, pos)
-    if text is _INVALID:
-        return _INVALID
-    # abspath, not resolve(): a venv's bin/python is a symlink, and following it would
-    # run the base interpreter outside the venv.
-    return Path(os.path.abspath(reader.file.parent / Path(text).expanduser()))
-
-
-def _list_of(item_convert: Callable[[_Reader, Any, tuple[int, int]], Any]) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
-    def convert(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-        if not isinstance(value, CommentedSeq):
-            reader.error(pos, f"expected a list of strings, got {_kind(value)}")
-            return _INVALID
-        out = []
-        for index, item in enumerate(value):
-            converted = item_convert(reader, item, value.lc.item(index))
-            if converted is not _INVALID:
-                out.append(converted)
-        return tuple(out)
-
-    return convert
-
-
-def _secret(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    """An API key or admin token; messages never show it."""
-    text = _string(reader, value, pos)
-    if text is not _INVALID and (not text or any(ch.isspace() or not ch.isprintable() for ch in text)):
-        # Clients send it as `Authorization: Bearer KEY`: blank or spaced keys can never match.
-        reader.error(pos, "must not be empty or contain spaces or control characters")
-        return _INVALID
-    return text
-
-
-def _optional_secret(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    return None if value is None else _secret(reader, value, pos)
-
-
-def _args(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    """A string or a list; each item is split like a shell word list (never run by a shell)."""
-    items: list[tuple[Any, tuple[int, int]]]
-    if isinstance(value, str):
-        items = [(value, pos)]
-    elif isinstance(value, CommentedSeq):
-        items = [(item, value.lc.item(i)) for i, item in enumerate(value)]
-    else:
-        reader.error(pos, f"expected a string or a list of strings, got {_kind(value)}")
-        return _INVALID
-    out: list[str] = []
-    for item, item_pos in items:
-        if isinstance(item, (int, float)) and not isinstance(item, bool):
-            item = str(item)
-        text = _string(reader, item, item_pos)
-        if text is _INVALID:
-            continue
-        try:
-            words = shlex.split(text)
-        except ValueError as exc:
-            reader.error(item_pos, f"cannot split engine argument {_quote(text)}: {exc}")
-            continue
-        for word in words:
-            if "\n" in word or "\r" in word or "\0" in word:
-                reader.error(item_pos, f"engine argument {_quote(word)} contains a newline or NUL")
-            else:
-                out.append(word)
-    return out
-
-
-def _env_value(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if value is None:
-        return ""
-    text = _string(reader, value, pos)
-    if text is not _INVALID and "\0" in text:
-        reader.error(pos, "environment values cannot contain NUL")
-        return _INVALID
-    return text
-
-
-def _env(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    """`["KEY=VALUE", ...]` or a mapping."""
-    out: dict[str, str] = {}
-    if isinstance(value, CommentedSeq):
-        for index, item in enumerate(value):
-            item_pos = value.lc.item(index)
-            if not isinstance(item, str) or "=" not in item:
-                reader.error(item_pos, f"expected 'KEY=VALUE', got {_quote(item)}")
-                continue
-            key, _, raw = item.partition("=")
-            converted = _env_value(reader, raw, item_pos)
-            if not _ENV_KEY.match(key):
-                reader.error(item_pos, f"'{_clip(str(key))}' is not a valid environment variable name")
-            elif converted is not _INVALID:
-                out[key] = converted
-    elif isinstance(value, CommentedMap):
-        for key in value:
-            if not isinstance(key, str) or not _ENV_KEY.match(key):
-                reader.error(_key_pos(value, key, pos), f"'{_clip(str(key))}' is not a valid environment variable name")
-                continue
-            converted = _env_value(reader, value[key], _value_pos(value, key, pos))
-            if converted is not _INVALID:
-                out[key] = converted
-    elif value is not None:
-        reader.error(pos, f"expected a list of 'KEY=VALUE' strings or a mapping, got {_kind(value)}")
-        return _INVALID
-    return out
-
-
-def _kvcached(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-    """The kvcached block: keys upper-cased into every engine's environment."""
-    if value is None:
-        return {}
-    if not isinstance(value, CommentedMap):
-        reader.error(pos, f"expected a mapping, got {_kind(value)}")
-        return _INVALID
-    env = _env(reader, value, pos)
-    return {key.upper(): val for key, val in env.items()}
-
-
-def _section(where: str, fields: dict[str, _Field]) -> Callable[[_Reader, Any, tuple[int, int]], Any]:
-    def convert(reader: _Reader, value: Any, pos: tuple[int, int]) -> Any:
-        return reader.mapping(value, pos, where, fields)
-
-    return convert
-
-
-_ROUTER_FIELDS = {
-    "enable_router": _Field(_bool, "enabled"),
-    "router_port": _Field(_port, "port"),
-    "router_host": _Field(_nonempty_string, "host"),
-    "api_keys": _Field(_list_of(_secret)),
-    "admin_token": _Field(_optional_secret),
-    "allow_unauthenticated": _Field(_bool),
-    "request_timeout_seconds": _Field(_number(positive=True)),
-    "stream_idle_timeout_seconds": _Field(_number(positive=True)),
-    "connect_timeout_seconds": _Field(_number(positive=True)),
-    "max_body_bytes": _Field(_integer(1)),
-    "max_queue_per_model": _Field(_integer(0)),
-    "health_check_interval_seconds": _Field(_number(positive=True)),
-    "health_failure_threshold": _Field(_integer(1)),
-    "log_level": _Field(_choice("debug", "info", "warning", "error")),
-    "log_format": _Field(_choice("text", "json")),
-    "access_log": _Field(_bool),
-    "max_header_bytes": _Field(_integer(1024)),  # a request line and a few headers must fit
-    "header_timeout_seconds": _Field(_number(positive=True)),
-    "body_timeout_seconds": _Field(_number(positive=True)),
-    "keepalive_timeout_seconds": _Field(_number(positive=True)),
-    "max_connections": _Field(_integer(1)),
-}
-_SLEEP_MANAGER_FIELDS = {
-    "idle_threshold_seconds": _Field(_number(positive=True)),
-    "check_interval_seconds": _Field(_number(positive=True)),
-    "auto_sleep_enabled": _Field(_bool),
-    "wakeup_on_request": _Field(_bool),
-    "min_sleep_duration": _Field(_number()),
-    "wake_timeout_seconds": _Field(_number(positive=True)),
-    "drain_timeout_seconds": _Field(_number()),
-    "vllm_sleep_level": _Field(_choice(1, 2)),
-    "vllm_sleep_mode": _Field(_choice("abort", "wait", optional=True)),
-    "memory_budget_gb": _Field(_number(positive=True, optional=True)),
-    "min_awake_seconds": _Field(_number()),
-    "max_swap_wait_seconds": _Field(_number(positive=True)),
-    "kv_rebalance": _Field(_bool),
-    "kv_budget_gb": _Field(_number(positive=True, optional=True)),
-    "kv_min_gb": _Field(_number()),
-}
-_SLEEP_FIELDS = {
-    "enabled": _Field(_bool),
-    "level": _Field(_choice(1, 2)),
-    "mode": _Field(_choice("abort", "wait", optional=True)),
-    "idle_seconds": _Field(_number(positive=True, optional=True)),
-    "start": _Field(_choice("awake", "asleep", "stopped")),
-    "stop_after_seconds": _Field(_number(positive=True, optional=True)),
-    "priority": _Field(_integer(-1000, 1000)),
-    "verify": _Field(_bool),
-}
-_SIM_FIELDS = {
-    "dialect": _Field(_choice(*engines.SIM_DIALECTS)),
-    "load_seconds": _Field(_number()),
-    "ttft_ms": _Field(_number()),
-    "tokens_per_second": _Field(_number()),
-    "sleep_seconds": _Field(_number()),
-    "wake_seconds": _Field(_number()),
-    "fail_rate": _Field(_number(maximum=1.0)),
-    "crash_after": _Field(_integer(0, optional=True)),
-    "hang_on_sleep": _Field(_bool),
-    "hang_on_wake": _Field(_bool),
-    "seed": _Field(_integer(0)),
-    "spawn_children": _Field(_integer(0)),
-    "wake_corrupts_weights": _Field(_bool),
-    "reload_no_effect": _Field(_bool),
-    "memory_gb": _Field(_number(positive=True, optional=True)),
-    "kv_bytes_per_token": _Field(_integer(1)),
-}
-_INSTANCE_FIELDS = {
-    "name": _Field(_nonempty_string),
-    "model": _Field(_nonempty_string),
-    "engine": _Field(_engine),
-    "using_venv": _Field(_bool),
-    "venv_path": _Field(_path),
-    "python": _Field(_path),
-    "kvcached_env": _Field(_env),
-    "engine_env": _Field(_env),
-    "engine_args": _Field(_args),
-    "host": _Field(_nonempty_string),
-    "port": _Field(_port),
-    "aliases": _Field(_list_of(_nonempty_string)),
-    "memory_gb": _Field(_memory_gb),
-    "kv_limit_gb": _Field(_number(positive=True, optional=True)),
-    "sleep": _Field(_section("sleep", _SLEEP_FIELDS)),
-    "startup_timeout_seconds": _Field(_number(positive=True)),
-    "startretries": _Field(_integer(0)),
-    "sim": _Field(_section("sim", _SIM_FIELDS)),
-    "external": _Field(_bool),
-}
-_TOP_FIELDS = {
-    "kvcached": _Field(_kvcached),
-    "router": _Field(_section("router", _ROUTER_FIELDS)),
-    "sleep_manager": _Field(_section("sleep_manager", _SLEEP_MANAGER_FIELDS)),
-    "launch_delay_seconds": _Field(_number()),
-    "run_dir": _Field(_nonempty_string),
-    # instances are read separately (per item, with their own positions)
-    "instances": _Field(lambda reader, value, pos: _INVALID),
-}
 
 
 def env_digest(env: Mapping[str, str]) -> str:

@@ -1,21 +1,29 @@
 """Engine adapters: everything engine-specific lives here and nowhere else.
 
 An adapter knows an engine's command line, its health path, how to put it to sleep,
-wake it and ask whether it sleeps, and the names of its metrics. Adding an engine
-means adding an adapter.
+wake it and ask whether it sleeps, and the names of its metrics; the registry at the end
+names the engines a config may use. Adding an engine means adding an adapter and
+registering it here (and, for the sim to imitate it, a dialect in kvctl/sim/).
 """
 
 from __future__ import annotations
 
+import difflib
+from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
 
-import httpx
-
-from kvctl import kvcached
 from kvctl.errors import EngineError, EngineTimeout
+from kvctl.lazy import lazy_module
+from kvctl.settings import quote
+from kvctl.sim import settings as sim_settings
+from kvctl.sim.dialects import DIALECTS
 
 if TYPE_CHECKING:  # annotations only: config asks this module about engines
+    import httpx
+
     from kvctl.config import Instance
+else:  # imported at the first engine call: `kvctl status` and `config check` make none
+    httpx = lazy_module("httpx")
 
 PROBE_PROMPT = "kvctl verify probe: the capital of France is"
 PROBE_TIMEOUT_SECONDS = 60.0
@@ -25,6 +33,7 @@ class EngineAdapter:
     """Base class; one instance per engine kind, stateless."""
 
     name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()  # other names a config may give it
     module: ClassVar[str]  # run as PYTHON -m MODULE
     model_flag: ClassVar[str]
     health_path: ClassVar[str] = "/health"
@@ -32,8 +41,6 @@ class EngineAdapter:
     metric_running: ClassVar[str]
     metric_waiting: ClassVar[str]
     metric_kv_usage: ClassVar[str]
-    # Whether the engine itself can say if it sleeps; if not the router keeps a state file.
-    reports_sleep: ClassVar[bool] = False
 
     def command(self, inst: Instance) -> list[str]:
         """The engine's argv, without any shell."""
@@ -91,7 +98,6 @@ class VllmAdapter(EngineAdapter):
     metric_running = "vllm:num_requests_running"
     metric_waiting = "vllm:num_requests_waiting"
     metric_kv_usage = "vllm:kv_cache_usage_perc"
-    reports_sleep = True
 
     def config_warnings(self, inst: Instance) -> list[str]:
         if not inst.sleep.enabled:
@@ -137,6 +143,7 @@ class VllmAdapter(EngineAdapter):
 
 class SglangAdapter(EngineAdapter):
     name = "sglang"
+    aliases = ("sgl",)
     module = "sglang.launch_server"
     model_flag = "--model-path"
     metric_running = "sglang:num_running_reqs"
@@ -175,44 +182,10 @@ class SimAdapter(EngineAdapter):
         self.metric_running = dialect.metric_running  # type: ignore[misc]
         self.metric_waiting = dialect.metric_waiting  # type: ignore[misc]
         self.metric_kv_usage = dialect.metric_kv_usage  # type: ignore[misc]
-        self.reports_sleep = dialect.reports_sleep  # type: ignore[misc]
 
     def command(self, inst: Instance) -> list[str]:
-        argv = [inst.python, "-m", self.module, "--model", inst.model, "--dialect", inst.sim.dialect]
-        if inst.add_host_flag:
-            argv += ["--host", inst.host]
-        if inst.add_port_flag:
-            argv += ["--port", str(inst.port)]
-        sim = inst.sim
-        for flag, value in (
-            ("--load-seconds", sim.load_seconds),
-            ("--ttft-ms", sim.ttft_ms),
-            ("--tokens-per-second", sim.tokens_per_second),
-            ("--sleep-seconds", sim.sleep_seconds),
-            ("--wake-seconds", sim.wake_seconds),
-            ("--fail-rate", sim.fail_rate),
-            ("--seed", sim.seed),
-        ):
-            if value:
-                argv += [flag, str(value)]
-        memory_gb = sim.memory_gb if sim.memory_gb is not None else inst.memory_gb
-        if memory_gb is not None:
-            argv += ["--memory-gb", str(memory_gb)]
-        if sim.spawn_children:
-            argv += ["--spawn-children", str(sim.spawn_children)]
-        if sim.kv_bytes_per_token != kvcached.SIM_KV_BYTES_PER_TOKEN:
-            argv += ["--kv-bytes-per-token", str(sim.kv_bytes_per_token)]
-        if sim.crash_after is not None:
-            argv += ["--crash-after", str(sim.crash_after)]
-        if sim.hang_on_sleep:
-            argv.append("--hang-on-sleep")
-        if sim.hang_on_wake:
-            argv.append("--hang-on-wake")
-        if sim.wake_corrupts_weights:
-            argv.append("--wake-corrupts-weights")
-        if sim.reload_no_effect:
-            argv.append("--reload-no-effect")
-        return argv + list(inst.args)
+        sim = inst.sim if inst.sim.memory_gb is not None else replace(inst.sim, memory_gb=inst.memory_gb)
+        return super().command(replace(inst, args=(*sim_settings.argv(sim), *inst.args)))
 
     async def sleep(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
         await self.dialect.sleep(client, inst, timeout)
@@ -227,20 +200,23 @@ class SimAdapter(EngineAdapter):
         await self.dialect.reload_weights(client, inst, timeout)
 
 
-_VLLM = VllmAdapter()
-_SGLANG = SglangAdapter()
-_SIMS = {"vllm": SimAdapter(_VLLM), "sglang": SimAdapter(_SGLANG)}
+# The registry: engine name -> adapter; the sim speaks the API of the engine its dialect names.
+_ADAPTERS: dict[str, EngineAdapter] = {adapter.name: adapter for adapter in (VllmAdapter(), SglangAdapter())}
+_SIMS = {dialect: SimAdapter(_ADAPTERS[dialect]) for dialect in DIALECTS}
+_KINDS: tuple[type[EngineAdapter], ...] = (VllmAdapter, SglangAdapter, SimAdapter)
+# The names a config may give (case-insensitive) -> the engine.
+ENGINE_NAMES = {name: kind.name for kind in _KINDS for name in (kind.name, *kind.aliases)}
+# docs/config.md's type of `engine:`
+NAMES_DOC = ", ".join(f"`{kind.name}`" + "".join(f" (or `{alias}`)" for alias in kind.aliases) for kind in _KINDS)
 
 
-_ADAPTERS: dict[str, EngineAdapter] = {"vllm": _VLLM, "sglang": _SGLANG}
-# The names a config may give (case-insensitive) -> the engine; the sim imitates a real one.
-ENGINE_NAMES = {"vllm": "vllm", "sglang": "sglang", "sgl": "sglang", "sim": "sim"}
-SIM_DIALECTS = tuple(_SIMS)
-
-
-def engine_name(text: str) -> str | None:
-    """The engine a config's `engine:` value names, or None."""
-    return ENGINE_NAMES.get(text.lower())
+def engine_name(text: object) -> str:
+    """The engine a config's `engine:` value names; ValueError says why there is none."""
+    if isinstance(text, str) and text.lower() in ENGINE_NAMES:
+        return ENGINE_NAMES[text.lower()]
+    hint = difflib.get_close_matches(text.lower(), list(ENGINE_NAMES), n=1) if isinstance(text, str) else []
+    choices = ", ".join(sorted(set(ENGINE_NAMES.values())))
+    raise ValueError(f"unknown engine {quote(text)}: use {choices}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
 
 
 def adapter_for(inst: Instance) -> EngineAdapter:

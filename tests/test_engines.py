@@ -1,4 +1,5 @@
-"""Engine adapters against the simulated engine's faithful vLLM/SGLang APIs."""
+"""Engine adapters: the names they read match the real engines', and they drive the sim's
+faithful vLLM/SGLang APIs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import httpx
 import pytest
 
 from kvctl import config as config_mod
-from kvctl.engines import adapter_for
+from kvctl import engines
+from kvctl.engines import SglangAdapter, VllmAdapter, adapter_for
+from kvctl.sim.dialects import DIALECTS
 
 from helpers import Procs, free_port, wait_http_ok
 
@@ -34,3 +37,34 @@ async def test_vllm_wake_after_sleep_serves_the_same_text(tmp_path: Path, procs:
         assert state["weights_loaded"] is True
         after = (await client.post(f"{inst.url}/v1/completions", json=body)).json()["choices"][0]["text"]
     assert after == before
+
+
+# The real engines' Prometheus names (vLLM v1 metrics loggers, SGLang's scheduler metrics), written
+# out here so that neither kvctl's adapters nor the sim can agree with a wrong name of their own.
+REAL_METRICS = {
+    "vllm": {
+        "running": "vllm:num_requests_running",
+        "waiting": "vllm:num_requests_waiting",
+        "kv_usage": "vllm:kv_cache_usage_perc",
+        "sleep_state": "vllm:engine_sleep_state",
+    },
+    "sglang": {"running": "sglang:num_running_reqs", "waiting": "sglang:num_queue_reqs", "kv_usage": "sglang:token_usage", "sleep_state": None},
+}
+
+
+def test_the_sim_publishes_the_real_engines_metric_names() -> None:
+    published = {name: {role: getattr(d, role) for role in ("running", "waiting", "kv_usage", "sleep_state")} for name, d in DIALECTS.items()}
+    assert published == REAL_METRICS
+
+
+@pytest.mark.parametrize("adapter", [VllmAdapter, SglangAdapter])
+def test_the_adapters_read_the_real_engines_metric_names(adapter: type[engines.EngineAdapter]) -> None:
+    real = REAL_METRICS[adapter.name]
+    assert (adapter.metric_running, adapter.metric_waiting, adapter.metric_kv_usage) == (real["running"], real["waiting"], real["kv_usage"])
+
+
+def test_every_sim_dialect_is_an_engine_with_an_adapter() -> None:
+    for dialect in DIALECTS:
+        inst = config_mod.parse(f"instances:\n  - model: m\n    engine: sim\n    port: 12001\n    sim: {{dialect: {dialect}}}\n", Path("/k.yaml")).instances[0]
+        assert adapter_for(inst).metric_waiting == REAL_METRICS[dialect]["waiting"]
+    assert {engines.engine_name(name) for name in ("VLLM", "sgl", "SGLang", "sim")} == {"vllm", "sglang", "sim"}

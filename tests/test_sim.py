@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,9 +20,11 @@ import openai
 import pytest
 
 from kvctl import config as config_mod
-from kvctl.config import SimSettings
-from kvctl.engines import SglangAdapter, VllmAdapter, adapter_for
-from kvctl.sim import Settings, create_app
+from kvctl.engines import adapter_for
+from kvctl.sim.app import create_app
+from kvctl.sim.dialects import DIALECTS
+from kvctl.sim.settings import SimSettings
+from kvctl.sim.state import Settings
 
 from helpers import Procs, alive, free_port, tree_pids, wait_for, wait_http_ok
 
@@ -206,13 +209,31 @@ def test_bad_requests_get_the_engines_error_shape(sims: dict[str, str], dialect:
 
 @pytest.mark.parametrize("dialect", ["vllm", "sglang"])
 def test_metrics_use_the_dialects_names(sims: dict[str, str], dialect: str) -> None:
-    adapter = VllmAdapter if dialect == "vllm" else SglangAdapter
+    names = DIALECTS[dialect]  # the real engines' names: tests/test_engines.py
     text = httpx.get(sims[dialect] + "/metrics").text
-    for name in (adapter.metric_running, adapter.metric_waiting, adapter.metric_kv_usage):
+    for name in (names.running, names.waiting, names.kv_usage):
         assert f'{name}{{model_name="{MODEL}"}} ' in text
     assert f"{dialect}:generation_tokens_total" in text
     other = "sglang:" if dialect == "vllm" else "vllm:"
     assert other not in text
+
+
+def _sleep_state(url: str) -> dict[str, float]:
+    """vllm:engine_sleep_state by its sleep_state label."""
+    found = re.findall(r'^vllm:engine_sleep_state\{model_name="[^"]*",sleep_state="(\w+)"\} (\S+)$', httpx.get(url + "/metrics").text, re.MULTILINE)
+    return {state: float(value) for state, value in found}
+
+
+def test_vllm_sleep_state_gauge_follows_sleep_and_wake(procs: Procs) -> None:
+    url = _start(procs)
+    assert _sleep_state(url) == {"awake": 1.0, "weights_offloaded": 0.0, "discard_all": 0.0}
+    httpx.post(url + "/sleep?level=1").raise_for_status()
+    assert _sleep_state(url) == {"awake": 0.0, "weights_offloaded": 1.0, "discard_all": 0.0}
+    httpx.post(url + "/wake_up").raise_for_status()
+    httpx.post(url + "/sleep?level=2").raise_for_status()
+    assert _sleep_state(url) == {"awake": 0.0, "weights_offloaded": 0.0, "discard_all": 1.0}
+    httpx.post(url + "/wake_up").raise_for_status()
+    assert _sleep_state(url)["awake"] == 1.0
 
 
 # --------------------------------------------------------------------------- vLLM sleep API

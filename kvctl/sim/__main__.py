@@ -1,6 +1,7 @@
 """`python -m kvctl.sim --model M --port P [...]`: run the simulated engine.
 
-Flags are those `SimAdapter.command` (kvctl/engines.py) writes. The real engine's own
+Its flags are the fields of kvctl.sim.settings.SimSettings (the sim adapter writes them from
+an instance's `sim:` block), plus --model, --host and --port. The real engine's own
 flags that kvcached configs append (`--enable-sleep-mode`, `--gpu-memory-utilization
 0.5`, ...) are accepted and ignored.
 """
@@ -17,8 +18,9 @@ import time
 import uvicorn
 
 from kvctl import kvcached
-from kvctl.config import SimSettings
+from kvctl.sim import settings as sim_settings
 from kvctl.sim.app import create_app
+from kvctl.sim.settings import SimSettings
 from kvctl.sim.state import KvPool, Settings
 
 
@@ -28,69 +30,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--dialect", choices=("vllm", "sglang"), default="vllm")
-    p.add_argument("--load-seconds", type=float, default=0.0, help="delay before listening, like loading weights")
-    p.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
-    p.add_argument("--tokens-per-second", type=float, default=0.0, help="pace between tokens; 0 = no pause")
-    p.add_argument("--sleep-seconds", type=float, default=0.0, help="how long a sleep/release call takes")
-    p.add_argument("--wake-seconds", type=float, default=0.0, help="how long a wake/resume call takes")
-    p.add_argument("--memory-gb", type=float, default=1.0, help="GPU memory held while awake (reported only)")
-    p.add_argument("--fail-rate", type=float, default=0.0, help="fraction of generations answered 500")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --fail-rate draws")
-    p.add_argument("--crash-after", type=int, default=None, metavar="N", help="exit after serving N generations")
-    p.add_argument("--hang-on-sleep", action="store_true", help="sleep/release calls never return")
-    p.add_argument("--hang-on-wake", action="store_true", help="wake/resume calls never return")
-    p.add_argument("--wake-corrupts-weights", action="store_true", help="every wake leaves garbage weights until they are reloaded")
-    p.add_argument("--reload-no-effect", action="store_true", help="reloading the weights does not repair them")
-    p.add_argument(
-        "--spawn-children",
-        type=int,
-        default=0,
-        metavar="N",
-        help="start N idle child processes, as vLLM starts its EngineCore and workers; they outlive a killed parent",
-    )
-    p.add_argument(
-        "--kv-bytes-per-token",
-        type=int,
-        default=SimSettings.kv_bytes_per_token,
-        metavar="N",
-        help="KV cache a token holds, with ENABLE_KVCACHED=true in the environment (default 128 KiB)",
-    )
+    for flag, (attr, kind) in sim_settings.flags().items():
+        help_text = sim_settings.FIELDS[attr].doc.replace("%", "%%")  # argparse formats help with %
+        p.add_argument(flag, dest=attr, default=sim_settings.FIELDS[attr].default, help=help_text, **kind.flag_options())
     return p
 
 
+# Without --memory-gb (and no memory_gb in kvctl.yaml), the memory it reports while awake.
+DEFAULT_MEMORY_GB = 1.0
 # With kvcached, the KV cache's capacity is this share of --memory-gb (the rest: weights).
 KV_SHARE = 0.4
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     args, unknown = _parser().parse_known_args(argv)
-    if not 0.0 <= args.fail_rate <= 1.0:
-        sys.exit("kvctl.sim: --fail-rate must be between 0 and 1")
-    if args.spawn_children < 0:
-        sys.exit("kvctl.sim: --spawn-children must be >= 0")
-    if args.kv_bytes_per_token < 1:
-        sys.exit("kvctl.sim: --kv-bytes-per-token must be >= 1")
     if unknown:
         print(f"kvctl.sim: ignoring engine args: {' '.join(unknown)}", file=sys.stderr, flush=True)
-    sim = SimSettings(
-        dialect=args.dialect,
-        load_seconds=args.load_seconds,
-        ttft_ms=args.ttft_ms,
-        tokens_per_second=args.tokens_per_second,
-        sleep_seconds=args.sleep_seconds,
-        wake_seconds=args.wake_seconds,
-        fail_rate=args.fail_rate,
-        crash_after=args.crash_after,
-        hang_on_sleep=args.hang_on_sleep,
-        hang_on_wake=args.hang_on_wake,
-        seed=args.seed,
-        spawn_children=args.spawn_children,
-        wake_corrupts_weights=args.wake_corrupts_weights,
-        reload_no_effect=args.reload_no_effect,
-        kv_bytes_per_token=args.kv_bytes_per_token,
-    )
-    return Settings(model=args.model, port=args.port, host=args.host, memory_gb=args.memory_gb, sim=sim, engine_args=tuple(unknown))
+    sim = SimSettings(**{attr: getattr(args, attr) for attr, _ in sim_settings.flags().values()})
+    memory_gb = sim.memory_gb if sim.memory_gb is not None else DEFAULT_MEMORY_GB
+    return Settings(model=args.model, port=args.port, host=args.host, memory_gb=memory_gb, sim=sim, engine_args=tuple(unknown))
 
 
 # An idle worker: waits for a signal. It has no pipe to the parent, so nothing tells it when

@@ -23,8 +23,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from kvctl import __version__
-from kvctl.engines import SglangAdapter, VllmAdapter
 from kvctl.sim import protocol
+from kvctl.sim.dialects import DIALECTS
 from kvctl.sim.protocol import BadRequest, Generation, Shapes
 from kvctl.sim.state import EngineState, KvPool, Settings
 
@@ -370,7 +370,7 @@ class _Metrics:
 
     def __init__(self, engine: _Engine) -> None:
         self.engine = engine
-        self.names = VllmAdapter if engine.dialect == "vllm" else SglangAdapter
+        self.names = DIALECTS[engine.dialect]
 
     def collect(self) -> Any:
         state, labels, values = self.engine.state, ["model_name"], [self.engine.model]
@@ -380,12 +380,20 @@ class _Metrics:
         else:
             kv = 0.0 if state.sleeping else min(1.0, state.running_tokens / KV_CAPACITY_TOKENS)
         for name, doc, value in (
-            (self.names.metric_running, "Requests generating.", state.running),
-            (self.names.metric_waiting, "Requests waiting (parked while asleep).", state.waiting),
-            (self.names.metric_kv_usage, "KV-cache usage, 0 to 1.", kv),
+            (self.names.running, "Requests generating.", state.running),
+            (self.names.waiting, "Requests waiting (parked while asleep).", state.waiting),
+            (self.names.kv_usage, "KV-cache usage, 0 to 1.", kv),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=labels)
             gauge.add_metric(values, value)
+            yield gauge
+        if self.names.sleep_state is not None:
+            # As vLLM: 1 for the current state; asleep at level 1 the weights are offloaded, at 2 discarded.
+            level = str((state.last_sleep_params or {}).get("level", "1"))
+            current = "awake" if not state.sleeping else "discard_all" if level == "2" else "weights_offloaded"
+            gauge = GaugeMetricFamily(self.names.sleep_state, "Engine sleep state.", labels=[*labels, "sleep_state"])
+            for sleep_state in ("awake", "weights_offloaded", "discard_all"):
+                gauge.add_metric([*values, sleep_state], int(sleep_state == current))
             yield gauge
         for name, doc, value in (
             ("prompt_tokens", "Prompt tokens processed.", state.prompt_tokens),

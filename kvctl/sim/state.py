@@ -15,8 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvctl.config import SimSettings
 from kvctl.kvcached import Segment
+from kvctl.sim.settings import SimSettings
 
 _SHARE = {"weights": 0.6, "kv_cache": 0.4, "cuda_graph": 0.0}  # of memory_gb
 TAGS = {"vllm": ("weights", "kv_cache"), "sglang": ("weights", "kv_cache", "cuda_graph")}
