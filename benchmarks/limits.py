@@ -31,9 +31,11 @@ from router_overhead import PY, Procs, cpu_seconds, free_port, pct, rss_mb, wait
 
 from kvctl.http1 import Client
 
+# One sim engine behind the router, for these parts and many_streams.py; access_log as each measures it.
 CONFIG = """
 router:
   router_port: {port}
+  access_log: {access_log}
   health_check_interval_seconds: 10
 instances:
   - name: sim
@@ -51,7 +53,7 @@ class Stack:
         self.procs = Procs()
         self.port, engine = free_port(), free_port()
         self.engine_url = f"http://127.0.0.1:{engine}"
-        (tmp / "kvctl.yaml").write_text(CONFIG.format(port=self.port, engine=engine))
+        (tmp / "kvctl.yaml").write_text(CONFIG.format(port=self.port, engine=engine, access_log="true"))  # kvctl's default
         self.procs.start([PY, "-m", "kvctl.sim", "--model", "bench/sim", "--port", str(engine), *sim_args], tmp / "sim.log")
         wait_ok(self.engine_url + "/health")
 

@@ -21,20 +21,8 @@ import time
 from pathlib import Path
 
 import httpx
+from limits import CONFIG
 from router_overhead import PY, Procs, cpu_seconds, free_port, wait_ok
-
-CONFIG = """
-router:
-  router_port: {port}
-  access_log: false
-  health_check_interval_seconds: 10
-instances:
-  - name: sim
-    model: bench/sim
-    engine: sim
-    port: {engine}
-    external: true
-"""
 
 
 async def hold_streams(port: int, n: int, tokens: int, done: asyncio.Event) -> int:
@@ -74,7 +62,7 @@ def main() -> None:
     procs = Procs()
     try:
         sim = procs.start([PY, "-m", "kvctl.sim", "--model", "bench/sim", "--port", str(engine), "--tokens-per-second", str(args.rate)], tmp / "sim.log")
-        (tmp / "kvctl.yaml").write_text(CONFIG.format(port=port, engine=engine))
+        (tmp / "kvctl.yaml").write_text(CONFIG.format(port=port, engine=engine, access_log="false"))
         router = procs.start([PY, "-m", "kvctl", "router", "-c", str(tmp / "kvctl.yaml")], tmp / "router.log")
         wait_ok(f"http://127.0.0.1:{engine}/health")
         wait_ok(f"http://127.0.0.1:{port}/health")

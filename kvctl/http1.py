@@ -29,7 +29,7 @@ EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Servers such as uvicorn drop idle keep-alive connections after 5 s; ours are retired
 # earlier so that a request is never written to a connection the server is closing.
 _IDLE_SECONDS = 4.0
-_MAX_IDLE = 256
+MAX_IDLE = 256  # per pool, by default (the router sizes its descriptor needs with it)
 # Stop reading from the server once this much is buffered and not yet relayed.
 _HIGH_WATER = 256 * 1024
 _MAX_ERROR_BODY = 64 * 1024  # Client keeps a non-2xx body only for its message
@@ -276,7 +276,7 @@ class Connection(asyncio.Protocol):
 class Pool:
     """Keep-alive connections to one origin (most recently used first), TLS if `tls` is set."""
 
-    def __init__(self, host: str, port: int, connect_timeout: float, *, tls: ssl.SSLContext | None = None, max_idle: int = _MAX_IDLE) -> None:
+    def __init__(self, host: str, port: int, connect_timeout: float, *, tls: ssl.SSLContext | None = None, max_idle: int = MAX_IDLE) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
