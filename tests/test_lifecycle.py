@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from kvctl.config import Config
 from kvctl.paths import RunPaths
-from kvctl.router.lifecycle import Lifecycle, Unavailable
+from kvctl.router.lifecycle import Lifecycle, Outcome, Unavailable
 from kvctl.router.metrics import Metrics
 
 from helpers import Procs, asim_state, sim_instance, start_engine, start_engines, until, write_config
@@ -34,7 +33,7 @@ async def make(procs: Procs, tmp_path: Path) -> AsyncIterator[Make]:
         config = write_config(tmp_path, instances, **sections)
         if engines:
             start_engines(procs, config)
-        lifecycle = Lifecycle(config, metrics)
+        lifecycle = Lifecycle(config, metrics or Metrics())
         await lifecycle.start()
         started.append(lifecycle)
         return lifecycle
@@ -42,10 +41,6 @@ async def make(procs: Procs, tmp_path: Path) -> AsyncIterator[Make]:
     yield _make
     for lifecycle in started:
         await lifecycle.close()
-
-
-def _config(lc: Lifecycle) -> Config:
-    return lc._config
 
 
 async def test_acquire_picks_awake_instance_and_counts_in_flight(make: Make) -> None:
@@ -73,14 +68,14 @@ async def test_replicas_share_load_by_fewest_in_flight_and_exclude_is_honoured(m
 async def test_manual_sleep_calls_engine_once_is_idempotent_and_shows_in_status(make: Make) -> None:
     metrics = Metrics()
     lc = await make([sim_instance("org/m1"), sim_instance("m2")], metrics=metrics)
-    inst = _config(lc).instances[0]
+    inst = lc.config.instances[0]
     result = await lc.sleep_model("org/m1")
-    assert (result.success, result.status, result.state) == (True, 200, "asleep")
+    assert (result.success, result.outcome, result.state) == (True, Outcome.DONE, "asleep")
     state = await asim_state(inst)
     assert state["sleeping"] is True and state["sleep_calls"] == 1
     assert str(state["last_sleep_params"]["level"]) == "1"  # query string reached the engine
     again = await lc.sleep_model("org/m1")
-    assert (again.success, again.status) == (True, 200)
+    assert (again.success, again.outcome) == (True, Outcome.DONE)
     assert (await asim_state(inst))["sleep_calls"] == 1
     status = lc.sleep_status()
     assert list(status["sleeping_models"]) == ["org/m1"]
@@ -88,18 +83,18 @@ async def test_manual_sleep_calls_engine_once_is_idempotent_and_shows_in_status(
     assert lc.model_state("m2") == "awake"
     assert metrics.sleeps_total.labels("org/m1", "manual")._value.get() == 1
     unknown = await lc.sleep_model("nope")
-    assert (unknown.success, unknown.status) == (False, 404)
-    assert (await lc.wake_model("nope")).status == 404
+    assert (unknown.success, unknown.outcome) == (False, Outcome.UNKNOWN_MODEL)
+    assert (await lc.wake_model("nope")).outcome is Outcome.UNKNOWN_MODEL
 
 
 async def test_manual_wake_and_idempotent_wake(make: Make) -> None:
     lc = await make([sim_instance("m1")])
-    inst = _config(lc).instances[0]
+    inst = lc.config.instances[0]
     await lc.sleep_model("m1")
     woke = await lc.wake_model("m1")
-    assert (woke.success, woke.status, woke.state) == (True, 200, "awake")
+    assert (woke.success, woke.outcome, woke.state) == (True, Outcome.DONE, "awake")
     again = await lc.wake_model("m1")
-    assert (again.success, again.status) == (True, 200)
+    assert (again.success, again.outcome) == (True, Outcome.DONE)
     state = await asim_state(inst)
     assert state["sleeping"] is False and state["wake_calls"] == 1
 
@@ -107,7 +102,7 @@ async def test_manual_wake_and_idempotent_wake(make: Make) -> None:
 @pytest.mark.parametrize("dialect", ["vllm", "sglang"])
 async def test_hundred_concurrent_requests_to_sleeping_model_wake_it_once(make: Make, dialect: str) -> None:
     lc = await make([sim_instance("m1", dialect=dialect, wake_seconds=0.3)])
-    inst = _config(lc).instances[0]
+    inst = lc.config.instances[0]
     assert (await lc.sleep_model("m1")).success
 
     async def one() -> str:
@@ -149,7 +144,7 @@ async def test_full_queue_answers_429_with_retry_after(make: Make) -> None:
     await until(lambda: lc.queued("m1") == 2, what="two queued")
     with pytest.raises(Unavailable) as info:
         await lc.acquire("m1")
-    assert (info.value.status, info.value.code) == (429, "queue_full") and info.value.retry_after
+    assert info.value.code == "queue_full" and info.value.retry_after
     assert "m1" in info.value.message
     for inst in await asyncio.gather(*waiting):
         lc.release(inst)
@@ -176,7 +171,7 @@ async def test_hanging_wake_gives_503_wake_timeout_and_the_next_wake_succeeds(ma
     assert (await lc.sleep_model("m")).success
     with pytest.raises(Unavailable) as info:
         await lc.acquire("m")
-    assert (info.value.status, info.value.code) == (503, "wake_timeout")
+    assert info.value.code == "wake_timeout"
     assert info.value.retry_after and "m" in info.value.message
     await until(lambda: "m" not in lc._wakes, what="the failed wake to end")
     inst = await lc.acquire("m")  # the replica whose wake failed is tried last
@@ -189,9 +184,9 @@ async def test_wakeup_on_request_false_answers_model_asleep(make: Make) -> None:
     await lc.sleep_model("m1")
     with pytest.raises(Unavailable) as info:
         await lc.acquire("m1")
-    assert (info.value.status, info.value.code) == (503, "model_asleep")
+    assert info.value.code == "model_asleep"
     assert lc.queued("m1") == 0
-    assert (await asim_state(_config(lc).instances[0]))["wake_calls"] == 0
+    assert (await asim_state(lc.config.instances[0]))["wake_calls"] == 0
 
 
 async def test_auto_sleep_sleeps_an_idle_model_only(make: Make) -> None:
@@ -200,7 +195,7 @@ async def test_auto_sleep_sleeps_an_idle_model_only(make: Make) -> None:
         sleep_manager={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.5, "check_interval_seconds": 0.1},
     )
     await until(lambda: lc.model_state("idle") == "asleep", what="auto-sleep of the idle model")
-    assert (await asim_state(_config(lc).instances[0]))["sleep_calls"] == 1
+    assert (await asim_state(lc.config.instances[0]))["sleep_calls"] == 1
     assert lc.model_state("opted-out") == "awake"
     assert lc.sleep_status()["sleeping_models"]["idle"]["manual_sleep"] is False
 
@@ -261,7 +256,7 @@ async def test_memory_budget_keeps_awake_memory_within_budget(make: Make) -> Non
         [sim_instance(f"m{i}", memory_gb=10) for i in (1, 2, 3)],
         sleep_manager={"memory_budget_gb": 20},
     )
-    insts = _config(lc).instances
+    insts = lc.config.instances
     # at start the instance that does not fit (config order: the third) is put to sleep
     await until(lambda: lc.model_state("m3") == "asleep", what="m3 slept for the budget")
     awake_counts: list[int] = []
@@ -310,9 +305,9 @@ async def test_reconcile_at_start_with_vllm_is_sleeping(procs: Procs, tmp_path: 
 async def test_sglang_state_from_the_router_state_file(procs: Procs, tmp_path: Path, make: Make) -> None:
     entry = sim_instance("s1", dialect="sglang")
     first = await make([entry])
-    inst = _config(first).instances[0]
+    inst = first.config.instances[0]
     assert (await first.sleep_model("s1")).success
-    path = RunPaths(_config(first).run_dir).router_state
+    path = RunPaths(first.config.run_dir).router_state
     assert json.loads(path.read_text())["instances"][inst.name]["state"] == "asleep"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     await first.close()
@@ -323,13 +318,13 @@ async def test_sglang_state_from_the_router_state_file(procs: Procs, tmp_path: P
 async def test_connect_failure_marks_down_and_health_brings_it_back(procs: Procs, tmp_path: Path, make: Make) -> None:
     entry = sim_instance("m1")
     lc = await make([entry])
-    inst = _config(lc).instances[0]
+    inst = lc.config.instances[0]
     procs.stop_all()
     lc.report_connect_failure(inst)
     assert lc.model_state("m1") == "down"
     with pytest.raises(Unavailable) as info:
         await lc.acquire("m1")
-    assert (info.value.status, info.value.code) == (503, "model_unavailable") and info.value.retry_after
+    assert info.value.code == "model_unavailable" and info.value.retry_after
     start_engine(procs, inst)
     await until(lambda: lc.model_state("m1") == "awake", what="the health loop to bring it back")
 
@@ -337,7 +332,7 @@ async def test_connect_failure_marks_down_and_health_brings_it_back(procs: Procs
 async def test_one_failed_probe_does_not_mark_an_instance_down(procs: Procs, make: Make) -> None:
     lc = await make([sim_instance("m1")], router={"health_failure_threshold": 5, "health_check_interval_seconds": 0.1})
     procs.stop_all()
-    await until(lambda: lc._by_name[_config(lc).instances[0].name].failures >= 1, what="a failed probe")
+    await until(lambda: lc.by_name[lc.config.instances[0].name].failures >= 1, what="a failed probe")
     assert lc.model_state("m1") == "awake"  # below the threshold it still serves
     await until(lambda: lc.model_state("m1") == "down", what="down after the threshold")
 
@@ -345,7 +340,7 @@ async def test_one_failed_probe_does_not_mark_an_instance_down(procs: Procs, mak
 async def test_engine_sleep_timeout_answers_504_and_stays_awake(make: Make) -> None:
     lc = await make([sim_instance("m1", hang_on_sleep=True)], sleep_manager={"wake_timeout_seconds": 0.5})
     result = await lc.sleep_model("m1")
-    assert (result.success, result.status, result.state) == (False, 504, "awake")
+    assert (result.success, result.outcome, result.state) == (False, Outcome.TIMED_OUT, "awake")
     inst = await lc.acquire("m1")
     lc.release(inst)
 
@@ -362,13 +357,29 @@ async def test_reload_drains_a_removed_instance_keeps_the_others_and_routes_an_a
     assert changes == ["instance new: added", "instance gone: removed"]
     with pytest.raises(Unavailable) as gone:
         await lc.acquire("gone")
-    assert gone.value.status == 404
+    assert gone.value.code == "model_not_found"
     assert [i["name"] for i in lc.instances()] == ["kept", "new"]
     assert lc.model_state("kept") == "asleep"  # unchanged instances keep their state
     lc.release(in_flight)  # the drained instance leaves once its last request is done
-    await until(lambda: "gone" not in lc._by_name, what="the removed instance to leave")
+    await until(lambda: "gone" not in lc.by_name, what="the removed instance to leave")
     inst = await asyncio.wait_for(lc.acquire("new"), 10)  # routed once its engine answers
     assert inst.name == "new"
     lc.release(inst)
     causes = [(e.instance, e.to_state, e.cause) for e in lc.events.history]
     assert ("new", "awake", "engine ready") in causes and ("kept", "asleep", "manual") in causes
+
+
+async def test_reload_calls_an_engine_changed_exactly_when_its_supervisord_program_changed(make: Make, tmp_path: Path) -> None:
+    entry = sim_instance("m1")
+    lc = await make([entry])
+    name = lc.config.instances[0].name
+    # Launcher and policy settings: `kvctl up` leaves the engine running, so the router keeps its state.
+    relaxed = {**entry, "startretries": 9, "startup_timeout_seconds": 60, "sleep": {"idle_seconds": 50}}
+    assert lc.reload(write_config(tmp_path, [relaxed])) == [f"instance {name}: settings changed"]
+    assert lc.model_state("m1") == "awake" and lc.instances()[0]["policy"]["idle_seconds"] == 50
+    # Its command line (the sim's includes memory_gb, which it reports): `kvctl up` restarts the
+    # engine, so the router waits for it to be ready again.
+    faster = {**relaxed, "memory_gb": 3, "sim": {**entry["sim"], "ttft_ms": 1}}
+    assert lc.reload(write_config(tmp_path, [faster])) == [f"instance {name}: engine changed"]
+    assert lc.model_state("m1") == "starting"
+    await until(lambda: lc.model_state("m1") == "awake", what="the engine (still the same sim) to answer again")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvctl.config import SleepManagerConfig, SleepSettings
-from kvctl.router.policy import Holder, choose_victims, idle_threshold, next_protection_end, protected, sleeps_in, stops_in
+from kvctl.router.policy import Holder, Sleeper, choose_victims, idle_threshold, next_protection_end, protected, shortfall, sleep_due, stops_in, wake_order
 
 SM = SleepManagerConfig(min_awake_seconds=5, max_swap_wait_seconds=60)
 
@@ -64,11 +64,34 @@ def test_idle_threshold_per_instance_global_and_pinned() -> None:
     assert idle_threshold(SleepSettings(), on) == 300
     assert idle_threshold(SleepSettings(idle_seconds=2), off) == 2  # the instance's own setting applies alone
     assert idle_threshold(SleepSettings(enabled=False, idle_seconds=2), on) is None
-    assert sleeps_in(1.5, SleepSettings(idle_seconds=2), off) == 0.5
-    assert sleeps_in(9, SleepSettings(idle_seconds=2), off) == 0
 
 
 def test_stops_in() -> None:
     assert stops_in(10, SleepSettings()) is None
     assert stops_in(1, SleepSettings(stop_after_seconds=3)) == 2
     assert stops_in(5, SleepSettings(stop_after_seconds=3)) == 0
+
+
+def test_sleep_due_counts_idleness_and_min_sleep_duration_after_a_wake() -> None:
+    sm = SleepManagerConfig(auto_sleep_enabled=True, idle_threshold_seconds=10, min_sleep_duration=30)
+    assert sleep_due(SleepSettings(), sm, idle_for=4, since_woken=None) == 6
+    assert sleep_due(SleepSettings(), sm, idle_for=15, since_woken=None) == -5  # overdue: now
+    # Woken 20 s ago: idle long enough, but not asleep again before min_sleep_duration.
+    assert sleep_due(SleepSettings(), sm, idle_for=15, since_woken=20) == 10
+    assert sleep_due(SleepSettings(idle_seconds=2), sm, idle_for=1, since_woken=None) == 1
+    assert sleep_due(SleepSettings(enabled=False), sm, idle_for=100, since_woken=None) is None
+    assert sleep_due(SleepSettings(), SleepManagerConfig(auto_sleep_enabled=False), idle_for=10**6, since_woken=None) is None
+
+
+def test_shortfall_counts_memory_being_freed() -> None:
+    assert shortfall(10, 10, 20) == 0  # exactly fits
+    assert shortfall(10, 10.5, 20) == 0.5
+    assert shortfall(10, 10.5, 20, freeing_gb=0.5) == 0  # an instance going to sleep frees enough
+    assert shortfall(30, 0, 20) == 10  # over budget already
+    assert shortfall(10, 10 + 1e-12, 20) == 0  # float noise is not a shortfall
+
+
+def test_wake_order_asleep_before_stopped_then_fewer_failed_wakes_then_config_order() -> None:
+    sleepers = [Sleeper("stopped", True, 0), Sleeper("failed-twice", False, 2), Sleeper("first", False, 0), Sleeper("second", False, 0)]
+    assert [s.name for s in wake_order(sleepers)] == ["first", "second", "failed-twice", "stopped"]
+    assert wake_order([]) == []

@@ -20,6 +20,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from kvctl.config import Instance
 from kvctl.router.history import SPAN_SECONDS, STEP_SECONDS, History
 from kvctl.router.lifecycle import Lifecycle
+from kvctl.router.metrics import Metrics
 from kvctl.router.traffic import TrafficMonitor
 
 from helpers import Router, Tree, free_port, sim_instance, sim_state, sim_yaml, wait_for, write_config
@@ -182,7 +183,7 @@ def test_page_files_redirect_and_history_route(router: Callable[..., Router]) ->
 
 def test_history_keeps_a_fixed_number_of_samples(tmp_path: Path) -> None:
     config = write_config(tmp_path, [sim_instance("m", memory_gb=2)])
-    lifecycle = Lifecycle(config)
+    lifecycle = Lifecycle(config, Metrics())
     traffic = TrafficMonitor(config.models(), 60, lifecycle.in_flight, lifecycle.queued)
     history = History(traffic, lifecycle)
     traffic.record("m", True, 0.2, 0.05)

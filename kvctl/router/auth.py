@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvctl.config import RouterConfig
 
 DUPLICATE_CODE = "duplicate_authorization"
 DUPLICATE_MESSAGE = "Send one Authorization header, not several."
@@ -40,3 +44,16 @@ def matches(candidate: bytes | None, secrets: Sequence[bytes]) -> bool:
     for secret in secrets:
         ok |= hmac.compare_digest(candidate, secret)
     return ok
+
+
+def admin_allowed(headers: Iterable[tuple[bytes, bytes]], router: RouterConfig, *, act: bool) -> bool:
+    """Whether a request may use an admin route. Reading (introspection) takes any api key or
+    the admin token, when keys are set; acting (sleep, wake, stop, kv_limit) takes the admin
+    token when one is set, else as reading. DuplicateAuthorization if several headers."""
+    credential = token(headers)  # first: several Authorization headers are refused even without keys
+    admin = [router.admin_token.encode()] if router.admin_token is not None else []
+    if act and admin:
+        return matches(credential, admin)
+    if not router.api_keys:
+        return True
+    return matches(credential, [key.encode() for key in router.api_keys] + admin)

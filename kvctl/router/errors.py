@@ -19,6 +19,15 @@ _TYPES = {
 }
 
 
+# Why the lifecycle could not give a request an instance (`Unavailable.code`) -> its HTTP
+# status; every other reason (a wake, start or model that failed, timed out or is down) is 503.
+_UNAVAILABLE_STATUS = {"model_not_found": 404, "queue_full": 429}
+
+
+def unavailable_status(code: str) -> int:
+    return _UNAVAILABLE_STATUS.get(code, 503)
+
+
 def error_type(status: int) -> str:
     return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 

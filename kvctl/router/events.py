@@ -53,3 +53,9 @@ class EventBus:
 
     def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
         self._subscribers.discard(queue)
+
+
+def first_line(error: Exception) -> str:
+    """An error as an event's cause: its first line, bounded."""
+    lines = str(error).splitlines()
+    return lines[0][:300] if lines else type(error).__name__

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvctl.router.kv import KvControl, held_gb
-from kvctl.router.lifecycle import _HOLDS_MEMORY, Lifecycle
+from kvctl.router.lifecycle import Lifecycle
+from kvctl.router.states import HOLDS_MEMORY
 from kvctl.router.traffic import TrafficMonitor
 
 STEP_SECONDS = 5.0
 SPAN_SECONDS = 900.0
-_HOLDING = frozenset(state.value for state in _HOLDS_MEMORY)
+_HOLDING = frozenset(state.value for state in HOLDS_MEMORY)
 
 
 @dataclass(frozen=True)

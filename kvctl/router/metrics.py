@@ -8,20 +8,29 @@ refreshed from the lifecycle when /metrics is scraped, so the hot path never tou
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
+
+from kvctl.router.states import InstanceState
 
 if TYPE_CHECKING:
     from kvctl.config import Instance
     from kvctl.kvcached import KvInfo
-    from kvctl.router.lifecycle import Lifecycle
 
-STATES = ["starting", "awake", "draining", "asleep", "waking", "down", "failed", "stopped"]
+STATES = [state.value for state in InstanceState]
 # LLM requests last from milliseconds (embeddings, errors) to many minutes (long generations).
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
 _WAKE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
+
+
+class Mirrored(Protocol):
+    """What the gauges mirror (the lifecycle), per model."""
+
+    def in_flight(self, model: str) -> int: ...
+    def queued(self, model: str) -> int: ...
+    def model_state(self, model: str) -> str: ...
 
 
 class Metrics:
@@ -52,7 +61,7 @@ class Metrics:
         self.kv_limit_bytes = Gauge("kvctl_kv_limit_bytes", "KV cache limit (kvcached)", ["model", "instance"], registry=r)
         self.kv_prealloc_bytes = Gauge("kvctl_kv_prealloc_bytes", "KV cache preallocated, not yet in use (kvcached)", ["model", "instance"], registry=r)
 
-    def render(self, lifecycle: Lifecycle | None, models: list[str], kv: Iterable[tuple[Instance, KvInfo | None]] = ()) -> bytes:
+    def render(self, lifecycle: Mirrored, models: list[str], kv: Iterable[tuple[Instance, KvInfo | None]] = ()) -> bytes:
         """Refresh the lifecycle mirrors and the KV-cache gauges, then produce the Prometheus text format."""
         gauges = (self.kv_used_bytes, self.kv_limit_bytes, self.kv_prealloc_bytes)
         for gauge in gauges:
@@ -61,11 +70,10 @@ class Metrics:
             if info is not None:
                 for gauge, value in zip(gauges, (info.used_bytes, info.limit_bytes, info.prealloc_bytes), strict=True):
                     gauge.labels(inst.model, inst.name).set(value)
-        if lifecycle is not None:
-            for model in models:
-                self.in_flight.labels(model).set(lifecycle.in_flight(model))
-                self.queued.labels(model).set(lifecycle.queued(model))
-                state = lifecycle.model_state(model)
-                if state in STATES:
-                    self.state.labels(model).state(state)
+        for model in models:
+            self.in_flight.labels(model).set(lifecycle.in_flight(model))
+            self.queued.labels(model).set(lifecycle.queued(model))
+            state = lifecycle.model_state(model)
+            if state in STATES:
+                self.state.labels(model).state(state)
         return generate_latest(self.registry)

@@ -24,12 +24,6 @@ def idle_threshold(sleep: SleepSettings, sm: SleepManagerConfig) -> float | None
     return sm.idle_threshold_seconds if sm.auto_sleep_enabled else None
 
 
-def sleeps_in(idle_for: float, sleep: SleepSettings, sm: SleepManagerConfig) -> float | None:
-    """Seconds until an awake, idle instance is put to sleep (None: it will not be)."""
-    threshold = idle_threshold(sleep, sm)
-    return None if threshold is None else max(0.0, threshold - idle_for)
-
-
 def stops_in(asleep_for: float, sleep: SleepSettings) -> float | None:
     """Seconds until an asleep instance's process is stopped (None: it will not be)."""
     if sleep.stop_after_seconds is None:
@@ -79,3 +73,38 @@ def next_protection_end(holders: list[Holder], sm: SleepManagerConfig) -> float 
     """Seconds until the first protected holder loses its protection (to wait no longer)."""
     ends = [sm.min_awake_seconds - h.awake_for for h in holders if h.can_sleep and protected(h, sm)]
     return max(0.0, min(ends)) if ends else None
+
+
+def sleep_due(sleep: SleepSettings, sm: SleepManagerConfig, *, idle_for: float, since_woken: float | None) -> float | None:
+    """Seconds until an awake instance with nothing in flight or queued may be put to sleep for
+    idleness (<= 0: now), or None for never. `since_woken`: seconds since a wake made it awake
+    (None: it was never woken); min_sleep_duration keeps automatic sleeps from chasing wakes."""
+    threshold = idle_threshold(sleep, sm)
+    if threshold is None:
+        return None
+    due = threshold - idle_for
+    if since_woken is not None:
+        due = max(due, sm.min_sleep_duration - since_woken)
+    return due
+
+
+def shortfall(held_gb: float, need_gb: float, budget_gb: float, *, freeing_gb: float = 0.0) -> float:
+    """GB to free before `need_gb` more fits in the budget, counting `freeing_gb` that instances
+    going to sleep free already; 0 when it fits."""
+    short = held_gb + need_gb - budget_gb - freeing_gb
+    return short if short > _EPSILON else 0.0
+
+
+@dataclass(frozen=True)
+class Sleeper:
+    """An asleep or stopped instance a wake could bring up."""
+
+    name: str
+    stopped: bool  # its process is stopped: a cold start, not a wake
+    wake_failures: int  # consecutive failed wakes
+
+
+def wake_order(sleepers: list[Sleeper]) -> list[Sleeper]:
+    """The order to try them in: asleep before stopped (a wake is cheaper than a cold start),
+    then fewer failed wakes first, then as given (config order)."""
+    return sorted(sleepers, key=lambda s: (s.stopped, s.wake_failures))

@@ -9,10 +9,13 @@ replaced atomically (kvctl.files), so a router killed mid-write leaves the previ
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvctl.files import write_private
+
+log = logging.getLogger("kvctl.router")
 
 
 @dataclass(frozen=True)
@@ -33,3 +36,23 @@ def read(path: Path) -> dict[str, Record]:
 
 def write(path: Path, records: dict[str, Record]) -> None:
     write_private(path, json.dumps({"instances": {name: asdict(record) for name, record in sorted(records.items())}}, indent=1))
+
+
+class SleepStates:
+    """The records of one run dir, read once; `save` rewrites the file when a record changed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._records = read(path)
+
+    def get(self, name: str) -> Record | None:
+        return self._records.get(name)
+
+    def save(self, name: str, record: Record) -> None:
+        if self._records.get(name) == record:
+            return
+        self._records[name] = record
+        try:
+            write(self.path, self._records)
+        except OSError as exc:  # the router keeps serving; only a restart would lose the record
+            log.warning("cannot write %s: %s", self.path, exc)
