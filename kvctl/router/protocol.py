@@ -15,9 +15,14 @@ held connections forever. This subclass adds, per connection:
 
 None of them runs while a response is being sent: a long stream and a slow engine's first
 token keep only the proxy's own timeouts. The hot path stays cheap: a request whose head
-and body arrive in one read arms no timer at all. Refusals are OpenAI-shaped JSON; the
-connection then closes after a short linger that discards what the client still sends, so
-that the client reads the answer rather than a reset.
+and body arrive in one read arms no timer at all, and the keep-alive timer is armed once
+per idle period and re-armed lazily, not per request (~2.5 µs). Refusals are OpenAI-shaped
+JSON; the connection then closes after a short linger that discards what the client still
+sends, so that the client reads the answer rather than a reset.
+
+The data plane (POST to the three proxied routes) does not go through ASGI: the parsed
+request goes to the proxy as an `Exchange` (see proxy.py). Every other route is uvicorn's
+ASGI cycle and Starlette.
 
 HTTP/1.0 clients get responses without a length as a body that ends when the connection
 closes (uvicorn would send chunked encoding, which HTTP/1.0 does not have).
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +42,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from kvctl.config import RouterConfig
 from kvctl.router import overload
 from kvctl.router.errors import error_object
+from kvctl.router.proxy import PROXIED_PATHS, Exchange, Proxy
 
 MAX_HEADERS = 100
 # After a refusal, what the client still sends is read and dropped for this long (or until
@@ -60,8 +67,26 @@ class _Refused(Exception):
     """Raised in a parser callback to stop parsing a request that was refused."""
 
 
+def proxied_target(url: bytes) -> bytes | None:
+    """The path and query to forward when `url` names a proxied route, else None."""
+    if url in _PROXIED_URLS:
+        return url  # the usual case: no query, nothing escaped
+    try:
+        parsed = httptools.parse_url(url)
+        path = urllib.parse.unquote(parsed.path.decode("ascii"))
+    except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+        return None  # uvicorn's parsing of the same URL answers it
+    if path not in PROXIED_PATHS:
+        return None
+    return path.encode() + (b"?" + parsed.query if parsed.query else b"")
+
+
+_PROXIED_URLS = frozenset(path.encode() for path in PROXIED_PATHS)
+
+
 class LimitedProtocol(HttpToolsProtocol):
     current_limits: Callable[[], ClientLimits]  # set on the subclass protocol_for() makes
+    proxy: Proxy  # likewise: serves the data plane
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -76,6 +101,7 @@ class LimitedProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._overloaded = False
         self._refused = False
+        self._idle_since: float | None = None  # an idle keep-alive connection: since when
 
     # ---------------------------------------------------------------- connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -87,9 +113,8 @@ class LimitedProtocol(HttpToolsProtocol):
         self._cancel_timers()
         cycle = self.cycle
         super().connection_lost(exc)
-        lost = getattr(cycle, "on_client_lost", None)
-        if lost is not None and not cycle.response_complete:
-            lost()
+        if isinstance(cycle, Exchange) and not cycle.response_complete:
+            cycle.client_left()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -151,21 +176,95 @@ class LimitedProtocol(HttpToolsProtocol):
                 ((b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS),),
             )
             raise _Refused
-        super().on_headers_complete()
         self._body_pending = True
+        parser = self.parser
+        target = proxied_target(self.url) if parser.get_method() == b"POST" else None
+        if target is not None:
+            self._exchange(target)
+            return
+        super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope:  # created just now: its task has not run yet
-            cycle.__class__ = _UntilCloseCycle if self.scope["http_version"] == "1.0" else Cycle
-            self.scope["kvctl.cycle"] = cycle  # type: ignore[typeddict-unknown-key]  # the proxy writes its answers to the transport itself
+        if cycle is not None and cycle.scope is self.scope and self.scope["http_version"] == "1.0":  # created just now: its task has not run yet
+            cycle.__class__ = _UntilCloseCycle
+
+    def _exchange(self, target: bytes) -> None:
+        """A data-plane request: to the proxy, with none of uvicorn's ASGI machinery."""
+        parser = self.parser
+        ex = Exchange(
+            self.transport,
+            self.flow,
+            self.headers,
+            target,
+            parser.get_http_version() != "1.0" and parser.should_keep_alive(),
+            self.expect_100_continue,
+            self.proxy.max_body,
+            self.on_response_complete,
+        )
+        current = self.cycle
+        self.cycle = ex  # type: ignore[assignment]  # an Exchange has the attributes uvicorn's protocol uses of a cycle
+        if current is None or current.response_complete:
+            self._serve(ex)
+        else:  # pipelined: it waits for the answer before it, as uvicorn's cycles do
+            self.flow.pause_reading()
+            self.pipeline.appendleft((ex, self.app))  # type: ignore[arg-type]
+
+    def _serve(self, ex: Exchange) -> None:
+        task = self.loop.create_task(self.proxy.serve(ex))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)  # the server's shutdown waits for (or cuts) the task
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:  # the next pipelined request
+        if isinstance(cycle, Exchange):
+            self._serve(cycle)
+        else:
+            super()._start_asgi_task(cycle, app)
 
     def on_body(self, body: bytes) -> None:
         if self._body_timer is not None:  # only a body spread over reads is timed
             self._body_seen = self.loop.time()
-        super().on_body(body)
+        cycle = self.cycle
+        if isinstance(cycle, Exchange):
+            cycle.add_body(body)
+        else:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._body_pending = False
-        super().on_message_complete()
+        cycle = self.cycle
+        if isinstance(cycle, Exchange):
+            cycle.end_body()
+        else:
+            super().on_message_complete()
+
+    # ---------------------------------------------------------------- keep-alive
+    # uvicorn arms a timer after each response and cancels it on the next request (~2.5 µs a
+    # request). Here one timer stays armed while the connection is in use, and when it fires
+    # it closes an idle connection or re-arms itself for the rest of the idle period.
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_at(self._idle_since + self.timeout_keep_alive, self._keepalive_check)
+
+    def _keepalive_check(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self._idle_since is None or self.transport.is_closing():
+            return  # in use (or closing): no timer until it is idle again
+        remaining = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if remaining > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(remaining, self._keepalive_check)
+        else:
+            self.transport.close()
 
     # ---------------------------------------------------------------- limits
     def _head_expired(self) -> None:
@@ -227,6 +326,9 @@ class LimitedProtocol(HttpToolsProtocol):
         self.loop.call_later(_LINGER_SECONDS, self.transport.close)
 
     def _cancel_timers(self) -> None:
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -235,14 +337,7 @@ class LimitedProtocol(HttpToolsProtocol):
             self._body_timer = None
 
 
-class Cycle(RequestResponseCycle):
-    """uvicorn's request cycle, plus the proxy's hook for a client that goes away (instead of
-    a task per request waiting on receive() for the disconnect: ~15 µs per request)."""
-
-    on_client_lost: Callable[[], None] | None = None
-
-
-class _UntilCloseCycle(Cycle):
+class _UntilCloseCycle(RequestResponseCycle):
     """A response to an HTTP/1.0 request: without a declared length its body simply ends
     when the connection closes (HTTP/1.0 has no chunked encoding)."""
 
@@ -259,10 +354,10 @@ class _UntilCloseCycle(Cycle):
         await super().send(message)
 
 
-def protocol_for(router_config: Callable[[], RouterConfig]) -> type[LimitedProtocol]:
-    """The protocol class uvicorn instantiates per connection. Its limits are those of the
-    router config `router_config()` returns when the connection starts: a reload applies
-    to new connections."""
+def protocol_for(router_config: Callable[[], RouterConfig], proxy: Proxy) -> type[LimitedProtocol]:
+    """The protocol class uvicorn instantiates per connection, its data plane served by
+    `proxy`. Its limits are those of the router config `router_config()` returns when the
+    connection starts: a reload applies to new connections."""
     cached: tuple[RouterConfig, ClientLimits] | None = None
 
     def current_limits() -> ClientLimits:
@@ -272,4 +367,4 @@ def protocol_for(router_config: Callable[[], RouterConfig]) -> type[LimitedProto
             cached = (router, ClientLimits(router))
         return cached[1]
 
-    return type("LimitedProtocol", (LimitedProtocol,), {"current_limits": staticmethod(current_limits)})
+    return type("LimitedProtocol", (LimitedProtocol,), {"current_limits": staticmethod(current_limits), "proxy": proxy})

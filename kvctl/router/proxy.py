@@ -3,48 +3,57 @@
 Every µs here is paid per request, and per streamed chunk. What each trick buys (CPU,
 measured in-process or with benchmarks/router_overhead.py on the 2-core dev machine):
 
-* a raw ASGI handler dispatched before Starlette (no Request/Response objects, no
-  middleware): a Starlette + httpx proxy cost ~3000 µs a request, this path 90–150;
-* the upstream client of `upstream.py` (asyncio Protocol + httptools, keep-alive pool):
+* the three proxied routes skip uvicorn's ASGI machinery and Starlette: the protocol
+  (protocol.py) hands each parsed request to `Proxy.serve` as an `Exchange` (no scope,
+  RequestResponseCycle, Event, message dicts, receive()/send() coroutines; ~8 µs a request
+  over raw ASGI, which was itself ~3000 → 90–150 µs over a Starlette + httpx proxy);
+* the engine client of `kvctl/http1.py` (asyncio Protocol + httptools, keep-alive pool):
   httpx ~3000 µs a request, aiohttp ~500, it a few tens;
 * the engine's body is pushed to the client from the upstream protocol's callback
   (`_Writer`): no task wake-up, future, timer or ASGI message per chunk (~6.5 µs of
   those per chunk in-process; per paced chunk at 64 streams 21–22 → 14–18 µs, at 8,000
   streams 48 → 20 µs: benchmarks/many_streams.py);
-* answers are written to the client's transport directly with a pre-built head (not
-  through uvicorn's send(), which re-checks every header), a whole non-streamed answer in
-  one write: one send syscall instead of two when the engine's answer came in one read;
-* a client disconnect is seen by a hook on the connection (`Cycle.on_client_lost`), not
-  a watcher task per request awaiting receive() (~15 µs: a task, two steps, a callback);
-* one lazily re-armed timer per engine connection, not one per wait (upstream.py: 2.5 µs
-  per call_later + cancel); labelled histograms looked up once per model (0.9 µs a call).
+* answers are written to the client's transport directly with a pre-built head, a whole
+  non-streamed answer in one write: one send syscall instead of two when the engine's
+  answer came in one read;
+* a client disconnect is seen by a hook on the connection (`Exchange.client_left`), not a
+  watcher task per request awaiting receive() (~15 µs: a task, two steps, a callback);
+* one lazily re-armed timer per engine connection (http1.py) and per client connection
+  (the keep-alive timer, protocol.py), not one per wait or per request (~2.5 µs per
+  call_later + cancel); labelled histograms looked up once per model (0.9 µs a call);
+  request ids from a per-process random prefix and a counter (os.urandom is a syscall:
+  ~0.5 µs); the access line formatted without a LogRecord (logs.py: ~20 → ~5 µs);
+* uvloop when the file-descriptor limit allows it (server.py): ~10–15 % of the CPU of a
+  request and of a chunk.
 
-Not used: uvloop (see server.py). What is left per request is mostly Python's cost of
-parsing and dispatch (uvicorn's protocol and cycle, this module, httptools callbacks) and
-the kernel's for the four socket operations; README "Performance" has the figures.
+What is left per request is mostly Python's cost of parsing and dispatch (httptools
+callbacks, this module, the event loop) and the kernel's for the four socket operations;
+README "Performance" has the figures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from kvctl.config import Config, Instance
 from kvctl.http1 import ConnectFailed, Connection, Pool, UpstreamClosed, UpstreamError, UpstreamTimeout
 from kvctl.http1 import OutOfDescriptors as RouterOverloaded
 from kvctl.router import logs, overload
-from kvctl.router.asgi import Receive, Scope, Send
 from kvctl.router.auth import DUPLICATE_CODE, DUPLICATE_MESSAGE, bearer, matches
-from kvctl.router.errors import send_error, shorten, sse_error_event
+from kvctl.router.errors import error_object, shorten, sse_error_event
 from kvctl.router.lifecycle import Unavailable
-from kvctl.router.protocol import Cycle
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -53,6 +62,7 @@ if TYPE_CHECKING:
     from kvctl.router.metrics import Metrics
     from kvctl.router.traffic import TrafficMonitor
 
+log = logging.getLogger("kvctl.router")
 Headers = tuple[tuple[bytes, bytes], ...]
 PROXIED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
 _HOP_BY_HOP = frozenset(
@@ -77,6 +87,13 @@ _SHUTDOWN_CODE = "router_shutdown"
 # Connection options that name no header (RFC 9110 §7.6.1): nothing to drop for them.
 _PLAIN_OPTIONS = _HOP_BY_HOP | {b"close"}
 _SHUTDOWN_MESSAGE = "The router is shutting down and cut this request; retry once it is back."
+# A request id the client did not send: unique per process start (random prefix) and per request (counter).
+_ID_PREFIX = os.urandom(6).hex().encode()
+_ID_COUNTER = itertools.count()
+
+
+def _request_id() -> bytes:
+    return b"%s%012x" % (_ID_PREFIX, next(_ID_COUNTER))
 
 
 def _without_connection_options(forwarded: list[bytes], connection: bytes) -> list[bytes]:
@@ -87,36 +104,131 @@ def _without_connection_options(forwarded: list[bytes], connection: bytes) -> li
     return [part for i in range(0, len(forwarded), 4) if forwarded[i] not in named for part in forwarded[i : i + 4]]
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     """The client disconnected while sending its request."""
 
 
-class _Exchange:
-    """Per-request state shared with the client-disconnect hook."""
+class Exchange:
+    """One data-plane request and its answer. The protocol (protocol.py) fills in the request
+    as it parses it and keeps it as uvicorn keeps a RequestResponseCycle (it uses the same
+    attribute names); the proxy reads it and writes the answer to the transport itself. No
+    ASGI scope, message dicts, Event or receive()/send() coroutines (see the module docstring)."""
 
-    __slots__ = ("finished", "gone", "task")
+    __slots__ = (
+        "_waiter",
+        "body",
+        "complete",
+        "disconnected",
+        "expect_100",
+        "finished",
+        "flow",
+        "gone",
+        "headers",
+        "keep_alive",
+        "max_body",
+        "message_event",
+        "on_response",
+        "response_complete",
+        "response_started",
+        "size",
+        "target",
+        "task",
+        "too_large",
+        "transport",
+    )
 
-    def __init__(self, task: asyncio.Task[None] | None) -> None:
-        self.task = task
-        self.finished = False
-        self.gone = False
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        flow: FlowControl,
+        headers: list[tuple[bytes, bytes]],
+        target: bytes,
+        keep_alive: bool,
+        expect_100: bool,
+        max_body: int,
+        on_response: Callable[[], None],
+    ) -> None:
+        self.transport = transport
+        self.flow = flow
+        self.headers = headers  # names lower-cased
+        self.target = target  # the path and query to forward
+        self.keep_alive = keep_alive
+        self.expect_100 = expect_100
+        self.max_body = max_body
+        self.on_response = on_response  # the protocol's: keep-alive timer, next pipelined request
+        self.body: list[bytes] = []
+        self.size = 0
+        self.complete = False  # the whole body arrived
+        self.too_large = False  # more than max_body arrived: what came is dropped
+        self.disconnected = False
+        self.response_started = False
+        self.response_complete = False
+        self.task: asyncio.Task[None] | None = None  # set while forwarding: a disconnect cancels it
+        self.finished = False  # the answer is decided: a disconnect no longer cancels
+        self.gone = False  # the client left and cancelled the request
+        self._waiter: asyncio.Future[None] | None = None
+        # uvicorn's protocol calls `cycle.message_event.set()` when the client sent more or
+        # left: here that wakes a read of the body.
+        self.message_event = self
+
+    # -- called by the protocol
+    def add_body(self, data: bytes) -> None:
+        if self.response_complete or self.too_large:
+            return
+        self.size += len(data)
+        if self.size > self.max_body:
+            self.too_large = True
+            self.body = []
+            self.set()
+        else:
+            self.body.append(data)
+
+    def end_body(self) -> None:
+        self.complete = True
+        self.set()
+
+    def set(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def client_left(self) -> None:
         if not self.finished and self.task is not None:
             self.gone = True
             self.task.cancel()
 
+    # -- used by the proxy
+    async def read_body(self) -> bytes | None:
+        """The whole body, or None past max_body (a chunked body has no declared size).
+        ClientGone if the client leaves first."""
+        while not (self.complete or self.too_large or self.disconnected):
+            if self.expect_100:
+                self.expect_100 = False
+                if not self.transport.is_closing():
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self.disconnected:
+            raise ClientGone
+        if self.too_large:
+            return None
+        body = self.body
+        return body[0] if len(body) == 1 else b"".join(body)
+
 
 class _Writer:
     """The sink of a relayed body: called from the engine connection's data_received with
     each read, it writes to the client at once (chunk-framed when the client's answer is
-    chunked) — no task wakes up, no timer, no ASGI message per chunk."""
+    chunked) — no task wakes up, no timer, no message per chunk."""
 
     __slots__ = ("chunked", "conn", "first", "flow", "sent", "transport")
 
-    def __init__(self, cycle: Cycle, conn: Connection, chunked: bool) -> None:
-        self.transport = cycle.transport
-        self.flow = cycle.flow
+    def __init__(self, ex: Exchange, conn: Connection, chunked: bool) -> None:
+        self.transport = ex.transport
+        self.flow = ex.flow
         self.conn = conn
         self.chunked = chunked
         self.sent = 0
@@ -153,7 +265,7 @@ class Proxy:
         self.routes = routes
         self.replicas = {model: len(insts) for model, insts in config.models().items()}
         self._keys = [key.encode() for key in router.api_keys]
-        self._max_body = router.max_body_bytes
+        self.max_body = router.max_body_bytes
         self._first_byte_timeout = router.request_timeout_seconds
         self._idle_timeout = router.stream_idle_timeout_seconds
         self._connect_timeout = router.connect_timeout_seconds
@@ -162,13 +274,28 @@ class Proxy:
         for name in [name for name, pool in self._pools.items() if urls.get(name) != (pool.host, pool.port)]:
             self._pools.pop(name).close()
 
-    # ------------------------------------------------------------------ entry point
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The proxied routes as ASGI: not served this way (kvctl's protocol calls serve())."""
+        raise RuntimeError("the data plane runs under kvctl's HTTP protocol (kvctl.router.protocol)")
+
+    # ------------------------------------------------------------------ entry point
+    async def serve(self, ex: Exchange) -> None:
+        """Answer one data-plane request: the task the protocol starts for it."""
+        try:
+            await self._serve(ex)
+        except Exception:  # a bug: logged, and answered 500 as uvicorn would have
+            log.exception("the proxy failed on a request")
+            if not ex.response_started:
+                _error(ex, 500, "The router failed on this request; see its log.", "internal_error")
+            elif not ex.response_complete:
+                _close(ex)
+
+    async def _serve(self, ex: Exchange) -> None:
         t0 = time.monotonic()
         auth = length = rid = connection = None
         duplicate = False
         forwarded: list[bytes] = []
-        for name, value in scope["headers"]:
+        for name, value in ex.headers:
             if name == b"authorization":
                 duplicate = auth is not None
                 auth = value
@@ -183,149 +310,96 @@ class Proxy:
         if connection is not None:
             forwarded = _without_connection_options(forwarded, connection)
         if rid is None or not _REQUEST_ID.fullmatch(rid):
-            rid = os.urandom(12).hex().encode()
+            rid = _request_id()
         rid_header = ((b"x-request-id", rid),)
 
         if duplicate:
-            await self._reject(send, t0, rid, None, 400, DUPLICATE_MESSAGE, DUPLICATE_CODE, headers=rid_header)
+            self._reject(ex, t0, rid, 400, DUPLICATE_MESSAGE, DUPLICATE_CODE)
             return
         if self._keys and not self.authorized(auth):
-            await self._reject(
-                send,
-                t0,
-                rid,
-                None,
-                401,
-                "Invalid or missing API key: send 'Authorization: Bearer KEY'.",
-                "invalid_api_key",
-                headers=(*rid_header, (b"www-authenticate", b"Bearer")),
-            )
+            message = "Invalid or missing API key: send 'Authorization: Bearer KEY'."
+            self._reject(ex, t0, rid, 401, message, "invalid_api_key", headers=((b"www-authenticate", b"Bearer"),))
             return
         if length is not None:
             try:
                 declared = int(length)
             except ValueError:
                 declared = -1
-            if declared > self._max_body:
-                await self._too_large(send, rid_header, t0)
+            if declared > self.max_body:
+                self._too_large(ex, t0, rid)
                 return
         try:
-            body = await self._read_body(receive)
-        except _ClientGone:
+            body = await ex.read_body()
+        except ClientGone:
             return
         if body is None:
-            await self._too_large(send, rid_header, t0)
+            self._too_large(ex, t0, rid)
             return
 
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):
-            await self._reject(send, t0, rid, None, 400, "The request body is not valid JSON.", "invalid_json", headers=rid_header)
+            self._reject(ex, t0, rid, 400, "The request body is not valid JSON.", "invalid_json")
             return
         if not isinstance(data, dict):
-            await self._reject(send, t0, rid, None, 400, "The request body must be a JSON object.", "invalid_body", headers=rid_header)
+            self._reject(ex, t0, rid, 400, "The request body must be a JSON object.", "invalid_body")
             return
         model = data.get("model")
         if not isinstance(model, str) or not model:
             what = "missing" if model is None else ("empty" if model == "" else f"a {type(model).__name__}, not a string")
-            await self._reject(send, t0, rid, None, 400, f"'model' must be a non-empty string (it is {what}).", "invalid_model", "model", rid_header)
+            self._reject(ex, t0, rid, 400, f"'model' must be a non-empty string (it is {what}).", "invalid_model", "model")
             return
         canonical = self.routes.get(model)
         if canonical is None:
-            await self._reject(
-                send,
-                t0,
-                rid,
-                None,
-                404,
-                f"The model '{shorten(model)}' does not exist. GET /v1/models lists the models.",
-                "model_not_found",
-                "model",
-                rid_header,
-            )
+            message = f"The model '{shorten(model)}' does not exist. GET /v1/models lists the models."
+            self._reject(ex, t0, rid, 404, message, "model_not_found", "model")
             return
         if canonical != model:
             data["model"] = canonical
             body = json.dumps(data).encode()
 
-        path = scope["path"].encode()
-        if scope.get("query_string"):
-            path += b"?" + scope["query_string"]
-        head = b"".join((b"POST ", path, b" HTTP/1.1\r\ncontent-length: ", str(len(body)).encode(), b"\r\nx-request-id: ", rid, b"\r\n", *forwarded))
-        await self._forward(canonical, head, body, rid_header, scope, send, t0)
+        head = b"".join((b"POST ", ex.target, b" HTTP/1.1\r\ncontent-length: %d\r\nx-request-id: " % len(body), rid, b"\r\n", *forwarded))
+        await self._forward(ex, canonical, head, body, rid_header, t0)
 
     def authorized(self, header: bytes | None) -> bool:
         """Constant-time check of `Authorization: Bearer KEY` against every configured key."""
         return matches(bearer(header), self._keys)
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        """The whole body, or None past max_body_bytes (a chunked body has no declared size)."""
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        body = message.get("body", b"")
-        if not message.get("more_body", False):
-            return body if len(body) <= self._max_body else None
-        parts = [body]
-        size = len(body)
-        while message.get("more_body", False):
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_body:
-                return None
-            parts.append(chunk)
-        return b"".join(parts)
+    def _too_large(self, ex: Exchange, t0: float, rid: bytes) -> None:
+        message = f"The request body is larger than the router's limit of {self.max_body} bytes."
+        ex.keep_alive = False  # the rest of the body is not read
+        self._reject(ex, t0, rid, 413, message, "request_too_large")
 
-    async def _too_large(self, send: Send, rid_header: Headers, t0: float) -> None:
-        await self._reject(
-            send,
-            t0,
-            rid_header[0][1],
-            None,
-            413,
-            f"The request body is larger than the router's limit of {self._max_body} bytes.",
-            "request_too_large",
-            headers=(*rid_header, (b"connection", b"close")),
-        )
-
-    async def _reject(
-        self, send: Send, t0: float, rid: bytes, model: str | None, status: int, message: str, code: str, param: str | None = None, headers: Headers = ()
-    ) -> None:
+    def _reject(self, ex: Exchange, t0: float, rid: bytes, status: int, message: str, code: str, param: str | None = None, headers: Headers = ()) -> None:
         """An error of the router's own making, answered and access-logged (not counted as model traffic)."""
-        await send_error(send, status, message, code, param, headers)
-        _access(model, status, time.monotonic() - t0, None, None, rid, code)
+        _error(ex, status, message, code, param, ((b"x-request-id", rid), *headers))
+        logs.access(None, status, time.monotonic() - t0, None, None, rid, code)
 
     # ------------------------------------------------------------------ forwarding
-    async def _forward(self, model: str, head: bytes, body: bytes, rid_header: Headers, scope: Scope, send: Send, t0: float) -> None:
+    async def _forward(self, ex: Exchange, model: str, head: bytes, body: bytes, rid_header: Headers, t0: float) -> None:
         lifecycle = self.lifecycle
         assert lifecycle is not None, "the data plane needs the lifecycle"
-        cycle: Cycle | None = scope.get("kvctl.cycle")
-        if cycle is None:
-            raise RuntimeError("the data plane runs under kvctl's HTTP protocol (kvctl.router.protocol)")
-        ex = _Exchange(asyncio.current_task())
         status = 0
         reason: str | None = None
         ttft: float | None = None
         sent: int | None = None
         exclude: tuple[str, ...] = ()
+        retry_after = (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)
         try:
-            if cycle.disconnected:  # gone after its body arrived, before the hook was set
+            if ex.disconnected:  # gone after its body arrived, before it could be cancelled
                 ex.gone = True
                 raise asyncio.CancelledError
-            cycle.on_client_lost = ex.client_left
+            ex.task = asyncio.current_task()  # from now on a disconnect cancels the request
             for attempt in (0, 1):
                 try:
                     inst = await lifecycle.acquire(model, exclude)
                 except Unavailable as exc:
                     status, reason = exc.status, exc.code
                     headers = rid_header + (((b"retry-after", str(exc.retry_after).encode()),) if exc.retry_after is not None else ())
-                    await send_error(send, exc.status, exc.message, exc.code, headers=headers)
+                    _error(ex, exc.status, exc.message, exc.code, headers=headers)
                     return
                 try:
-                    status, ttft, reason, sent = await self._exchange(inst, head, body, rid_header, cycle, send, ex, t0)
+                    status, ttft, reason, sent = await self._exchange(ex, inst, head, body, rid_header, t0)
                     return
                 except ConnectFailed as exc:
                     lifecycle.report_connect_failure(inst)
@@ -333,18 +407,12 @@ class Proxy:
                         exclude = (inst.name,)
                         continue
                     status, reason = 502, exc.reason
-                    await send_error(send, 502, f"Model '{model}': engine {inst.name} is unreachable: {exc}", "engine_unreachable", headers=rid_header)
+                    _error(ex, 502, f"Model '{model}': engine {inst.name} is unreachable: {exc}", "engine_unreachable", headers=rid_header)
                     return
                 except RouterOverloaded as exc:  # the router's own exhaustion: the engine is not to blame
                     overload.fd_exhausted.note("connecting to an engine")
                     status, reason = 503, exc.reason
-                    await send_error(
-                        send,
-                        503,
-                        overload.message(str(exc)),
-                        "router_overloaded",
-                        headers=(*rid_header, (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)),
-                    )
+                    _error(ex, 503, overload.message(str(exc)), "router_overloaded", headers=(*rid_header, retry_after))
                     return
                 finally:
                     lifecycle.release(inst)
@@ -354,16 +422,15 @@ class Proxy:
             else:  # the server stops and cut the request before its answer began (see _relay)
                 ex.finished = True
                 status, reason = 503, _SHUTDOWN_CODE
-                await send_error(send, 503, _SHUTDOWN_MESSAGE, _SHUTDOWN_CODE, headers=(*rid_header, (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)))
+                _error(ex, 503, _SHUTDOWN_MESSAGE, _SHUTDOWN_CODE, headers=(*rid_header, retry_after))
         finally:
             ex.finished = True
-            cycle.on_client_lost = None
             latency = time.monotonic() - t0
             self._account(model, status, reason, latency, ttft)
-            _access(model, status, latency, ttft, sent, rid_header[0][1], reason)
+            logs.access(model, status, latency, ttft, sent, rid_header[0][1], reason)
 
     async def _exchange(
-        self, inst: Instance, head: bytes, body: bytes, rid_header: Headers, cycle: Cycle, send: Send, ex: _Exchange, t0: float
+        self, ex: Exchange, inst: Instance, head: bytes, body: bytes, rid_header: Headers, t0: float
     ) -> tuple[int, float | None, str | None, int | None]:
         """One request to one instance. Returns (status sent, ttft, failure reason or None, body bytes sent)."""
         pool = self._pools.get(inst.name)
@@ -386,33 +453,25 @@ class Proxy:
                 await conn.read_head(self._first_byte_timeout)
         except UpstreamTimeout:
             conn.abort()
-            await send_error(
-                send,
-                504,
-                f"Model '{inst.model}': engine {inst.name} sent no response within {self._first_byte_timeout:g}s.",
-                "upstream_timeout",
-                headers=rid_header,
-            )
+            message = f"Model '{inst.model}': engine {inst.name} sent no response within {self._first_byte_timeout:g}s."
+            _error(ex, 504, message, "upstream_timeout", headers=rid_header)
             return 504, None, "first_byte_timeout", None
         except (ConnectFailed, RouterOverloaded):
             conn.abort()
             raise  # the reconnect after a stale keep-alive failed: as any failed connect
         except UpstreamError as exc:
             conn.abort()
-            await send_error(send, 502, f"Model '{inst.model}': engine {inst.name} failed before answering: {exc}", "engine_failed", headers=rid_header)
+            _error(ex, 502, f"Model '{inst.model}': engine {inst.name} failed before answering: {exc}", "engine_failed", headers=rid_header)
             return 502, None, exc.reason, None
         except BaseException:
             conn.abort()
             raise
-        return await self._relay(conn, inst, rid_header, cycle, ex, t0)
+        return await self._relay(ex, conn, inst, rid_header[0][1], t0)
 
-    async def _relay(
-        self, conn: Connection, inst: Instance, rid_header: Headers, cycle: Cycle, ex: _Exchange, t0: float
-    ) -> tuple[int, float | None, str | None, int]:
-        """Answer the client with the engine's response, written to its transport directly
-        (not through ASGI send(), which checks every header of every message again)."""
+    async def _relay(self, ex: Exchange, conn: Connection, inst: Instance, rid: bytes, t0: float) -> tuple[int, float | None, str | None, int]:
+        """Answer the client with the engine's response, written to its transport directly."""
         status = conn.status
-        head = [STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status, b"x-request-id: ", rid_header[0][1], b"\r\n"]
+        head = [STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status, b"x-request-id: ", rid, b"\r\n"]
         sse = False
         for name, value in conn.headers:
             name = name.lower()
@@ -426,15 +485,15 @@ class Proxy:
         # The engine's chunked framing is parsed and framed again: the same bytes either way
         # (one formatted write per read), and the error event can always follow a whole chunk.
         # An HTTP/1.0 client gets an unframed body that ends when the connection closes.
-        chunked = not conn.has_length and cycle.keep_alive and status not in (204, 304)
+        chunked = not conn.has_length and ex.keep_alive and status not in (204, 304)
         if chunked:
             head.append(b"transfer-encoding: chunked\r\n")
-        if not cycle.keep_alive:
+        if not ex.keep_alive:
             head.append(b"connection: close\r\n")
         head.append(b"\r\n")
-        transport = cycle.transport
-        writer = _Writer(cycle, conn, chunked)
-        cycle.response_started = True
+        transport = ex.transport
+        writer = _Writer(ex, conn, chunked)
+        ex.response_started = True
         try:
             data = conn.relay(writer)
             if data:
@@ -447,7 +506,7 @@ class Proxy:
                 transport.write(b"".join(head))  # a whole non-streamed answer is one write (one syscall)
             if not conn.done:
                 while not await conn.relayed(self._idle_timeout):
-                    await cycle.flow.drain()  # the client is slow: wait for it, then read on
+                    await ex.flow.drain()  # the client is slow: wait for it, then read on
                     conn.resume()
                 if chunked and not transport.is_closing():
                     transport.write(b"0\r\n\r\n")
@@ -455,7 +514,7 @@ class Proxy:
             conn.abort()
             ttft = _ttft(writer, sse, t0)
             if not sse:  # a truncated body must not look complete: close the connection
-                _close(cycle)
+                _close(ex)
                 return status, ttft, exc.reason, writer.sent
             timed_out = isinstance(exc, UpstreamTimeout)
             message = (
@@ -465,7 +524,7 @@ class Proxy:
             )
             code = "stream_timeout" if timed_out else "engine_disconnected"
             ex.finished = True
-            _end_with(cycle, sse_error_event(message, code), chunked)
+            _end_with(ex, sse_error_event(message, code), chunked)
             return status, ttft, code, writer.sent
         except asyncio.CancelledError:
             conn.abort()
@@ -475,17 +534,17 @@ class Proxy:
             # second SIGTERM from `kvctl down --timeout`): a stream says so before it ends.
             ex.finished = True
             if sse:
-                _end_with(cycle, sse_error_event(_SHUTDOWN_MESSAGE, _SHUTDOWN_CODE), chunked)
+                _end_with(ex, sse_error_event(_SHUTDOWN_MESSAGE, _SHUTDOWN_CODE), chunked)
             else:
-                _close(cycle)
+                _close(ex)
             return status, _ttft(writer, sse, t0), _SHUTDOWN_CODE, writer.sent
         except BaseException:
             conn.abort()
-            _close(cycle)
+            _close(ex)
             raise
         ex.finished = True
         conn.finish()
-        _complete(cycle)
+        _complete(ex)
         return status, _ttft(writer, sse, t0), (f"engine_{status}" if status >= 400 else None), writer.sent
 
     # ------------------------------------------------------------------ accounting
@@ -514,58 +573,40 @@ class Proxy:
         self._pools.clear()
 
 
-def _access(model: str | None, status: int, latency: float, ttft: float | None, sent: int | None, rid: bytes, reason: str | None) -> None:
-    """One access-log line per finished request (SPEC §11): 5xx at warning, the rest at info."""
-    log = logs.access_log
-    level = logging.WARNING if status >= 500 else logging.INFO
-    if not log.isEnabledFor(level):
-        return
-    request_id = rid.decode("ascii", "replace")
-    ttft_text = f"{ttft * 1000:.0f}ms" if ttft is not None else "-"
-    log.log(
-        level,
-        "%s %d %.0fms ttft=%s bytes=%s id=%s%s",
-        model or "-",
-        status,
-        latency * 1000,
-        ttft_text,
-        "-" if sent is None else sent,
-        request_id,
-        f" ({reason})" if reason else "",
-        extra=logs.fields(
-            model=model,
-            status=status,
-            latency_seconds=round(latency, 6),
-            ttft_seconds=None if ttft is None else round(ttft, 6),
-            bytes=sent,
-            request_id=request_id,
-            reason=reason,
-        ),
-    )
-
-
 def _ttft(writer: _Writer, sse: bool, t0: float) -> float | None:
     return writer.first - t0 if sse and writer.first is not None else None
 
 
-def _complete(cycle: Cycle) -> None:
-    """The answer is whole: what uvicorn's send() does after the last body message."""
-    cycle.response_complete = True
-    cycle.message_event.set()
-    if not cycle.keep_alive:
-        cycle.transport.close()
-    cycle.on_response()  # keep-alive timer, next pipelined request
+def _error(ex: Exchange, status: int, message: str, code: str, param: str | None = None, headers: Headers = ()) -> None:
+    """A complete OpenAI-shaped JSON error answer."""
+    body = json.dumps(error_object(status, message, code, param)).encode()
+    head = [STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)]
+    head += [b"%s: %s\r\n" % header for header in headers]
+    if not ex.keep_alive:
+        head.append(b"connection: close\r\n")
+    ex.response_started = True
+    if not ex.transport.is_closing():
+        ex.transport.write(b"".join((*head, b"\r\n", body)))
+    _complete(ex)
 
 
-def _end_with(cycle: Cycle, data: bytes, chunked: bool) -> None:
+def _complete(ex: Exchange) -> None:
+    """The answer is whole: close the connection, or let it take the next request."""
+    ex.response_complete = True
+    if not ex.keep_alive:
+        ex.transport.close()
+    ex.on_response()  # keep-alive timer, next pipelined request
+
+
+def _end_with(ex: Exchange, data: bytes, chunked: bool) -> None:
     """End a streamed answer with a last piece (the SSE error event)."""
-    if not cycle.transport.is_closing():
-        cycle.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if chunked else data)
-    _complete(cycle)
+    if not ex.transport.is_closing():
+        ex.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if chunked else data)
+    _complete(ex)
 
 
-def _close(cycle: Cycle) -> None:
+def _close(ex: Exchange) -> None:
     """End an answer that cannot be completed: closing tells the client it is truncated."""
-    cycle.keep_alive = False
-    cycle.response_complete = True
-    cycle.transport.close()
+    ex.keep_alive = False
+    ex.response_complete = True
+    ex.transport.close()
