@@ -20,7 +20,8 @@ vllm-router (PyPI `vllm-router`, installed into its own venv under ~/.cache/kvct
 skipped with a line saying why when it cannot be installed). vllm-router does not route
 by model, so it runs as two processes, one per engine, like nginx's two servers.
 `--baseline REV` adds "kvctl@REV": the router of that git revision (extracted with git
-archive, same venv), for before/after figures in the same run.
+archive, same venv), for before/after figures in the same run. kvctl runs twice: on uvloop
+("kvctl") and on asyncio ("kvctl-asyncio"), see LOOPS.
 
     .venv/bin/python benchmarks/router_overhead.py [--reps 2] [--baseline HEAD~3] [--json out.json]
 """
@@ -165,6 +166,7 @@ KVCTL_CONF = """
 router:
   router_port: {port}
   health_check_interval_seconds: 10   # probes are not what is measured
+  max_connections: {max_connections}   # see LOOPS
   access_log: {access_log}   # off like nginx's and vllm-router's here (--access-log: on, ~10 µs a request)
 instances:
   - name: fast
@@ -178,6 +180,12 @@ instances:
     port: {paced}
     external: true
 """
+
+
+# The router runs on uvloop when its descriptor limit covers max_connections (kvctl/router/server.py):
+# "kvctl" gets a max_connections that a limit of ~10,000 covers (as the default 10,000 is with
+# LimitNOFILE=65536), "kvctl-asyncio" one no limit here covers, so it runs on asyncio.
+LOOPS = {"kvctl": 4096, "kvctl-asyncio": 1 << 20}
 
 
 class Target:
@@ -343,13 +351,13 @@ def main() -> None:
     if vllm_router is None:
         print(f"vllm-router: skipped ({vllm_note})", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="kvctl-bench-"))
-    ports = {k: free_port() for k in ("fast", "paced", "kvctl", "base", "nfast", "npaced", "vfast", "vpaced", "vm1", "vm2")}
+    ports = {k: free_port() for k in ("fast", "paced", "kvctl", "kvctl-asyncio", "base", "nfast", "npaced", "vfast", "vpaced", "vm1", "vm2")}
     procs = Procs()
     results: dict = {"vllm_router": vllm_note, "runs": {}}
     try:
         fast = procs.start([PY, "-m", "kvctl.sim", "--model", "bench/fast", "--port", str(ports["fast"])], tmp / "fast.log")
         paced = procs.start([PY, "-m", "kvctl.sim", "--model", "bench/paced", "--port", str(ports["paced"]), "--tokens-per-second", "500"], tmp / "paced.log")
-        routers = {"kvctl": ports["kvctl"]}
+        routers = {"kvctl": ports["kvctl"], "kvctl-asyncio": ports["kvctl-asyncio"]}
         if args.baseline:
             src = tmp / "baseline"
             src.mkdir()
@@ -359,7 +367,10 @@ def main() -> None:
         pids: dict[str, int] = {}
         for name, port in routers.items():
             conf = tmp / f"{name.replace('/', '_')}.yaml"
-            conf.write_text(KVCTL_CONF.format(port=port, fast=ports["fast"], paced=ports["paced"], access_log=str(args.access_log).lower()))
+            max_connections = LOOPS.get(name, 10000)
+            conf.write_text(
+                KVCTL_CONF.format(port=port, fast=ports["fast"], paced=ports["paced"], access_log=str(args.access_log).lower(), max_connections=max_connections)
+            )
             env = dict(os.environ, PYTHONPATH=str(tmp / "baseline")) if "@" in name else None
             pids[name] = procs.start([PY, "-m", "kvctl", "router", "-c", str(conf)], tmp / f"{name}.log", env).pid
         for sub in ("body", "proxy", "fcgi", "uwsgi", "scgi"):
@@ -401,6 +412,10 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise SystemExit("a router did not see the engines awake")
                 time.sleep(0.1)
+
+        for name in routers:
+            chosen = [line.split("event loop: ", 1)[1] for line in (tmp / f"{name}.log").read_text().splitlines() if "event loop: " in line]
+            print(f"{name}: event loop {chosen[0] if chosen else 'asyncio (the revision does not say)'}", flush=True)
 
         def url(key: str) -> str:
             return f"http://127.0.0.1:{ports[key]}"

@@ -209,7 +209,7 @@ class LimitedProtocol(HttpToolsProtocol):
             self.pipeline.appendleft((ex, self.app))  # type: ignore[arg-type]
 
     def _serve(self, ex: Exchange) -> None:
-        task = self.loop.create_task(self.proxy.serve(ex))
+        task = ex.task = self.loop.create_task(self.proxy.serve(ex))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)  # the server's shutdown waits for (or cuts) the task
 

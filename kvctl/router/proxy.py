@@ -122,6 +122,7 @@ class Exchange:
         "expect_100",
         "finished",
         "flow",
+        "forwarding",
         "gone",
         "headers",
         "keep_alive",
@@ -163,7 +164,8 @@ class Exchange:
         self.disconnected = False
         self.response_started = False
         self.response_complete = False
-        self.task: asyncio.Task[None] | None = None  # set while forwarding: a disconnect cancels it
+        self.task: asyncio.Task[None] | None = None  # the protocol's task that serves it
+        self.forwarding = False  # from now on a disconnect cancels the task (and the engine's request)
         self.finished = False  # the answer is decided: a disconnect no longer cancels
         self.gone = False  # the client left and cancelled the request
         self._waiter: asyncio.Future[None] | None = None
@@ -193,7 +195,7 @@ class Exchange:
             waiter.set_result(None)
 
     def client_left(self) -> None:
-        if not self.finished and self.task is not None:
+        if self.forwarding and not self.finished and self.task is not None:
             self.gone = True
             self.task.cancel()
 
@@ -389,7 +391,7 @@ class Proxy:
             if ex.disconnected:  # gone after its body arrived, before it could be cancelled
                 ex.gone = True
                 raise asyncio.CancelledError
-            ex.task = asyncio.current_task()  # from now on a disconnect cancels the request
+            ex.forwarding = True
             for attempt in (0, 1):
                 try:
                     inst = await lifecycle.acquire(model, exclude)

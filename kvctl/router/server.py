@@ -106,11 +106,6 @@ def _event_loop(config: Config, fd_limit: int) -> str:
     if overload.stream_capacity(fd_limit) < needed:
         log.info("event loop: asyncio (the file descriptor limit %d is short of 2 x max_connections and a margin; uvloop needs it)", fd_limit)
         return "asyncio"
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        log.info("event loop: asyncio (uvloop is not installed)")
-        return "asyncio"
     log.info("event loop: uvloop")
     return "uvloop"
 
