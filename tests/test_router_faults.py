@@ -13,7 +13,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import BROKEN_ENGINE, Procs, cut, free_port, open_stream, sim_instance, sim_state, start_engine, start_router, wait_for, write_config
+from helpers import (
+    BROKEN_ENGINE,
+    Procs,
+    cut,
+    free_port,
+    open_stream,
+    router_process,
+    sim_instance,
+    sim_state,
+    start_engine,
+    start_router,
+    wait_for,
+    write_config,
+)
 
 
 def test_engine_killed_mid_stream_ends_the_stream_with_an_error_event(tmp_path: Path, procs: Procs) -> None:
@@ -59,11 +72,18 @@ def test_client_disconnect_aborts_the_upstream_request(tmp_path: Path, procs: Pr
     wait_for(lambda: httpx.get(base + "/traffic/stats").json()["traffic_stats"]["slow"]["in_flight"] == 0, what="router in-flight back to 0")
 
 
-def test_streams_cut_mid_flight_do_not_hurt_the_router(tmp_path: Path, procs: Procs) -> None:
-    config = write_config(tmp_path, [sim_instance("m", name="m", tokens_per_second=200)])
+# The router runs on uvloop when its descriptor limit covers max_connections, else on asyncio.
+@pytest.mark.parametrize(("loop", "max_connections"), [("uvloop", 64), ("asyncio", 1 << 30)])
+def test_streams_cut_mid_flight_do_not_hurt_the_router(tmp_path: Path, procs: Procs, loop: str, max_connections: int) -> None:
+    config = write_config(tmp_path, [sim_instance("m", name="m", tokens_per_second=200)], router={"max_connections": max_connections})
     inst = config.instances[0]
     start_engine(procs, inst)
-    base = start_router(procs, config)
+    log = tmp_path / "router.log"
+    with log.open("wb") as out:
+        router_process(procs, config, stderr=out)
+    assert f"event loop: {loop}" in log.read_text()
+    base = config.router.url
+    wait_for(lambda: httpx.get(base + "/models", timeout=5).json()["models"]["m"]["state"] == "awake", what="the model awake")
     for _ in range(3):
         socks = [open_stream(config.router.port, "m") for _ in range(10)]
         for i, sock in enumerate(socks):

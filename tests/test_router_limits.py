@@ -295,6 +295,7 @@ def test_running_out_of_file_descriptors_is_the_routers_overload_not_the_engines
     log = tmp_path / "router.log"
     with log.open("wb") as out:
         router = run_router(procs, config, preexec_fn=_fd_limit(64, 64), stderr=out)  # the router cannot raise it
+    assert "event loop: asyncio" in log.read_text()  # uvloop's libuv would reset the clients it cannot accept
     socks: list[socket.socket] = []
     try:
         # One at a time until the router has no descriptor for the engine connection: that

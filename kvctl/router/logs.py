@@ -78,7 +78,8 @@ def access(model: str | None, status: int, latency: float, ttft: float | None, s
     """One access-log line per finished request: 5xx at warning, the rest at info.
 
     The line is the one the formatters above would make, written to the handler's stream
-    here: no LogRecord, Formatter or `%`-formatting per request (~20 → ~6 µs a line)."""
+    here: no LogRecord, Formatter or `%`-formatting per request (a text line with its write
+    ~13 → ~7 µs; a JSON line ~17 → ~15, mostly json.dumps)."""
     level = logging.WARNING if status >= 500 else logging.INFO
     handler = _handler
     if handler is None or not access_log.isEnabledFor(level):
