@@ -261,7 +261,8 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
     wait_for(lambda: raw(beta)[0] == 256 * MiB, what="kv_limit_gb applied at ready")
 
     # Used rises while long streams run and falls after, in `kvctl stats --json`.
-    pool = [threading.Thread(target=_stream, args=(kvtree.router_url, "org/" + ALPHA, 50, 20)) for _ in range(3)]
+    # 6 s each (60 tokens at 10/s, 110 MiB of KV): long enough for a `kvctl stats` on a loaded machine to see them.
+    pool = [threading.Thread(target=_stream, args=(kvtree.router_url, "org/" + ALPHA, 50, 60)) for _ in range(3)]
     for t in pool:
         t.start()
     wait_for(lambda: (_json(kvtree, "stats")["models"]["org/" + ALPHA]["kv"] or {}).get("used_bytes", 0) >= 150 * MiB, what="stats: used rising")
