@@ -33,6 +33,7 @@ def test_without_a_router_the_segment_is_written_directly(kvtree: Tree) -> None:
     up = kvtree.kvctl("up")
     assert up.returncode == 0, up.stderr + up.stdout
     wait_for(lambda: raw(segment) == (400 * MiB, 0, 0), what="the engine's segment")
+    assert [i["gpu_memory_bytes"] for i in kvtree.status()["instances"]] == [None, None]  # no NVML here: unknown
 
     limit = kvtree.kvctl("kv", "limit", "org/" + name, "200M")
     assert limit.returncode == 0, limit.stderr + limit.stdout
