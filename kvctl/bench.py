@@ -20,11 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Group
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
-
 from kvctl.config import Config
 from kvctl.errors import KvctlError, UsageError
 from kvctl.http1 import Client, UpstreamError
@@ -471,67 +466,3 @@ class _Run:
 def run(spec: BenchSpec, on_tick: Callable[[Any, float], None] | None = None) -> dict[str, Any]:
     """Run the benchmark to completion; returns the JSON-able result (see README)."""
     return asyncio.run(_Run(spec).run(on_tick))
-
-
-def run_with_progress(spec: BenchSpec, console: Any) -> dict[str, Any]:
-    """`run`, with a rich progress bar on `console` (done/total, or elapsed/duration)."""
-    by_time = spec.requests is None
-    columns = [
-        TextColumn("[bold]bench"),
-        BarColumn(),
-        TextColumn("{task.fields[where]}"),
-        TextColumn("[green]ok {task.fields[ok]}[/] [red]failed {task.fields[failed]}[/]"),
-        TimeElapsedColumn(),
-    ]
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("bench", total=spec.duration if by_time else spec.requests, ok=0, failed=0, where="")
-
-        def tick(state: _Run, elapsed: float) -> None:
-            done = min(elapsed, spec.duration or 0.0) if by_time else state.done
-            where = f"{done:.0f}/{spec.duration:g}s" if by_time else f"{state.done}/{spec.requests}"
-            progress.update(task, completed=done, ok=state.done - state.failed, failed=state.failed, where=where)
-
-        return run(spec, tick)
-
-
-# --------------------------------------------------------------------------- report
-
-
-def render(result: dict[str, Any]) -> Group:
-    """The human report: one row per model and one for all, then the first errors."""
-    spec = result["spec"]
-    mode = f"rate {spec['rate']:g}/s" if spec["rate"] is not None else f"concurrency {spec['concurrency']}"
-    title = f"bench {spec['url']} — {spec['endpoint']}, {'stream' if spec['stream'] else 'no stream'}, {mode}, {result['duration_seconds']:.1f}s"
-    table = Table(title=title, title_justify="left")
-    table.add_column("model", overflow="fold")
-    for column in ("ok", "failed", "req/s", "tok/s"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for column in ("TTFT ms", "ITL ms", "E2E ms"):
-        table.add_column(f"{column}\np50 / p90 / p99", justify="right")
-    rows = list(result["models"].items())
-    if len(rows) > 1:
-        rows.append(("[bold]overall[/]", result["overall"]))
-    for name, m in rows:
-        table.add_row(
-            name,
-            str(m["ok"]),
-            f"[red]{m['failed']}[/]" if m["failed"] else "0",
-            f"{m['request_rate']:.1f}",
-            f"{m['output_tokens_per_second']:.0f}",
-            *(_triple(m[key]) for key in ("ttft_ms", "itl_ms", "e2e_latency_ms")),
-        )
-    parts: list[Any] = [table]
-    for name, m in result["models"].items():
-        for error in m["errors"]:
-            parts.append(Text(f"{name}: {error['count']}× {error['message']}", style="red"))
-    return Group(*parts)
-
-
-def _triple(dist: dict[str, float | None]) -> str:
-    return " / ".join(_ms(dist[f"p{q}"]) for q in PERCENTILES)
-
-
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if value < 10 else f"{value:.0f}" if value >= 1000 else f"{value:.1f}"

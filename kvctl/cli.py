@@ -1,4 +1,5 @@
-"""The `kvctl` command line: parse, call the modules that do the work, render with rich."""
+"""The `kvctl` command line: parse, call the modules that do the work, render with
+`kvctl.display`."""
 
 from __future__ import annotations
 
@@ -7,23 +8,20 @@ import os
 import re
 import shutil
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.text import Text
 
-from kvctl import tables
+from kvctl import display
 from kvctl.errors import ConfigError, KvctlError, StartupError, UsageError
 from kvctl.lazy import lazy_module
-from kvctl.tables import Cell, Column
+from kvctl.paths import ROUTER, RunPaths
 
 # The modules a command needs are imported when it runs: `kvctl --help` or `kvctl logs`
-# should not pay for httpx, jinja2 and supervisor's XML-RPC (~100 ms of start-up).
+# should not pay for httpx, jinja2 and the YAML parser.
 if TYPE_CHECKING:
     from kvctl import client as client_mod
     from kvctl import config as config_mod
@@ -58,18 +56,6 @@ ConfigOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable; see README).")]
 
-_STATE_STYLE = {
-    "awake": "green",
-    "asleep": "blue",
-    "waking": "yellow",
-    "draining": "yellow",
-    "starting": "yellow",
-    "down": "red",
-    "failed": "bold red",
-    "unknown": "red",
-    "stopped": "blue",
-}
-
 
 def _load(path: Path | None, *, warn: bool = False) -> Config:
     """Load the config; `warn` prints its engine-flag warnings (only `config check`, `up` and
@@ -77,7 +63,7 @@ def _load(path: Path | None, *, warn: bool = False) -> Config:
     config = config_mod.load(path)
     if warn:
         for warning in config.warnings:
-            err.print(warning, markup=False, highlight=False, soft_wrap=True)
+            display.plain(err, warning)
     return config
 
 
@@ -108,43 +94,20 @@ def up(
 ) -> None:
     """Make the running system match the file: start it, or apply every change (only changed engines restart)."""
     config = _load(config_path, warn=True)
-    from rich.progress import Progress, SpinnerColumn, TextColumn
-
-    tasks: dict[str, Any] = {}
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[name]:<20}"), TextColumn("{task.description}"), console=err, transient=False) as progress:
-
-        def report(name: str, what: str, done: bool) -> None:
-            if name not in tasks:
-                tasks[name] = progress.add_task(what, name=name, total=1)
-            progress.update(tasks[name], description=what, completed=1 if done else 0)
-
+    with display.UpProgress(err) as progress:
         try:
-            result = tree.up(config, report, wait=not no_wait)
+            result = tree.up(config, progress.report, wait=not no_wait)
         except StartupError as exc:
             progress.stop()
-            if exc.log_tail:
-                err.rule(f"last log lines of {exc.args[0].split()[0]}")
-                err.print(exc.log_tail, markup=False, highlight=False)
-                err.rule()
+            display.show_startup_failure(err, exc)
             raise
         except KeyboardInterrupt:
             progress.stop()
-            err.print(
-                f"interrupted: what was started keeps running; `kvctl status -c {config.path}` shows it, `kvctl down -c {config.path}` stops it.",
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
+            display.plain(
+                err, f"interrupted: what was started keeps running; `kvctl status -c {config.path}` shows it, `kvctl down -c {config.path}` stops it."
             )
             raise typer.Exit(130) from None
-    for line in result.changes:
-        out.print(line, markup=False, highlight=False)
-    if result.started_supervisord:
-        summary = "kvctl started."
-    elif result.changes or result.started:
-        summary = "kvctl updated."
-    else:
-        summary = "kvctl already up; nothing changed."
-    out.print(summary + (f" Router: {config.router.url}/v1" if config.router.enabled else ""), markup=False, highlight=False)
+    display.show_up(out, result, config)
 
 
 @app.command()
@@ -182,101 +145,15 @@ def restart(
 def status(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Programs, health and model states. Exit 0 healthy, 1 degraded, 3 not running."""
     config = _load(config_path)
-    result = tree.status(config, tree.router_instances(config))
+    result = tree.status(config, full=as_json)
     if as_json:
         out.print_json(json.dumps(result.as_json()))
         raise typer.Exit(result.exit_code)
     if not result.running:
-        err.print(f"kvctl is not running (no supervisord at {render_mod.RunPaths(config.run_dir).socket}).", markup=False)
+        err.print(f"kvctl is not running (no supervisord at {RunPaths(config.run_dir).socket}).", markup=False)
         raise typer.Exit(3)
-    rows: list[list[Cell]] = []
-    if result.router is not None:
-        router_health = "ok" if result.router_healthy else "failing"
-        rows.append(
-            [
-                render_mod.ROUTER,
-                "",
-                "",
-                str(config.router.port),
-                result.router.state,
-                str(result.router.pid or ""),
-                _uptime(result.router.uptime),
-                _health(router_health),
-                "",
-                "",
-                "",
-            ]
-        )
-    for inst in result.instances:
-        process = inst.process
-        rows.append(
-            [
-                Text(inst.name),
-                Text(inst.model),
-                inst.engine,
-                str(inst.port),
-                "external" if inst.external else (process.state if process else "-"),
-                str(process.pid) if process and process.pid else "",
-                _uptime(process.uptime if process else None),
-                _health(inst.health),
-                Text(inst.state, style=_STATE_STYLE.get(inst.state, "")),
-                _kv_cell(inst.kv),
-                _gib(inst.gpu_memory_bytes, "{:.1f}G"),
-            ]
-        )
-    table = tables.fit(
-        _STATUS_COLUMNS, rows, out.width, title=Text(f"kvctl — {config.path}"), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
-    )
-    out.print(table)
-    for inst in result.instances:
-        if inst.failure:
-            out.print(Text.assemble((inst.name, "bold"), ": failed: ", inst.failure), soft_wrap=True)
-        elif inst.state == "unknown" and result.router_healthy:
-            out.print(Text.assemble((inst.name, "bold"), ": the router does not know this instance (`kvctl up` applies the file)"), soft_wrap=True)
+    display.show_status(out, result, config)
     raise typer.Exit(result.exit_code)
-
-
-# At 80 columns with long model names, GPU, engine, pid, KV, port and uptime give way (in that order).
-_STATUS_COLUMNS = [
-    Column("name"),
-    Column("model"),
-    Column("engine", drop=6),
-    Column("port", "right", drop=2),
-    Column("process"),
-    Column("pid", "right", drop=5),
-    Column("uptime", "right", drop=1),
-    Column("health"),
-    Column("state"),
-    Column("KV", "right", drop=4),
-    Column("GPU", "right", drop=7),
-]
-
-
-def _gib(n: int | float | None, fmt: str = "{:.1f}") -> str:
-    return fmt.format(n / 2**30) if isinstance(n, (int, float)) else "-"
-
-
-def _kv_cell(kv: dict[str, Any] | None) -> Text:
-    """`used/limitG` (GiB); red when more is used than the limit allows (it was lowered)."""
-    if not kv:
-        return Text("-")
-    over = kv["used_bytes"] > kv["limit_bytes"]
-    return Text(f"{_gib(kv['used_bytes'])}/{_gib(kv['limit_bytes'])}G", style="red" if over else "")
-
-
-def _uptime(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-_HEALTH_STYLE = {"ok": "green", "loading": "yellow", "stopped": "blue", "failing": "red"}
-
-
-def _health(health: str) -> Text:
-    return Text(health, style=_HEALTH_STYLE.get(health, ""))
 
 
 @app.command()
@@ -288,10 +165,10 @@ def logs(
 ) -> None:
     """Print a program's log (router, supervisord or an instance)."""
     config = _load(config_path)
-    known = [render_mod.ROUTER, "supervisord", *(i.name for i in config.launched)]
+    known = [ROUTER, "supervisord", *(i.name for i in config.launched)]
     if name not in known:
         raise UsageError(f"no program named '{name}' (choose from: {', '.join(known)})")
-    path = render_mod.RunPaths(config.run_dir).log(name)
+    path = RunPaths(config.run_dir).log(name)
     if not path.exists():
         raise KvctlError(f"no log yet for '{name}' ({path}); has `kvctl up` run?")
     text = supervisor_mod.tail_file(path, lines)
@@ -300,32 +177,11 @@ def logs(
         sys.stdout.flush()
     if follow:
         try:
-            _follow(path)
-        except KeyboardInterrupt:
-            pass
-
-
-def _follow(path: Path) -> None:
-    """Print what is appended to `path`, reopening it when supervisord rotates it."""
-    fh = open(path, "rb")  # noqa: SIM115 - reopened when the log rotates, closed in `finally`
-    fh.seek(0, os.SEEK_END)
-    try:
-        while True:
-            chunk = fh.read(65536)
-            if chunk:
+            for chunk in supervisor_mod.follow_file(path):
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
-                continue
-            try:
-                rotated = os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino or os.stat(path).st_size < fh.tell()
-            except FileNotFoundError:
-                rotated = False
-            if rotated:
-                fh.close()
-                fh = open(path, "rb")  # noqa: SIM115 - as above
-            time.sleep(0.25)  # polling a file: no event to wait on without inotify
-    finally:
-        fh.close()
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command()
@@ -343,25 +199,11 @@ def events(
                     sys.stdout.write(json.dumps(event) + "\n")
                     sys.stdout.flush()
                 else:
-                    out.print(_event_line(event), soft_wrap=True)
+                    out.print(display.event_line(event), soft_wrap=True)
         except KeyboardInterrupt:
             return  # Ctrl-C is how --follow ends
     if follow:
         raise KvctlError("the router ended the event stream (stopped or restarted)")
-
-
-def _event_line(event: dict[str, Any]) -> Text:
-    """`TIME INSTANCE MODEL: FROM -> TO (cause) [1.2s]`, the router log's wording."""
-    when = event.get("time")
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else "-"
-    to = str(event.get("to"))
-    line = Text(f"{stamp} {event.get('instance')} {event.get('model')}: {event.get('from')} -> ")
-    line.append(to, style=_STATE_STYLE.get(to, ""))
-    line.append(f" ({event.get('cause')})")
-    duration = event.get("duration_seconds")
-    if isinstance(duration, (int, float)):
-        line.append(f" [{duration:.1f}s]")
-    return line
 
 
 # --------------------------------------------------------------------------- kvcached
@@ -407,9 +249,7 @@ def kv_limit(
             result = client.post(f"/models/{client_mod.model_path(model)}/kv_limit", body=body)
     except client_mod.RouterUnreachable as exc:
         result = kvcached.limit_directly(config, model, body, str(exc))
-    for entry in result.get("instances") or ():
-        mark = "ok" if entry.get("limit_bytes") is not None else "failed"
-        out.print(Text.assemble((mark, _MARKS[mark]), f" {entry.get('message')}"), soft_wrap=True)
+    display.show_kv_limit(out, result)
 
 
 @kv_app.command("list")
@@ -420,39 +260,7 @@ def kv_list(config_path: ConfigOption = None, as_json: JsonOption = False) -> No
     if as_json:
         out.print_json(json.dumps({"segments": rows}))
         return
-    cells: list[list[Cell]] = []
-    for row in rows:
-        kv = row["kv"] or {}
-        used, limit = kv.get("used_bytes"), kv.get("limit_bytes")
-        share = f"{100 * used / limit:.0f}" if isinstance(used, int) and limit else "-"
-        cells.append(
-            [
-                Text(row["instance"] or "(other)"),
-                Text(row["model"] or ""),
-                Text(row["segment"]),
-                _gib(used, "{:.2f}"),
-                _gib(kv.get("prealloc_bytes"), "{:.2f}"),
-                _gib(limit, "{:.2f}"),
-                share,
-            ]
-        )
-    if not cells:
-        out.print("no kvcached instance (ENABLE_KVCACHED=true) in this config and no kvctl_* segment in /dev/shm", markup=False)
-        return
-    columns = [
-        Column("instance"),
-        Column("model", drop=2),
-        Column("segment", drop=1),
-        Column("used", "right"),
-        Column("prealloc", "right", drop=3),
-        Column("limit", "right"),
-        Column("use%", "right"),
-    ]
-    out.print(
-        tables.fit(
-            columns, cells, out.width, title=Text("kvcached KV cache (GiB)"), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
-        )
-    )
+    display.show_kv_list(out, rows)
 
 
 # --------------------------------------------------------------------------- config
@@ -485,68 +293,15 @@ def router(config_path: ConfigOption = None) -> None:
 
 
 def _model_action(action: str, model: str | None, all_models: bool, config_path: Path | None) -> None:
-    """Ask the router to sleep or wake each model, then report where each one ENDED: a later
-    wake may have put an earlier model back to sleep to make room (memory budget)."""
     config = _load(config_path)
     if all_models == (model is not None):
         raise UsageError(f"give a MODEL or --all (not both) to {action}")
-    wanted = {"sleep": "asleep", "stop": "stopped", "wake": "awake"}[action]
-    results: dict[str, dict[str, Any]] = {}  # canonical model name -> the router's answer
-    evicted_for: dict[str, str] = {}  # instance name -> the model whose wake put it to sleep
     with client_mod.RouterClient(config, timeout=600) as client:
-        for name in list(config.models()) if all_models else [model]:
-            assert name is not None
-            result = client.post(f"/models/{client_mod.model_path(name)}/{action}")
-            results[str(result.get("model_name") or name)] = result
-            evicted_for.update({str(inst): str(result.get("model_name") or name) for inst in result.get("evicted") or ()})
-        final = client_mod.json_object(client.get("/models").get("models"))
-    failed = False
-    for name, result in results.items():
-        info = client_mod.json_object(final.get(name))
-        state = str(info.get("state", result.get("state")))
-        if state == wanted:
-            out.print(_model_line("ok", name, state), soft_wrap=True)
-            continue
-        failed = True
-        # The router's own words first when the action failed; else why the state changed.
-        message = "" if result.get("success") else str(result.get("message", ""))
-        reason = _evicted(info, evicted_for) or message or _cause(info) or "changed again after the router answered"
-        out.print(_model_line("failed", name, state, f" — {reason}"), soft_wrap=True)
-    for name, info in final.items():
-        reason = _evicted(client_mod.json_object(info), evicted_for)
-        if name not in results and reason:
-            out.print(_model_line("note", name, str(client_mod.json_object(info).get("state")), f" ({reason})"), soft_wrap=True)
-    if failed:
+        outcomes = client_mod.model_actions(client, action, list(config.models()) if all_models else [str(model)])
+    for outcome in outcomes:
+        out.print(display.outcome_line(outcome), soft_wrap=True)
+    if any(outcome.mark == "failed" for outcome in outcomes):
         raise typer.Exit(1)
-
-
-_MARKS = {"ok": "green", "failed": "red", "note": "yellow"}
-
-
-def _model_line(mark: str, model: str, state: str, tail: str = "") -> Text:
-    return Text.assemble((mark, _MARKS[mark]), f" {model}: ", (state, _STATE_STYLE.get(state, "")), tail)
-
-
-def _instances(info: dict[str, Any]) -> list[dict[str, Any]]:
-    return [i for i in info.get("instances") or () if isinstance(i, dict)]
-
-
-def _evicted(info: dict[str, Any], evicted_for: dict[str, str]) -> str:
-    """'put to sleep to make room for M' when this command's wake of M slept the model."""
-    if info.get("state") == "awake":
-        return ""
-    for inst in _instances(info):
-        if inst.get("name") in evicted_for and inst.get("state") in ("asleep", "draining"):
-            return f"put to sleep to make room for {evicted_for[inst['name']]}"
-    return ""
-
-
-def _cause(info: dict[str, Any]) -> str:
-    """The router's reason for a model's state: why an instance failed, or its sleep cause."""
-    instances = _instances(info)
-    failures = [f"instance {i.get('name')} failed: {i['failure']}" for i in instances if i.get("failure")]
-    causes = sorted({str(i["cause"]) for i in instances if i.get("cause") and i.get("state") == "asleep"})
-    return "; ".join(failures) or (f"sleep cause: {', '.join(causes)}" if causes else "")
 
 
 @app.command()
@@ -592,7 +347,7 @@ def stats(
     with client_mod.RouterClient(config, timeout=min(10.0, max(2.0, interval))) as client:
         if live:
             try:
-                stats_mod.live(client, config, window, interval, out)
+                display.live(out, (display.stats_frame(reading, interval, out.width) for reading in stats_mod.readings(client, config, window, interval)))
             except KeyboardInterrupt:
                 pass  # Ctrl-C is how --live ends
             return
@@ -600,7 +355,7 @@ def stats(
     if as_json:
         out.print_json(json.dumps(snapshot))
     else:
-        out.print(stats_mod.render(snapshot, out.width))
+        out.print(display.stats_table(snapshot, out.width))
 
 
 @app.command()
@@ -651,10 +406,11 @@ def bench(
         seed=seed,
         timeout=timeout,
     )
-    result = bench_mod.run_with_progress(spec, err)
+    with display.bench_progress(err, spec) as tick:
+        result = bench_mod.run(spec, tick)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    out.print(bench_mod.render(result))
+    out.print(display.bench_report(result))
     if result["interrupted"]:
         err.print("interrupted: the figures cover the requests that finished", markup=False)
         raise typer.Exit(130)
@@ -673,10 +429,10 @@ def main() -> None:
         if os.environ.get("KVCTL_DEBUG") == "1":
             traceback.print_exc()
         for problem in exc.problems:
-            err.print(problem, markup=False, highlight=False, soft_wrap=True)
+            display.plain(err, problem)
         sys.exit(exc.exit_code)
     except KvctlError as exc:
         if os.environ.get("KVCTL_DEBUG") == "1":
             traceback.print_exc()
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        display.plain(err, f"error: {exc}")
         sys.exit(exc.exit_code)

@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
-
-import httpx
 
 from kvctl.config import Config
 from kvctl.errors import KvctlError
+from kvctl.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import httpx
+else:
+    httpx = lazy_module("httpx")  # ~40 ms of imports: paid by the commands that talk to the router
 
 EVENTS_READ_TIMEOUT_SECONDS = 60.0
 
@@ -127,3 +132,69 @@ def _error_message(body: Any, text: str) -> str:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return str(body["error"].get("message", text))
     return text[:200]
+
+
+# --------------------------------------------------------------------------- sleep, stop, wake
+
+ACTION_STATES = {"sleep": "asleep", "stop": "stopped", "wake": "awake"}
+
+
+@dataclass(frozen=True)
+class ModelOutcome:
+    """Where a model ended after `kvctl sleep/wake`: `ok` (in the state asked for), `failed`
+    (with why), or `note`: another model that this command's wakes put to sleep."""
+
+    mark: Literal["ok", "failed", "note"]
+    model: str
+    state: str
+    reason: str = ""
+
+
+def model_actions(client: RouterClient, action: str, models: list[str]) -> list[ModelOutcome]:
+    """Ask the router to sleep, stop or wake each model, then report where each one ENDED: a
+    later wake may have put an earlier model back to sleep to make room (memory budget)."""
+    results: dict[str, dict[str, Any]] = {}  # canonical model name -> the router's answer
+    evicted_for: dict[str, str] = {}  # instance name -> the model whose wake put it to sleep
+    for name in models:
+        result = client.post(f"/models/{model_path(name)}/{action}")
+        results[str(result.get("model_name") or name)] = result
+        evicted_for.update({str(inst): str(result.get("model_name") or name) for inst in result.get("evicted") or ()})
+    final = json_object(client.get("/models").get("models"))
+    outcomes = []
+    for name, result in results.items():
+        info = json_object(final.get(name))
+        state = str(info.get("state", result.get("state")))
+        if state == ACTION_STATES[action]:
+            outcomes.append(ModelOutcome("ok", name, state))
+            continue
+        # The router's own words first when the action failed; else why the state changed.
+        message = "" if result.get("success") else str(result.get("message", ""))
+        reason = _evicted(info, evicted_for) or message or _cause(info) or "changed again after the router answered"
+        outcomes.append(ModelOutcome("failed", name, state, reason))
+    for name, info in final.items():
+        reason = _evicted(json_object(info), evicted_for)
+        if name not in results and reason:
+            outcomes.append(ModelOutcome("note", name, str(json_object(info).get("state")), reason))
+    return outcomes
+
+
+def _instances(info: dict[str, Any]) -> list[dict[str, Any]]:
+    return [i for i in info.get("instances") or () if isinstance(i, dict)]
+
+
+def _evicted(info: dict[str, Any], evicted_for: dict[str, str]) -> str:
+    """'put to sleep to make room for M' when this command's wake of M slept the model."""
+    if info.get("state") == "awake":
+        return ""
+    for inst in _instances(info):
+        if inst.get("name") in evicted_for and inst.get("state") in ("asleep", "draining"):
+            return f"put to sleep to make room for {evicted_for[inst['name']]}"
+    return ""
+
+
+def _cause(info: dict[str, Any]) -> str:
+    """The router's reason for a model's state: why an instance failed, or its sleep cause."""
+    instances = _instances(info)
+    failures = [f"instance {i.get('name')} failed: {i['failure']}" for i in instances if i.get("failure")]
+    causes = sorted({str(i["cause"]) for i in instances if i.get("cause") and i.get("state") == "asleep"})
+    return "; ".join(failures) or (f"sleep cause: {', '.join(causes)}" if causes else "")

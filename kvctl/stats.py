@@ -1,25 +1,20 @@
 """`kvctl stats`: per-model state, load, traffic and memory, read from the router's API.
 
 `gather` joins three router answers (`/traffic/stats?window=`, `/models`, `/sleep/status`)
-into one row per configured model, in config order; `render` draws it as a rich table;
-`live` redraws it in place until Ctrl-C, showing (not raising) an unreachable router.
-The JSON shape of `gather` is what `kvctl stats --json` prints (documented in README).
+into one row per configured model, in config order; `readings` polls it for `--live`,
+keeping (not raising) an unreachable router. `kvctl.display` draws both. The JSON shape of
+`gather` is what `kvctl stats --json` prints (documented in README).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
-
-from rich import box
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.panel import Panel
-from rich.text import Text
 
 from kvctl.client import RouterClient, RouterRequestError, RouterUnreachable, json_object
 from kvctl.config import Config
-from kvctl.tables import Cell, Column, fit
 
 
 def gather(client: RouterClient, config: Config, window: float) -> dict[str, Any]:
@@ -76,83 +71,27 @@ def _ms(seconds: Any) -> float | None:
     return seconds * 1000 if isinstance(seconds, (int, float)) else None
 
 
-# --------------------------------------------------------------------------- display
+@dataclass(frozen=True)
+class Reading:
+    """One poll of `stats --live`: the last snapshot gathered (None before the first), when it
+    was gathered, and this poll's failure as (title, message) when it failed."""
+
+    snapshot: dict[str, Any] | None
+    at: float
+    error: tuple[str, str] | None = None
 
 
-# Short headers (units are in the title). At 80 columns the least needed give way first.
-_COLUMNS = [
-    Column("model"),
-    Column("state"),
-    Column("inst", "right", drop=6),
-    Column("run", "right"),
-    Column("queue", "right", drop=7),
-    Column("req/s", "right"),
-    Column("total", "right", drop=5),
-    Column("ok%", "right"),
-    Column("p50", "right", drop=1),
-    Column("p95", "right", drop=8),
-    Column("ttft50", "right", drop=9),
-    Column("idle", "right", drop=2),
-    Column("GB", "right", drop=4),
-    Column("KV", "right", drop=3),
-]
-
-
-def render(snapshot: dict[str, Any], width: int) -> RenderableType:
-    from kvctl.cli import _STATE_STYLE, _kv_cell, _uptime  # the CLI's colours and formats, shared
-
-    window = snapshot["window_seconds"]
-    auto = snapshot.get("auto_sleep_enabled")
-    idle = snapshot.get("idle_threshold_seconds")
-    sleeping = f"auto-sleep after {idle:g}s idle" if auto and isinstance(idle, (int, float)) else "auto-sleep off"
-    rows: list[list[Cell]] = []
-    for model, row in snapshot["models"].items():
-        state = row["state"]
-        idle_text = _uptime(row["idle_seconds"]) if isinstance(row["idle_seconds"], (int, float)) else "-"
-        rows.append(
-            [
-                Text(model),
-                Text(state, style=_STATE_STYLE.get(state, "")),
-                f"{row['instances_awake']}/{row['instances']}",
-                _num(row["in_flight"]),
-                _num(row["queued"]),
-                _num(row["request_rate"], "{:.2f}"),
-                _num(row["total_requests"]),
-                _num(row["success_rate"], "{:.1f}"),
-                _num(row["latency_p50_ms"], "{:.1f}"),
-                _num(row["latency_p95_ms"], "{:.1f}"),
-                _num(row["ttft_p50_ms"], "{:.1f}"),
-                Text(idle_text, style="yellow" if row["sleep_candidate"] else ""),  # yellow: would be slept now
-                _num(row["memory_gb"], "{:g}"),
-                _kv_cell(row.get("kv")),
-            ]
-        )
-    title = Text(f"kvctl stats — {snapshot['router']} — {window:g}s window, latency ms — {sleeping}")
-    return fit(_COLUMNS, rows, width, title=title, title_justify="left", box=box.SIMPLE_HEAVY, pad_edge=False, collapse_padding=True)
-
-
-def _num(value: Any, fmt: str = "{}") -> str:
-    return fmt.format(value) if isinstance(value, (int, float)) else "-"
-
-
-def live(client: RouterClient, config: Config, window: float, interval: float, console: Console) -> None:
-    """Redraw every `interval` seconds until KeyboardInterrupt (which the caller turns into exit 0)."""
+def readings(client: RouterClient, config: Config, window: float, interval: float) -> Iterator[Reading]:
+    """A reading every `interval` seconds, forever (the caller ends it: Ctrl-C)."""
     last: dict[str, Any] | None = None
     last_at = 0.0
-    with Live(console=console, auto_refresh=False) as display:
-        while True:
-            try:
-                last, last_at = gather(client, config, window), time.time()
-                view: RenderableType = render(last, console.width)
-            except RouterUnreachable as exc:
-                view = _trouble("router unreachable", str(exc), last, last_at, interval, console.width)
-            except RouterRequestError as exc:
-                view = _trouble("router error", str(exc), last, last_at, interval, console.width)
-            display.update(view, refresh=True)
-            time.sleep(interval)  # the refresh period itself, not a wait for a condition
-
-
-def _trouble(title: str, message: str, last: dict[str, Any] | None, last_at: float, interval: float, width: int) -> RenderableType:
-    since = f"; last data {time.time() - last_at:.0f}s ago (below)" if last is not None else ""
-    panel = Panel(Text(f"{message}\nretrying every {interval:g}s{since}", style="bold red"), title=title, border_style="red", expand=False)
-    return Group(panel, render(last, width)) if last is not None else panel
+    while True:
+        error = None
+        try:
+            last, last_at = gather(client, config, window), time.time()
+        except RouterUnreachable as exc:
+            error = ("router unreachable", str(exc))
+        except RouterRequestError as exc:
+            error = ("router error", str(exc))
+        yield Reading(last, last_at, error)
+        time.sleep(interval)  # the refresh period itself, not a wait for a condition

@@ -6,15 +6,15 @@ import contextlib
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import xmlrpc.client
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from kvctl.errors import NotRunningError, SupervisorError
 from kvctl.paths import RunPaths
@@ -53,12 +53,38 @@ class ProcessInfo:
         return time.time() - self.start if self.state == "RUNNING" and self.start else None
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost")  # the host only goes into the Host header
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(self._path))
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    """The standard library's XML-RPC transport (one kept-alive connection) over supervisord's
+    unix socket: supervisor's own `supervisor.xmlrpc` costs ~40 ms of imports per command."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._path = path
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        connection = self._connection[1]
+        if connection is None:
+            connection = _UnixConnection(self._path)
+            self._connection = host, connection
+        return connection
+
+
 class Supervisor:
     """A client for one kvctl run dir's supervisord."""
 
     def __init__(self, paths: RunPaths) -> None:
         self.paths = paths
-        self._transport = SupervisorTransport(None, None, serverurl=f"unix://{paths.socket}")
+        self._transport = _UnixTransport(paths.socket)
         # The host part is ignored by the unix transport.
         self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=self._transport)
 
@@ -131,14 +157,14 @@ class Supervisor:
         try:
             self._call("supervisor.stopProcess", name, wait)
         except SupervisorError as exc:
-            if exc.fault != Faults.NOT_RUNNING:
+            if exc.fault != _faults().NOT_RUNNING:
                 raise
 
     def start(self, name: str) -> None:
         try:
             self._call("supervisor.startProcess", name, False)
         except SupervisorError as exc:
-            if exc.fault != Faults.ALREADY_STARTED:
+            if exc.fault != _faults().ALREADY_STARTED:
                 raise
 
     def signal(self, name: str, signame: str) -> None:
@@ -200,6 +226,13 @@ class Supervisor:
         return tail_file(self.paths.log(name), lines)
 
 
+def _faults() -> Any:
+    """supervisord's fault codes, imported only when a call failed (see _UnixTransport)."""
+    from supervisor.xmlrpc import Faults
+
+    return Faults
+
+
 def tail_file(path: Path, lines: int) -> str:
     try:
         with open(path, "rb") as fh:
@@ -210,6 +243,28 @@ def tail_file(path: Path, lines: int) -> str:
     except FileNotFoundError:
         return ""
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def follow_file(path: Path) -> Iterator[bytes]:
+    """What is appended to `path` from now on, forever; reopened when supervisord rotates it."""
+    fh = open(path, "rb")  # noqa: SIM115 - reopened when the log rotates, closed in `finally`
+    fh.seek(0, os.SEEK_END)
+    try:
+        while True:
+            chunk = fh.read(65536)
+            if chunk:
+                yield chunk
+                continue
+            try:
+                rotated = os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino or os.stat(path).st_size < fh.tell()
+            except FileNotFoundError:
+                rotated = False
+            if rotated:
+                fh.close()
+                fh = open(path, "rb")  # noqa: SIM115 - as above
+            time.sleep(0.25)  # polling a file: no event to wait on without inotify
+    finally:
+        fh.close()
 
 
 def _alive(pid: int) -> bool:

@@ -9,20 +9,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from kvctl import config as config_mod
-from kvctl import converge, gpu, kvcached, procstate, reaper, render
+from kvctl import converge, gpu, kvcached, procstate, reaper
 from kvctl.client import RouterClient, json_object
 from kvctl.config import Config, Instance
 from kvctl.engines import adapter_for
 from kvctl.errors import KvctlError, NotRunningError, StartupError, UsageError
 from kvctl.files import write_private
-from kvctl.launch import backoff
+from kvctl.lazy import lazy_module
 from kvctl.paths import ROUTER, RunPaths
 from kvctl.supervisor import FAILED_STATES, RUNNING_STATES, ProcessInfo, Supervisor
+
+if TYPE_CHECKING:
+    import httpx
+else:
+    httpx = lazy_module("httpx")  # ~40 ms of imports: `status` of a stopped tree does without
 
 ROUTER_STARTUP_TIMEOUT_SECONDS = 60.0
 LOG_TAIL_LINES = 30
@@ -59,6 +62,8 @@ def up(config: Config, report: Reporter, *, wait: bool = True) -> UpResult:
     """Make the running tree match the file (SPEC §14): render, start or update supervisord,
     reload the router in place, start what is not running, and (unless `wait` is False)
     return only when the router reports every launched instance ready."""
+    from kvctl import render  # jinja2: only `up` renders
+
     shared = kvcached.shared_with_others(config)  # /dev/shm names are per machine, not per tree
     if shared:
         raise KvctlError("\n".join(shared))
@@ -280,6 +285,8 @@ def restart(config: Config, name: str, timeout: float, report: Reporter) -> None
     if name == ROUTER:
         url, wait_seconds = config.router.url + "/health", ROUTER_STARTUP_TIMEOUT_SECONDS
     else:
+        from kvctl.launch import backoff  # ctypes and http.client: only `restart` needs it
+
         inst = known[name]
         procstate.reset(config.run_dir, name)
         attempts = max(1, inst.startretries)
@@ -381,22 +388,26 @@ class TreeStatus:
         }
 
 
-def status(config: Config, router_instances: dict[str, dict[str, Any]] | None) -> TreeStatus:
+def status(config: Config, *, full: bool = True) -> TreeStatus:
     """Process states from supervisord, health probed at each engine, and the router's view
-    (`router_instances`: its /health/all entries by name, None when it could not be asked)."""
+    (its /health/all). With `full` False a tree whose supervisord is not running is reported
+    as only that, without asking the router or the engines (all `kvctl status` prints then)."""
     sup = supervisor_for(config)
     try:
         processes = sup.processes()
     except NotRunningError:
         processes = None
+        if not full:
+            return TreeStatus(running=False, router=None, router_healthy=False, instances=[])
+    router_view = router_instances(config)
     instances = []
     nvml = gpu.unavailable_reason() is None
     for inst in config.instances:
         process = (processes or {}).get(inst.name)
         kv = kvcached.for_env(inst.env)
         pid = process.pid if process and process.pid else None
-        seen = router_instances.get(inst.name) if router_instances is not None else None
-        state = "-" if router_instances is None else str(seen.get("state", "unknown")) if seen else "unknown"
+        seen = router_view.get(inst.name) if router_view is not None else None
+        state = "-" if router_view is None else str(seen.get("state", "unknown")) if seen else "unknown"
         record = procstate.read(config.run_dir, inst.name)
         failure = record.reason if record and record.failed else (seen or {}).get("failure")
         instances.append(
