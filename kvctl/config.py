@@ -1,5 +1,9 @@
 """The kvctl.yaml schema: loading, defaults, kvcached compatibility and validation.
 
+Each key is declared once, as a field of the dataclass it fills (kvctl/settings.py's
+`setting`: default, check, reference text); the tables the reader walks and docs/config.md's
+tables (`reference_tables`) derive from those fields.
+
 Every problem is reported as ``FILE:LINE:COL: message``; loading collects all of them
 before raising one :class:`ConfigError`, so an operator fixes a file in one pass.
 """
@@ -415,9 +419,8 @@ class RouterConfig:
     log_format: str = setting("text", Choice("text", "json"), "router log lines as text or as JSON objects")
     access_log: bool = setting(True, Bool(), "one log line per finished request")
     # Client-side limits (SPEC §16); none of them applies to the engine's side.
-    max_header_bytes: int = setting(
-        65536, Integer(1024), "client side: the request line and headers together (431 beyond)"
-    )  # a request line and a few headers must fit
+    # at least 1024: a request line and a few headers must fit
+    max_header_bytes: int = setting(65536, Integer(1024), "client side: the request line and headers together (431 beyond)")
     header_timeout_seconds: float = setting(10.0, _SECONDS_POSITIVE, "client side: to send the request line and all headers")
     body_timeout_seconds: float = setting(30.0, _SECONDS_POSITIVE, "client side: longest wait between two reads of a request body")
     keepalive_timeout_seconds: float = setting(5.0, _SECONDS_POSITIVE, "client side: how long an idle keep-alive connection stays open")
