@@ -1,7 +1,8 @@
 """How long `kvctl --help` and `kvctl status` take to start, and which imports cost most.
 
 Each command runs `--runs` times as a fresh process (`python -m kvctl ...`); the figure is
-the median wall time. `status` runs against examples/sim.yaml with nothing running (it
+the median wall time. With `--baseline` the two versions take turns run by run, so that a
+machine busy with other work weighs on both alike. `status` runs against examples/sim.yaml with nothing running (it
 still loads the config and asks supervisord). `--baseline REV` runs the kvctl of that git
 revision too (git archive, same venv), for before/after in one run. Then
 `python -X importtime` names the slowest top-level imports of each command.
@@ -25,13 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {"kvctl --help": ["--help"], "kvctl status": ["status", "-c", str(ROOT / "examples" / "sim.yaml")]}
 
 
-def wall_ms(args: list[str], env: dict[str, str], runs: int, cwd: Path) -> float:
-    times = []
+def wall_ms(args: list[str], variants: dict[str, dict[str, str]], runs: int, cwd: Path) -> dict[str, float]:
+    """{variant: median ms}, the variants interleaved run by run."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "kvctl", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, cwd=cwd)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+        for name, env in variants.items():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "kvctl", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, cwd=cwd)
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def slowest_imports(args: list[str], env: dict[str, str], cwd: Path, top: int = 8) -> list[tuple[int, str]]:
@@ -55,18 +58,22 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kvctl-startup-"))
     # Run from the temp dir: `python -m` puts the working directory first on sys.path, so
     # from the repository root a baseline's PYTHONPATH would be ignored.
-    variants = {"now": dict(os.environ)}
+    # Compiled modules are cached as an installed kvctl's are (PYTHONDONTWRITEBYTECODE would
+    # compile every module on every run), in the temp dir rather than in the repository.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
+    variants = {"now": env}
     try:
         if args.baseline:
             archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "kvctl"], capture_output=True, check=True).stdout
             (tmp / "baseline").mkdir()
             subprocess.run(["tar", "-x", "-C", str(tmp / "baseline")], input=archive, check=True)
-            variants[args.baseline] = dict(os.environ, PYTHONPATH=str(tmp / "baseline"))
-        wall_ms(["--help"], variants["now"], 2, tmp)  # warm the page cache and .pyc files
+            variants[args.baseline] = dict(env, PYTHONPATH=str(tmp / "baseline"))
+        for argv in COMMANDS.values():
+            wall_ms(argv, variants, 2, tmp)  # warm the page cache and .pyc files
         for command, argv in COMMANDS.items():
-            for name, env in variants.items():
-                wall_ms(argv, env, 2, tmp)
-                print(f"{command:14} {name:>10}: median {wall_ms(argv, env, args.runs, tmp):6.0f} ms over {args.runs} runs", flush=True)
+            for name, ms in wall_ms(argv, variants, args.runs, tmp).items():
+                print(f"{command:14} {name:>10}: median {ms:6.0f} ms over {args.runs} runs", flush=True)
         print(f"\nbare interpreter: {wall_ms_python(args.runs):.0f} ms")
         for command, argv in COMMANDS.items():
             print(f"\nslowest imports of `{command}` (cumulative ms):")

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import sys
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,6 +21,8 @@ from kvctl.paths import ROUTER, RunPaths
 # The modules a command needs are imported when it runs: `kvctl --help` or `kvctl logs`
 # should not pay for httpx, jinja2 and the YAML parser.
 if TYPE_CHECKING:
+    import json
+
     from kvctl import client as client_mod
     from kvctl import config as config_mod
     from kvctl import kvcached, tree
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from kvctl import supervisor as supervisor_mod
     from kvctl.config import Config
 else:
-    client_mod, config_mod, kvcached, render_mod, supervisor_mod, tree = map(
-        lazy_module, ("kvctl.client", "kvctl.config", "kvctl.kvcached", "kvctl.render", "kvctl.supervisor", "kvctl.tree")
+    client_mod, config_mod, json, kvcached, render_mod, supervisor_mod, tree = map(
+        lazy_module, ("kvctl.client", "kvctl.config", "json", "kvctl.kvcached", "kvctl.render", "kvctl.supervisor", "kvctl.tree")
     )
 
 app = typer.Typer(
@@ -427,12 +427,16 @@ def main() -> None:
         app(prog_name="kvctl")
     except ConfigError as exc:
         if os.environ.get("KVCTL_DEBUG") == "1":
+            import traceback
+
             traceback.print_exc()
         for problem in exc.problems:
             display.plain(err, problem)
         sys.exit(exc.exit_code)
     except KvctlError as exc:
         if os.environ.get("KVCTL_DEBUG") == "1":
+            import traceback
+
             traceback.print_exc()
         display.plain(err, f"error: {exc}")
         sys.exit(exc.exit_code)
