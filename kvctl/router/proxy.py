@@ -5,8 +5,10 @@ measured in-process or with benchmarks/router_overhead.py on the 2-core dev mach
 
 * the three proxied routes skip uvicorn's ASGI machinery and Starlette: the protocol
   (protocol.py) hands each parsed request to `Proxy.serve` as an `Exchange` (no scope,
-  RequestResponseCycle, Event, message dicts, receive()/send() coroutines; ~8 µs a request
-  over raw ASGI, which was itself ~3000 → 90–150 µs over a Starlette + httpx proxy);
+  RequestResponseCycle, Event, message dicts, receive()/send() coroutines; with the timer
+  and request-id items below, 151 → 114 µs a request at 16 clients and 170 → 136 at 64 on
+  asyncio over raw ASGI, medians of 6 reps on a loaded machine; raw ASGI was itself
+  ~3000 → 90–150 µs over a Starlette + httpx proxy);
 * the engine client of `kvctl/http1.py` (asyncio Protocol + httptools, keep-alive pool):
   httpx ~3000 µs a request, aiohttp ~500, it a few tens;
 * the engine's body is pushed to the client from the upstream protocol's callback
@@ -22,9 +24,9 @@ measured in-process or with benchmarks/router_overhead.py on the 2-core dev mach
   (the keep-alive timer, protocol.py), not one per wait or per request (~2.5 µs per
   call_later + cancel); labelled histograms looked up once per model (0.9 µs a call);
   request ids from a per-process random prefix and a counter (os.urandom is a syscall:
-  ~0.5 µs); the access line formatted without a LogRecord (logs.py: ~20 → ~5 µs);
-* uvloop when the file-descriptor limit allows it (server.py): ~10–15 % of the CPU of a
-  request and of a chunk.
+  ~0.5 µs); the access line formatted without a LogRecord (logs.py: ~13 → ~7 µs a text line);
+* uvloop when the file-descriptor limit allows it (server.py): 10–15 % of the CPU of a
+  request and of a chunk in paired runs (README: less clear on the loaded machine).
 
 What is left per request is mostly Python's cost of parsing and dispatch (httptools
 callbacks, this module, the event loop) and the kernel's for the four socket operations;

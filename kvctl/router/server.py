@@ -96,7 +96,7 @@ class _Server(uvicorn.Server):
 
 
 def _event_loop(config: Config, fd_limit: int) -> str:
-    """uvloop (~10–15 % less CPU per request and per streamed chunk) when the descriptor
+    """uvloop (10–15 % less CPU per request and per streamed chunk in paired runs) when the descriptor
     limit leaves room for max_connections streams and the engines' idle keep-alive
     connections; else asyncio. Out of descriptors, libuv accepts and resets waiting clients
     itself, while under asyncio the router answers them 503 router_overloaded
