@@ -7,35 +7,47 @@ import json
 import random
 from pathlib import Path
 
+from uvicorn.protocols.http.flow_control import FlowControl
+
 from kvctl.router import create_app
+from kvctl.router.proxy import Exchange
 from kvctl.router.traffic import MAX_WINDOW_SECONDS, TrafficMonitor
 
 from helpers import sim_instance, write_config
 
 
+class _Transport(asyncio.Transport):
+    """Collects what the proxy writes to the client (no sockets: 100k requests take seconds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
 async def _call(app, body: bytes) -> int:
-    """One POST /v1/completions straight into the ASGI app (no sockets: 100k take seconds)."""
-    sent: list[dict] = []
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict:
-        if messages:
-            return messages.pop()
-        await asyncio.Event().wait()  # the client stays connected
-        return {}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/completions",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-    }
-    await app(scope, receive, send)
-    return sent[0]["status"]
+    """One POST /v1/completions handed to the proxy as kvctl's HTTP protocol hands it."""
+    transport = _Transport()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    ex = Exchange(transport, FlowControl(transport), headers, b"/v1/completions", True, False, app.proxy.max_body, lambda: None)
+    ex.add_body(body)
+    ex.end_body()
+    await app.proxy.serve(ex)
+    return int(bytes(transport.written).split(b" ", 2)[1])
 
 
 def _samples(app) -> int:

@@ -1,8 +1,8 @@
 """The router's ASGI app: its parts wired together, their start and stop, reload on SIGHUP.
 
-`POST /v1/{completions,chat/completions,embeddings}` go straight to the raw-ASGI proxy
-(no Starlette objects, no middleware on the hot path); every other route is a small
-Starlette app (kvctl.router.admin). Model names in paths may contain `/`, raw or
+`POST /v1/{completions,chat/completions,embeddings}` never reach this app: kvctl's HTTP
+protocol (kvctl.router.protocol) hands them to the proxy directly; every other route is
+a small Starlette app (kvctl.router.admin). Model names in paths may contain `/`, raw or
 `%2F`-encoded (uvicorn decodes the path), so those routes use `{model:path}`.
 """
 
@@ -29,7 +29,7 @@ from kvctl.router.history import History
 from kvctl.router.kv import KvControl
 from kvctl.router.lifecycle import Lifecycle
 from kvctl.router.metrics import Metrics
-from kvctl.router.proxy import PROXIED_PATHS, Proxy
+from kvctl.router.proxy import Proxy
 from kvctl.router.traffic import TrafficMonitor
 
 log = logging.getLogger("kvctl.router")
@@ -51,15 +51,12 @@ class RouterApp:
         self.shutting_down = asyncio.Event()
         self.traffic = TrafficMonitor(self.models, config.sleep_manager.idle_threshold_seconds, self.lifecycle.in_flight, self.lifecycle.queued)
         self.proxy = Proxy(config, self.lifecycle, self.traffic, self.metrics)
-        self.history = History(self.traffic, self.lifecycle, self.kv)  # for the dashboard's charts
+        self.history = History(self.traffic, self.lifecycle)  # for the dashboard's charts
         self.started = time.time()
         self.admin = Starlette(routes=AdminAPI(self).routes(), lifespan=self._lifespan, exception_handlers=EXCEPTION_HANDLERS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PROXIED_PATHS:
-            await self.proxy.handle(scope, receive, send)
-        else:
-            await self.admin(scope, receive, send)
+        await self.admin(scope, receive, send)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:

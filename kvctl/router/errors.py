@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 
 from starlette.responses import JSONResponse
-from starlette.types import Send
 
 _TYPES = {
     400: "invalid_request_error",
@@ -39,19 +37,6 @@ def error_object(status: int, message: str, code: str, param: str | None = None)
 def error_response(status: int, message: str, code: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     """For the admin routes (Starlette)."""
     return JSONResponse(error_object(status, message, code, param), status_code=status, headers=headers)
-
-
-async def send_error(send: Send, status: int, message: str, code: str, param: str | None = None, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    """For the raw-ASGI data plane: a complete JSON error response."""
-    body = json.dumps(error_object(status, message, code, param)).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def sse_error_event(message: str, code: str) -> bytes:

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from kvctl import procstate
+from kvctl import http1, procstate
 from kvctl.errors import EngineError, KvctlError
-from kvctl.router import logs, overload
+from kvctl.router import logs
 from kvctl.router.events import first_line
 from kvctl.router.states import NOT_RUNNING, S, Slot
 
@@ -179,7 +179,7 @@ class Health:
 def _exhausted(exc: BaseException) -> bool:
     """Whether an error (or its cause) is the router's own lack of file descriptors."""
     while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in overload.EXHAUSTED:
+        if isinstance(exc, OSError) and exc.errno in http1.EXHAUSTED:
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return False

@@ -14,14 +14,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from kvctl.router.kv import KvControl, held_gb
 from kvctl.router.lifecycle import Lifecycle
-from kvctl.router.states import HOLDS_MEMORY
 from kvctl.router.traffic import TrafficMonitor
 
 STEP_SECONDS = 5.0
 SPAN_SECONDS = 900.0
-_HOLDING = frozenset(state.value for state in HOLDS_MEMORY)
 
 
 @dataclass(frozen=True)
@@ -38,10 +35,9 @@ class _Sample:
 
 
 class History:
-    def __init__(self, traffic: TrafficMonitor, lifecycle: Lifecycle, kv: KvControl | None = None) -> None:
+    def __init__(self, traffic: TrafficMonitor, lifecycle: Lifecycle) -> None:
         self._traffic = traffic
         self._lifecycle = lifecycle
-        self._kv = kv
         self._samples: deque[_Sample] = deque(maxlen=int(SPAN_SECONDS / STEP_SECONDS) + 1)
         self._totals: dict[str, int] = {}  # lifetime request count per model at the last sample
         self._last = time.time()
@@ -56,12 +52,9 @@ class History:
         now = time.time()
         elapsed = max(now - self._last, 1e-3)
         held: dict[str, float] = {}
-        # As the budget counts it: declared memory_gb, plus the KV cache kvcached engines really hold.
-        kv_instances = {inst.name: inst for inst in self._kv.instances()} if self._kv is not None else {}
-        for inst in self._lifecycle.instances():
-            if inst["state"] in _HOLDING:
-                measured = held_gb(kv_instances[inst["name"]]) if inst["name"] in kv_instances else 0.0
-                held[inst["model"]] = held.get(inst["model"], 0.0) + (inst["memory_gb"] or 0.0) + measured
+        for slot in self._lifecycle.slots:  # as the budget counts it (Slot.memory: declared, measured KV, or NVML)
+            if slot.holds_memory:
+                held[slot.inst.model] = held.get(slot.inst.model, 0.0) + slot.memory
         points: dict[str, _Point] = {}
         totals: dict[str, int] = {}
         for model in self._traffic.models:  # the configured models now (a reload changes them)

@@ -47,8 +47,6 @@ from kvctl.router.sleeping import Sleeping
 from kvctl.router.states import TRANSITIONS, ActionResult, InstanceState, Outcome, S, Slot, Unavailable, Waiter, model_state
 from kvctl.supervisor import Supervisor
 
-__all__ = ["ActionResult", "Lifecycle", "Outcome", "Unavailable"]
-
 log = logging.getLogger("kvctl.router")
 
 _QUEUE_FULL_RETRY_AFTER = 1

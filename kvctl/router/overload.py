@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -19,13 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvctl.http1 import EXHAUSTED
 from kvctl.router.errors import error_object
 
 log = logging.getLogger("kvctl.router")
 
-# What accept() and connect() raise when the process or the system has no descriptor
-# (or socket buffer) left.
-EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 RETRY_AFTER_SECONDS = 1
 LOG_INTERVAL_SECONDS = 10.0
 # A stream holds two descriptors (client and engine connections); beyond those open at start,

@@ -45,17 +45,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from kvctl.config import Config, Instance
-from kvctl.http1 import ConnectFailed, Connection, Pool, UpstreamClosed, UpstreamError, UpstreamTimeout
-from kvctl.http1 import OutOfDescriptors as RouterOverloaded
+from kvctl.http1 import ConnectFailed, Connection, OutOfDescriptors, Pool, UpstreamClosed, UpstreamError, UpstreamTimeout
 from kvctl.router import logs, overload
 from kvctl.router.auth import DUPLICATE_CODE, DUPLICATE_MESSAGE, bearer, matches
-from kvctl.router.errors import error_object, shorten, sse_error_event
-from kvctl.router.lifecycle import Unavailable
+from kvctl.router.errors import error_object, shorten, sse_error_event, unavailable_status
+from kvctl.router.states import Unavailable
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -278,10 +276,6 @@ class Proxy:
         for name in [name for name, pool in self._pools.items() if urls.get(name) != (pool.host, pool.port)]:
             self._pools.pop(name).close()
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The proxied routes as ASGI: not served this way (kvctl's protocol calls serve())."""
-        raise RuntimeError("the data plane runs under kvctl's HTTP protocol (kvctl.router.protocol)")
-
     # ------------------------------------------------------------------ entry point
     async def serve(self, ex: Exchange) -> None:
         """Answer one data-plane request: the task the protocol starts for it."""
@@ -398,9 +392,9 @@ class Proxy:
                 try:
                     inst = await lifecycle.acquire(model, exclude)
                 except Unavailable as exc:
-                    status, reason = exc.status, exc.code
+                    status, reason = unavailable_status(exc.code), exc.code
                     headers = rid_header + (((b"retry-after", str(exc.retry_after).encode()),) if exc.retry_after is not None else ())
-                    _error(ex, exc.status, exc.message, exc.code, headers=headers)
+                    _error(ex, status, exc.message, exc.code, headers=headers)
                     return
                 try:
                     status, ttft, reason, sent = await self._exchange(ex, inst, head, body, rid_header, t0)
@@ -413,7 +407,7 @@ class Proxy:
                     status, reason = 502, exc.reason
                     _error(ex, 502, f"Model '{model}': engine {inst.name} is unreachable: {exc}", "engine_unreachable", headers=rid_header)
                     return
-                except RouterOverloaded as exc:  # the router's own exhaustion: the engine is not to blame
+                except OutOfDescriptors as exc:  # the router's own exhaustion: the engine is not to blame
                     overload.fd_exhausted.note("connecting to an engine")
                     status, reason = 503, exc.reason
                     _error(ex, 503, overload.message(str(exc)), "router_overloaded", headers=(*rid_header, retry_after))
@@ -440,36 +434,17 @@ class Proxy:
         pool = self._pools.get(inst.name)
         if pool is None:
             pool = self._pools[inst.name] = Pool(inst.host, inst.port, self._connect_timeout)
-        request = b"".join((head, pool.host_header, body))
-        conn = await pool.get()
         try:
-            conn.send(request)
-            try:
-                await conn.read_head(self._first_byte_timeout)
-            except UpstreamClosed:
-                if not (conn.reused and not conn.received):
-                    raise
-                # The engine closed an idle keep-alive connection as we wrote to it: nothing was
-                # processed, so the request goes again on a fresh connection.
-                conn.abort()
-                conn = await pool.connect()
-                conn.send(request)
-                await conn.read_head(self._first_byte_timeout)
+            conn = await pool.open(b"".join((head, pool.host_header, body)), self._first_byte_timeout)
         except UpstreamTimeout:
-            conn.abort()
             message = f"Model '{inst.model}': engine {inst.name} sent no response within {self._first_byte_timeout:g}s."
             _error(ex, 504, message, "upstream_timeout", headers=rid_header)
             return 504, None, "first_byte_timeout", None
-        except (ConnectFailed, RouterOverloaded):
-            conn.abort()
-            raise  # the reconnect after a stale keep-alive failed: as any failed connect
+        except (ConnectFailed, OutOfDescriptors):
+            raise  # as any failed connect (also the reconnect after a stale keep-alive)
         except UpstreamError as exc:
-            conn.abort()
             _error(ex, 502, f"Model '{inst.model}': engine {inst.name} failed before answering: {exc}", "engine_failed", headers=rid_header)
             return 502, None, exc.reason, None
-        except BaseException:
-            conn.abort()
-            raise
         return await self._relay(ex, conn, inst, rid_header[0][1], t0)
 
     async def _relay(self, ex: Exchange, conn: Connection, inst: Instance, rid: bytes, t0: float) -> tuple[int, float | None, str | None, int]:

@@ -10,14 +10,13 @@ from types import FrameType
 
 import uvicorn
 
+from kvctl import http1
 from kvctl.config import Config
 from kvctl.errors import UsageError
 from kvctl.router import overload
 from kvctl.router.protocol import protocol_for
 
 log = logging.getLogger("kvctl.router")
-# kvctl/http1.py keeps at most this many idle keep-alive connections per engine instance.
-_IDLE_PER_ENGINE = 256
 
 
 def check_bind(config: Config) -> None:
@@ -102,7 +101,7 @@ def _event_loop(config: Config, fd_limit: int) -> str:
     itself, while under asyncio the router answers them 503 router_overloaded
     (overload.AcceptShedder): so uvloop only where max_connections, which answers that 503
     first, keeps the router clear of the limit."""
-    needed = config.router.max_connections + len(config.instances) * _IDLE_PER_ENGINE // 2  # in streams: 2 descriptors each
+    needed = config.router.max_connections + len(config.instances) * http1.MAX_IDLE // 2  # in streams: 2 descriptors each
     if overload.stream_capacity(fd_limit) < needed:
         log.info("event loop: asyncio (the file descriptor limit %d is short of 2 x max_connections and a margin; uvloop needs it)", fd_limit)
         return "asyncio"

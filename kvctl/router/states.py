@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvctl.config import Instance
-from kvctl.router import errors, kv
+from kvctl.router import kv
 
 
 class InstanceState(enum.StrEnum):
@@ -150,11 +150,6 @@ class Unavailable(Exception):
         self.code = code
         self.message = message
         self.retry_after = retry_after
-
-    @property
-    def status(self) -> int:
-        """The HTTP status, from the data plane's table (kvctl.router.errors)."""
-        return errors.unavailable_status(self.code)
 
     def copy(self) -> Unavailable:
         return Unavailable(self.code, self.message, self.retry_after)
