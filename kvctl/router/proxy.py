@@ -127,7 +127,6 @@ class Exchange:
         "headers",
         "keep_alive",
         "max_body",
-        "message_event",
         "on_response",
         "response_complete",
         "response_started",
@@ -169,9 +168,14 @@ class Exchange:
         self.finished = False  # the answer is decided: a disconnect no longer cancels
         self.gone = False  # the client left and cancelled the request
         self._waiter: asyncio.Future[None] | None = None
-        # uvicorn's protocol calls `cycle.message_event.set()` when the client sent more or
-        # left: here that wakes a read of the body.
-        self.message_event = self
+
+    @property
+    def message_event(self) -> Exchange:
+        """uvicorn's protocol calls `cycle.message_event.set()` when the client sent more or
+        left: here that wakes a read of the body. A property, not an attribute holding self:
+        that reference cycle left every Exchange (with its task, coroutine, lists) to the
+        garbage collector instead of freeing it when the request ends."""
+        return self
 
     # -- called by the protocol
     def add_body(self, data: bytes) -> None:
