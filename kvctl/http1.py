@@ -288,15 +288,19 @@ class Pool:
 
     async def get(self) -> Connection:
         """An idle connection if one is fresh, else a new one (ConnectFailed if impossible)."""
+        return self._fresh() or await self.connect()
+
+    def _fresh(self) -> Connection | None:
         idle = self._idle
-        now = time.monotonic()
-        while idle:
-            conn = idle.pop()
-            if now - conn.idle_since < _IDLE_SECONDS:
-                conn.reused = True
-                return conn
-            conn.abort()
-        return await self.connect()
+        if idle:
+            now = time.monotonic()
+            while idle:
+                conn = idle.pop()
+                if now - conn.idle_since < _IDLE_SECONDS:
+                    conn.reused = True
+                    return conn
+                conn.abort()
+        return None
 
     async def connect(self) -> Connection:
         loop = asyncio.get_running_loop()
@@ -314,7 +318,7 @@ class Pool:
         """Send `request` and wait for the response head (`timeout`); the connection is
         aborted if that fails. A kept-alive connection the server had closed before reading
         anything is retried once on a fresh one: nothing was processed."""
-        conn = await self.get()
+        conn = self._fresh() or await self.connect()  # get() without a coroutine of its own
         try:
             conn.send(request)
             try:

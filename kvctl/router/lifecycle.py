@@ -70,6 +70,7 @@ class Lifecycle:
         self._index()
         self._wakes: dict[str, asyncio.Task[ActionResult]] = {}  # single flight per model
         self._changed = asyncio.Event()
+        self._watchers = 0  # callers in wait_change()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._client: httpx.AsyncClient | None = None
         self.persisted = state_file.SleepStates(RunPaths(config.run_dir).router_state)
@@ -358,19 +359,23 @@ class Lifecycle:
         self.events.publish(Event(inst.name, inst.model, old.value, new.value, cause, duration))
 
     def notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._watchers:  # else nobody to wake, and no new Event per request (release)
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     async def wait_change(self, timeout: float) -> bool:
         """Wait until something changes; False when `timeout` passed first."""
         if timeout <= 0:
             return False
         event = self._changed
+        self._watchers += 1
         try:
             async with asyncio.timeout(timeout):
                 await event.wait()
         except TimeoutError:
             return False
+        finally:
+            self._watchers -= 1
         return True
 
     def became_ready(self, slot: Slot, *, launched_for_requests: bool) -> None:

