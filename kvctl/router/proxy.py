@@ -86,6 +86,7 @@ _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 _SHUTDOWN_CODE = "router_shutdown"
 # Connection options that name no header (RFC 9110 §7.6.1): nothing to drop for them.
 _PLAIN_OPTIONS = _HOP_BY_HOP | {b"close"}
+_RETRY_AFTER = (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)
 _SHUTDOWN_MESSAGE = "The router is shutting down and cut this request; retry once it is back."
 # A request id the client did not send: unique per process start (random prefix) and per request (counter).
 _ID_PREFIX = os.urandom(6).hex().encode()
@@ -403,7 +404,6 @@ class Proxy:
         ttft: float | None = None
         sent: int | None = None
         exclude: tuple[str, ...] = ()
-        retry_after = (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)
         try:
             if ex.disconnected:  # gone after its body arrived, before it could be cancelled
                 ex.gone = True
@@ -431,7 +431,7 @@ class Proxy:
                 except OutOfDescriptors as exc:  # the router's own exhaustion: the engine is not to blame
                     overload.fd_exhausted.note("connecting to an engine")
                     status, reason = 503, exc.reason
-                    _error(ex, 503, overload.message(str(exc)), "router_overloaded", headers=(*rid_header, retry_after))
+                    _error(ex, 503, overload.message(str(exc)), "router_overloaded", headers=(*rid_header, _RETRY_AFTER))
                     return
                 finally:
                     lifecycle.release(inst)
@@ -441,7 +441,7 @@ class Proxy:
             else:  # the server stops and cut the request before its answer began (see _relay)
                 ex.finished = True
                 status, reason = 503, _SHUTDOWN_CODE
-                _error(ex, 503, _SHUTDOWN_MESSAGE, _SHUTDOWN_CODE, headers=(*rid_header, retry_after))
+                _error(ex, 503, _SHUTDOWN_MESSAGE, _SHUTDOWN_CODE, headers=(*rid_header, _RETRY_AFTER))
         finally:
             ex.finished = True
             latency = time.monotonic() - t0
