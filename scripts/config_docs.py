@@ -1,4 +1,4 @@
-"""Write docs/config.md's key tables from the schema (kvctl/config.py, kvctl/sim/settings.py).
+"""Write docs/config.md's key tables from the schema (kvctl/config/schema.py, kvctl/sim/settings.py).
 
     .venv/bin/python scripts/config_docs.py
 

@@ -1,21 +1,21 @@
-"""kvctl.yaml: its schema, reading it, and checking it (see the modules of this package)."""
+"""kvctl.yaml: its schema (schema), the checks of its values (checks), reading the file within
+limits (yaml_load), and reading the tree against the schema with FILE:LINE:COL problems (reader)."""
 
+from kvctl.config.reader import load, parse
 from kvctl.config.schema import (
     REFERENCE,
     Config,
     Instance,
     RouterConfig,
-    SimSettings,
     SleepManagerConfig,
     SleepSettings,
     env_digest,
     is_loopback,
     kvcached_ipc_name,
-    load,
-    parse,
     reference_tables,
-    resolve_path,
 )
+from kvctl.config.yaml_load import resolve_path
+from kvctl.sim.settings import SimSettings
 
 __all__ = [
     "REFERENCE",
