@@ -1,7 +1,7 @@
 """A setting is declared once: a dataclass field whose metadata says how a value is checked
 and what the reference says about it.
 
-From those fields come the key tables kvctl.yaml is read against (kvctl/config.py), the
+From those fields come the key tables kvctl.yaml is read against (kvctl/config/schema.py), the
 simulated engine's command-line flags (kvctl/sim/__main__.py and the sim adapter's command
 line) and the tables of docs/config.md (`reference_table`, kept in step by a test).
 """

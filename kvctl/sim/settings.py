@@ -1,6 +1,6 @@
 """The simulated engine's settings, declared once.
 
-Each field is a `sim:` key of an instance in kvctl.yaml (kvctl/config.py reads them against
+Each field is a `sim:` key of an instance in kvctl.yaml (kvctl/config/schema.py reads them against
 these fields), a flag of `python -m kvctl.sim` (the key with dashes; kvctl/sim/__main__.py
 derives its parser from them, the sim adapter its command line with `argv`) and a row of
 docs/config.md's sim table. A new setting is one field here, plus what the sim does with it.
