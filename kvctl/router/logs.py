@@ -16,7 +16,6 @@ import sys
 import time
 from typing import Any
 
-ROUTER_LOGGER = "kvctl.router"
 ACCESS_LOGGER = "kvctl.access"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
