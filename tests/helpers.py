@@ -92,6 +92,11 @@ class Procs:
     def start_sim(self, model: str, port: int, *extra: str, **kwargs) -> subprocess.Popen:
         return self.start([sys.executable, "-m", "kvctl.sim", "--model", model, "--host", "127.0.0.1", "--port", str(port), *extra], **kwargs)
 
+    def find(self, *argv_prefix: str) -> subprocess.Popen:
+        """The one started process whose argv begins with `argv_prefix`, for a test that kills it itself."""
+        [proc] = [p for p in self._procs if p.args[: len(argv_prefix)] == list(argv_prefix)]
+        return proc
+
     def stop_all(self) -> None:
         for proc in self._procs:
             if proc.poll() is None:

@@ -177,7 +177,7 @@ def test_stats_live_redraws_survives_a_router_restart_and_exits_0_on_ctrl_c(tree
     wait_for(lambda: _total(tmux.screen(), "model-b") == 3, timeout=20, what="model-b's total to reach 3 on screen")
 
     # The router goes away: the display says so instead of crashing...
-    router = next(p for p in procs._procs if p.args[:4] == [*KVCTL, "router"])
+    router = procs.find(*KVCTL, "router")
     os.killpg(router.pid, signal.SIGKILL)
     router.wait(timeout=10)
     wait_for(lambda: "router unreachable" in tmux.screen(), timeout=20, what="the unreachable notice")
