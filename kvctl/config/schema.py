@@ -10,19 +10,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvctl import engines
+from kvctl import engines, kvcached
 from kvctl.config import checks
 from kvctl.settings import INVALID, Bool, Choice, Integer, Number, Setting, fields_of, reference_table, setting
 from kvctl.sim import settings as sim_settings
 from kvctl.sim.settings import SimSettings
-
-_IPC_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_MAX_IPC_NAME = 64  # kvcached cuts KVCACHED_IPC_NAME there
 
 _SECONDS_POSITIVE = Number(positive=True)
 
@@ -347,9 +343,8 @@ def reference_tables() -> dict[str, str]:
 
 
 def kvcached_ipc_name(name: str) -> str:
-    """`kvctl_` + the instance name as kvcached would sanitise it (every character but letters,
-    digits, '_' and '-' becomes '-', at most 64), so kvcached uses it unchanged."""
-    return ("kvctl_" + _IPC_UNSAFE.sub("-", name))[:_MAX_IPC_NAME]
+    """`kvctl_` + the instance name, sanitised as kvcached would, so kvcached uses it unchanged."""
+    return kvcached.sanitize(kvcached.OWNED_PREFIX + name)
 
 
 def is_loopback(host: str) -> bool:
