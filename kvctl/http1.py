@@ -127,12 +127,6 @@ class Connection(asyncio.Protocol):
             self._fail(UpstreamClosed("the server closed the connection" + (f" ({exc})" if exc else "")))
         self._transport = None
 
-    def pause_writing(self) -> None:  # requests are small; nothing to throttle
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
@@ -286,11 +280,8 @@ class Pool:
         self.host_header = f"host: {f'[{host}]' if ':' in host else host}:{port}\r\n\r\n".encode()
         self._idle: list[Connection] = []
 
-    async def get(self) -> Connection:
-        """An idle connection if one is fresh, else a new one (ConnectFailed if impossible)."""
-        return self._fresh() or await self.connect()
-
     def _fresh(self) -> Connection | None:
+        """An idle connection that is still fresh, if any (the stale ones are closed)."""
         idle = self._idle
         if idle:
             now = time.monotonic()
@@ -318,7 +309,7 @@ class Pool:
         """Send `request` and wait for the response head (`timeout`); the connection is
         aborted if that fails. A kept-alive connection the server had closed before reading
         anything is retried once on a fresh one: nothing was processed."""
-        conn = self._fresh() or await self.connect()  # get() without a coroutine of its own
+        conn = self._fresh() or await self.connect()
         try:
             conn.send(request)
             try:

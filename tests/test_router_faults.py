@@ -205,7 +205,7 @@ async def test_relay_pauses_reading_from_the_engine_until_resumed() -> None:
     server = await asyncio.start_server(engine, "127.0.0.1", 0)
     pool = Pool("127.0.0.1", server.sockets[0].getsockname()[1], connect_timeout=5)
     try:
-        conn = await pool.get()
+        conn = await pool.connect()
         conn.send(b"POST /v1/completions HTTP/1.1\r\n" + pool.host_header)
         await conn.read_head(10)
         got: list[bytes] = []
