@@ -286,7 +286,7 @@ def test_kvcached_ipc_name_survives_kvcached_sanitising_and_is_unique() -> None:
         FILE,
     )
     short, long = config.instances
-    assert short.env["KVCACHED_IPC_NAME"] == config.kvcached_ipc_name(short) == "kvctl_llama-3-2-1b"
+    assert short.env["KVCACHED_IPC_NAME"] == config_mod.kvcached_ipc_name(short.name) == "kvctl_llama-3-2-1b"
     assert long.env["KVCACHED_IPC_NAME"] == "kvctl_" + "x" * 58
     for inst in config.instances:
         name = inst.env["KVCACHED_IPC_NAME"]

@@ -306,10 +306,6 @@ class Config:
         """Alias -> the model it stands for."""
         return {alias: inst.model for inst in self.instances for alias in inst.aliases}
 
-    def kvcached_ipc_name(self, inst: Instance) -> str:
-        """The instance's KVCACHED_IPC_NAME (its /dev/shm segment name, unique per instance)."""
-        return kvcached_ipc_name(inst.name)
-
     def instance(self, name: str) -> Instance:
         for inst in self.instances:
             if inst.name == name:
