@@ -21,7 +21,7 @@ from kvctl import kvcached
 from kvctl.sim import settings as sim_settings
 from kvctl.sim.app import create_app
 from kvctl.sim.settings import SimSettings
-from kvctl.sim.state import KvPool, Settings
+from kvctl.sim.state import MEMORY_SHARE, KvPool, Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,8 +38,6 @@ def _parser() -> argparse.ArgumentParser:
 
 # Without --memory-gb (and no memory_gb in kvctl.yaml), the memory it reports while awake.
 DEFAULT_MEMORY_GB = 1.0
-# With kvcached, the KV cache's capacity is this share of --memory-gb (the rest: weights).
-KV_SHARE = 0.4
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -92,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(settings.sim.load_seconds)  # a real engine binds its port only once loaded
         kv = None
         if kvcached.enabled(os.environ):
-            # As kvcached does once its KV cache is set up: the segment, with the capacity as the limit.
-            segment = kvcached.Segment(kvcached.segment_name(os.environ), int(KV_SHARE * settings.memory_gb * 2**30))
+            # As kvcached does once its KV cache is set up: the segment, with the capacity (the
+            # KV-cache region's share of --memory-gb) as the limit.
+            capacity = int(MEMORY_SHARE["kv_cache"] * settings.memory_gb * 2**30)
+            segment = kvcached.Segment(kvcached.segment_name(os.environ), capacity)
             kv = KvPool(segment, settings.sim.kv_bytes_per_token)
         app = create_app(settings, kv)
         print(f"kvctl.sim: serving {settings.model} ({settings.sim.dialect} dialect) on {settings.host}:{settings.port}", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ from typing import Any
 from kvctl.kvcached import Segment
 from kvctl.sim.settings import SimSettings
 
-_SHARE = {"weights": 0.6, "kv_cache": 0.4, "cuda_graph": 0.0}  # of memory_gb
+MEMORY_SHARE = {"weights": 0.6, "kv_cache": 0.4, "cuda_graph": 0.0}  # of memory_gb, per tagged region
 TAGS = {"vllm": ("weights", "kv_cache"), "sglang": ("weights", "kv_cache", "cuda_graph")}
 
 
@@ -145,7 +145,7 @@ class EngineState:
 
     @property
     def memory_bytes(self) -> int:
-        held = 1.0 - sum(_SHARE[t] for t in self.released)
+        held = 1.0 - sum(MEMORY_SHARE[t] for t in self.released)
         return int(self.settings.memory_gb * held * 2**30)
 
     def snapshot(self) -> dict[str, Any]:
