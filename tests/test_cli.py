@@ -56,11 +56,11 @@ def test_version_help_and_shell_completion() -> None:
     for command in ("up", "down", "status", "events", "sleep", "wake", "stats", "bench", "logs", "config"):
         assert f"│ {command} " in assistance.stdout, command
     # What the installed completion script runs on <TAB>: kvctl answers with the candidates.
-    env = {**os.environ, "_KVCTL_COMPLETE": "complete_bash", "COMP_WORDS": "kvctl st", "COMP_CWORD": "1"}
-    completed = subprocess.run(KVCTL, capture_output=True, text=True, env=env, timeout=30)
+    env = {"_KVCTL_COMPLETE": "complete_bash", "COMP_WORDS": "kvctl st", "COMP_CWORD": "1"}
+    completed = kvctl(env=env, timeout=30)
     assert completed.returncode == 0 and completed.stdout.split() == ["status", "stats"]
     env.update(COMP_WORDS="kvctl stats --wi", COMP_CWORD="2")
-    assert subprocess.run(KVCTL, capture_output=True, text=True, env=env, timeout=30).stdout.split() == ["--window"]
+    assert kvctl(env=env, timeout=30).stdout.split() == ["--window"]
     script = kvctl("--show-completion", "bash")
     assert script.returncode == 0 and "_KVCTL_COMPLETE=complete_bash" in script.stdout
 

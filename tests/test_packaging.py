@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from helpers import ROOT
+from helpers import ROOT, kvctl
 
 
 def test_wheel_ships_the_template_and_renders_from_it(tmp_path: Path) -> None:
@@ -43,7 +43,7 @@ def test_wheel_ships_the_template_and_renders_from_it(tmp_path: Path) -> None:
 
 
 def test_python_dash_m_kvctl_runs_the_cli() -> None:
-    result = subprocess.run([sys.executable, "-m", "kvctl", "--help"], capture_output=True, text=True, timeout=60)
+    result = kvctl("--help", timeout=60)  # helpers.kvctl runs `python -m kvctl`
     assert result.returncode == 0
     for command in ("up", "down", "status", "logs", "sleep", "wake", "config", "router"):
         assert command in result.stdout
