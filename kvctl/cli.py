@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -209,26 +208,6 @@ def events(
 # --------------------------------------------------------------------------- kvcached
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def _kv_size(text: str) -> dict[str, float | int]:
-    """`512M`, `2G`, `1.5GiB`, `1073741824` (bytes) -> {"bytes": N}; `30%` -> {"percent": 30}."""
-    if text.strip().endswith("%"):
-        try:
-            percent = float(text.strip()[:-1])
-        except ValueError:
-            percent = -1.0
-        if not 0 < percent <= 100:
-            raise UsageError(f"SIZE '{text[:40]}': a percentage must be in (0, 100]")
-        return {"percent": percent}
-    match = _SIZE.match(text)
-    if not match:
-        raise UsageError(f"SIZE '{text[:40]}' is not a size: use e.g. 512M, 2G, 1.5GiB, a number of bytes, or 30% of the capacity")
-    return {"bytes": int(float(match.group(1)) * _UNITS.get((match.group(2) or "").lower(), 1))}
-
-
 @kv_app.command("limit")
 def kv_limit(
     model: Annotated[str, typer.Argument(help="Model name (or alias).")],
@@ -239,7 +218,7 @@ def kv_limit(
     """Set the KV-cache limit of a model's kvcached engines (through the router, logged there;
     with no router, written to the segments directly)."""
     config = _load(config_path)
-    body: dict[str, Any] = _kv_size(size)
+    body: dict[str, Any] = kvcached.parse_limit(size)
     if instance is not None:
         body["instance"] = instance
     try:

@@ -267,6 +267,28 @@ def _owner(pid: int) -> str:
     return f"another kvctl tree (PID {pid}, {reaper.MARKER_VAR}={mark})"
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_limit(text: str) -> dict[str, float | int]:
+    """`kvctl kv limit`'s SIZE as the body of POST /models/{model}/kv_limit (and of
+    `limit_directly`): `512M`, `2G`, `1.5GiB`, `1073741824` (bytes) -> {"bytes": N};
+    `30%` -> {"percent": 30}."""
+    if text.strip().endswith("%"):
+        try:
+            percent = float(text.strip()[:-1])
+        except ValueError:
+            percent = -1.0
+        if not 0 < percent <= 100:
+            raise UsageError(f"SIZE '{text[:40]}': a percentage must be in (0, 100]")
+        return {"percent": percent}
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"SIZE '{text[:40]}' is not a size: use e.g. 512M, 2G, 1.5GiB, a number of bytes, or 30% of the capacity")
+    return {"bytes": int(float(match.group(1)) * _UNITS.get((match.group(2) or "").lower(), 1))}
+
+
 def limit_directly(config: Config, model: str, request: Mapping[str, Any], why: str) -> dict[str, Any]:
     """`kvctl kv limit` when no router answers (`why`): the protocol lets any process write the
     limit, so kvctl writes each segment itself; the same answer as POST /models/{model}/kv_limit.
