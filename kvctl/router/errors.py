@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 from starlette.responses import JSONResponse
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 _TYPES = {
     400: "invalid_request_error",
@@ -37,6 +39,16 @@ def error_object(status: int, message: str, code: str, param: str | None = None)
 def error_response(status: int, message: str, code: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     """For the admin routes (Starlette)."""
     return JSONResponse(error_object(status, message, code, param), status_code=status, headers=headers)
+
+
+def error_bytes(status: int, message: str, code: str, param: str | None = None, headers: Iterable[tuple[bytes, bytes]] = (), close: bool = False) -> bytes:
+    """A complete JSON error answer as HTTP/1.1 bytes, for what writes to a transport itself."""
+    body = json.dumps(error_object(status, message, code, param)).encode()
+    head = [STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)]
+    head += [b"%s: %s\r\n" % header for header in headers]
+    if close:
+        head.append(b"connection: close\r\n")
+    return b"".join((*head, b"\r\n", body))
 
 
 def sse_error_event(message: str, code: str) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import resource
@@ -19,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from kvctl.http1 import EXHAUSTED
-from kvctl.router.errors import error_object
+from kvctl.router.errors import error_bytes
 
 log = logging.getLogger("kvctl.router")
 
-RETRY_AFTER_SECONDS = 1
+RETRY_AFTER = (b"retry-after", b"1")  # seconds: the header of every router_overloaded answer
 LOG_INTERVAL_SECONDS = 10.0
 # A stream holds two descriptors (client and engine connections); beyond those open at start,
 # this many stay for the listening socket, health probes and idle keep-alive connections.
@@ -32,16 +31,6 @@ _FD_MARGIN = 32
 
 def message(what: str) -> str:
     return f"The router is overloaded ({what}); retry shortly."
-
-
-def response_bytes(what: str) -> bytes:
-    """A complete 503 `router_overloaded` HTTP response that closes the connection."""
-    body = json.dumps(error_object(503, message(what), "router_overloaded")).encode()
-    return b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: %d\r\nretry-after: %d\r\nconnection: close\r\n\r\n%s" % (
-        len(body),
-        RETRY_AFTER_SECONDS,
-        body,
-    )
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -100,7 +89,7 @@ class AcceptShedder:
 
     def __init__(self) -> None:
         self._spare: int | None = None
-        self._response = response_bytes("out of file descriptors")
+        self._response = error_bytes(503, message("out of file descriptors"), "router_overloaded", headers=(RETRY_AFTER,), close=True)
         self._take_spare()
 
     def _take_spare(self) -> None:

@@ -31,17 +31,16 @@ closes (uvicorn would send chunked encoding, which HTTP/1.0 does not have).
 from __future__ import annotations
 
 import asyncio
-import json
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from kvctl.config import RouterConfig
 from kvctl.router import overload
-from kvctl.router.errors import error_object
+from kvctl.router.errors import error_bytes
 from kvctl.router.proxy import PROXIED_PATHS, Exchange, Proxy
 
 MAX_HEADERS = 100
@@ -183,7 +182,7 @@ class LimitedProtocol(HttpToolsProtocol):
                 503,
                 "router_overloaded",
                 overload.message(f"max_connections {self.limits.max_connections}"),
-                ((b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS),),
+                (overload.RETRY_AFTER,),
             )
             raise _Refused
         self._body_pending = True
@@ -327,10 +326,7 @@ class LimitedProtocol(HttpToolsProtocol):
             if started:
                 self.transport.close()  # mid-response there is nothing left to say
                 return
-        body = json.dumps(error_object(status, message, code)).encode()
-        head = [STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n" % len(body)]
-        head += [b"%s: %s\r\n" % header for header in headers]
-        self.transport.write(b"".join((*head, b"\r\n", body)))
+        self.transport.write(error_bytes(status, message, code, headers=headers, close=True))
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.flow.resume_reading()

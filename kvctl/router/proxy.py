@@ -61,7 +61,7 @@ from kvctl.config import Config, Instance
 from kvctl.http1 import ConnectFailed, Connection, OutOfDescriptors, Pool, UpstreamClosed, UpstreamError, UpstreamTimeout
 from kvctl.router import logs, overload
 from kvctl.router.auth import DUPLICATE_CODE, DUPLICATE_MESSAGE, bearer, matches
-from kvctl.router.errors import error_object, shorten, sse_error_event, unavailable_status
+from kvctl.router.errors import error_bytes, shorten, sse_error_event, unavailable_status
 from kvctl.router.states import Unavailable
 
 if TYPE_CHECKING:
@@ -95,7 +95,6 @@ _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 _SHUTDOWN_CODE = "router_shutdown"
 # Connection options that name no header (RFC 9110 §7.6.1): nothing to drop for them.
 _PLAIN_OPTIONS = _HOP_BY_HOP | {b"close"}
-_RETRY_AFTER = (b"retry-after", b"%d" % overload.RETRY_AFTER_SECONDS)
 _SHUTDOWN_MESSAGE = "The router is shutting down and cut this request; retry once it is back."
 # A request id the client did not send: unique per process start (random prefix) and per request (counter).
 _ID_PREFIX = os.urandom(6).hex().encode()
@@ -440,7 +439,7 @@ class Proxy:
                 except OutOfDescriptors as exc:  # the router's own exhaustion: the engine is not to blame
                     overload.fd_exhausted.note("connecting to an engine")
                     status, reason = 503, exc.reason
-                    _error(ex, 503, overload.message(str(exc)), "router_overloaded", headers=(*rid_header, _RETRY_AFTER))
+                    _error(ex, 503, overload.message(str(exc)), "router_overloaded", headers=(*rid_header, overload.RETRY_AFTER))
                     return
                 finally:
                     lifecycle.release(inst)
@@ -450,7 +449,7 @@ class Proxy:
             else:  # the server stops and cut the request before its answer began (see _relay)
                 ex.finished = True
                 status, reason = 503, _SHUTDOWN_CODE
-                _error(ex, 503, _SHUTDOWN_MESSAGE, _SHUTDOWN_CODE, headers=(*rid_header, _RETRY_AFTER))
+                _error(ex, 503, _SHUTDOWN_MESSAGE, _SHUTDOWN_CODE, headers=(*rid_header, overload.RETRY_AFTER))
         finally:
             ex.finished = True
             latency = time.monotonic() - t0
@@ -588,14 +587,9 @@ def _ttft(writer: _Writer, sse: bool, t0: float) -> float | None:
 
 def _error(ex: Exchange, status: int, message: str, code: str, param: str | None = None, headers: Headers = ()) -> None:
     """A complete OpenAI-shaped JSON error answer."""
-    body = json.dumps(error_object(status, message, code, param)).encode()
-    head = [STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)]
-    head += [b"%s: %s\r\n" % header for header in headers]
-    if not ex.keep_alive:
-        head.append(b"connection: close\r\n")
     ex.response_started = True
     if not ex.transport.is_closing():
-        ex.transport.write(b"".join((*head, b"\r\n", body)))
+        ex.transport.write(error_bytes(status, message, code, param, headers, not ex.keep_alive))
     _complete(ex)
 
 
