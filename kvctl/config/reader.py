@@ -18,6 +18,7 @@ from typing import Any
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from kvctl import engines, kvcached
+from kvctl.config import checks
 from kvctl.config.checks import VAR_REFERENCE
 from kvctl.config.positions import key_pos, port_pos, pos_of, value_pos
 from kvctl.config.schema import (
@@ -195,7 +196,7 @@ class Reader:
         if arg_port is not None:
             try:
                 parsed = int(arg_port)
-                if not 1 <= parsed <= 65535:
+                if checks.port.problem(parsed) is not None:
                     raise ValueError
             except ValueError:
                 self.error(at("engine_args"), f"{where}: --port '{clip(arg_port)}' in engine_args is not a port number")
