@@ -315,17 +315,10 @@ class Reader:
 
     def literal_secrets_warning(self, data: Any) -> None:
         """Keys written into a file that others can read are keys others have."""
-        router = data.get("router") if isinstance(data, CommentedMap) else None
-        if not isinstance(router, CommentedMap):
-            return
-        keys = router.get("api_keys")
-        literal = [
-            key
-            for key, values in (("api_keys", keys if isinstance(keys, CommentedSeq) else ()), ("admin_token", [router.get("admin_token")]))
-            if any(isinstance(v, str) and VAR_REFERENCE.sub("", v).strip() for v in values)
-        ]
+        literal = [key for key, values in _secrets_as_written(data).items() if any(VAR_REFERENCE.sub("", v).strip() for v in values)]
         if not literal:
             return
+        router = data["router"]
         try:
             mode = self.file.stat().st_mode & 0o777
         except OSError:
@@ -377,14 +370,19 @@ class Reader:
                 )
 
 
-def _secret_env(data: Any) -> tuple[str, ...]:
-    """Names of the variables that router.api_keys and router.admin_token take from the environment."""
+def _secrets_as_written(data: Any) -> dict[str, list[str]]:
+    """router.api_keys' and router.admin_token's strings as the file writes them (${VAR} unexpanded)."""
     router = data.get("router") if isinstance(data, CommentedMap) else None
     if not isinstance(router, CommentedMap):
-        return ()
+        return {}
     keys = router.get("api_keys")
-    values = [*(keys if isinstance(keys, CommentedSeq) else ()), router.get("admin_token")]
-    names = (name for value in values if isinstance(value, str) for name in VAR_REFERENCE.findall(value))
+    written = {"api_keys": keys if isinstance(keys, CommentedSeq) else [], "admin_token": [router.get("admin_token")]}
+    return {key: [v for v in values if isinstance(v, str)] for key, values in written.items()}
+
+
+def _secret_env(data: Any) -> tuple[str, ...]:
+    """Names of the variables that router.api_keys and router.admin_token take from the environment."""
+    names = (name for values in _secrets_as_written(data).values() for value in values for name in VAR_REFERENCE.findall(value))
     return tuple(dict.fromkeys(names))
 
 
