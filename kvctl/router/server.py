@@ -40,8 +40,8 @@ def serve(config: Config) -> None:
     # and a getpid() syscall per access-log record. See the logging HOWTO's "Optimization".
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    soft = _raise_fd_limit(config)
-    loop = _event_loop(config, soft)
+    soft, streams = _raise_fd_limit(config)
+    loop = _event_loop(config, soft, streams)
     app = create_app(config)
     server = _Server(
         uvicorn.Config(
@@ -98,7 +98,7 @@ class _Server(uvicorn.Server):
             task.cancel()
 
 
-def _event_loop(config: Config, fd_limit: int) -> str:
+def _event_loop(config: Config, fd_limit: int, streams: int) -> str:
     """uvloop (10–15 % less CPU per request and per streamed chunk in paired runs) when the descriptor
     limit leaves room for max_connections streams and the engines' idle keep-alive
     connections; else asyncio. Out of descriptors, libuv accepts and resets waiting clients
@@ -106,14 +106,15 @@ def _event_loop(config: Config, fd_limit: int) -> str:
     (overload.AcceptShedder): so uvloop only where max_connections, which answers that 503
     first, keeps the router clear of the limit."""
     needed = config.router.max_connections + len(config.instances) * http1.MAX_IDLE // 2  # in streams: 2 descriptors each
-    if overload.stream_capacity(fd_limit) < needed:
+    if streams < needed:
         log.info("event loop: asyncio (the file descriptor limit %d is short of 2 x max_connections and a margin; uvloop needs it)", fd_limit)
         return "asyncio"
     log.info("event loop: uvloop")
     return "uvloop"
 
 
-def _raise_fd_limit(config: Config) -> int:
+def _raise_fd_limit(config: Config) -> tuple[int, int]:
+    """Raise the descriptor limit; returns it and the concurrent streams it leaves room for."""
     soft, _ = overload.raise_fd_limit()
     streams = overload.stream_capacity(soft)
     log.info("file descriptor limit %d: room for about %d concurrent streams", soft, streams)
@@ -125,4 +126,4 @@ def _raise_fd_limit(config: Config) -> int:
             streams,
             config.router.max_connections,
         )
-    return soft
+    return soft, streams
