@@ -404,18 +404,12 @@ def bench(
 def main() -> None:
     try:
         app(prog_name="kvctl")
-    except ConfigError as exc:
-        if os.environ.get("KVCTL_DEBUG") == "1":
-            import traceback
-
-            traceback.print_exc()
-        for problem in exc.problems:
-            display.plain(err, problem)
-        sys.exit(exc.exit_code)
     except KvctlError as exc:
         if os.environ.get("KVCTL_DEBUG") == "1":
             import traceback
 
             traceback.print_exc()
-        display.plain(err, f"error: {exc}")
+        # A config error is its problems as FILE:LINE:COL lines; any other, one `error:` line.
+        for line in exc.problems if isinstance(exc, ConfigError) else [f"error: {exc}"]:
+            display.plain(err, line)
         sys.exit(exc.exit_code)
