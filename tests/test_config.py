@@ -56,6 +56,8 @@ BROKEN = [
     ("duplicate-yaml-key", "instances:\n" + GOOD_INSTANCE + "    port: 12002\n", "6:5", "duplicate key"),
     ("empty-file", "", "1:1", "empty"),
     ("instances-not-list", "instances: 3\n", "1:12", "must be a list"),
+    ("top-level-scalar", "5\n", "1:1", "the top level must be a mapping, got an integer"),
+    ("port-in-args-out-of-range", "instances:\n  - model: m\n    engine: sim\n    engine_args: ['--port=70000']\n", "4:18", "is not a port number"),
 ]
 
 

@@ -131,7 +131,7 @@ class Reader:
         run_dir = self.file.parent / top.get("run_dir", ".kvctl")
         raw_instances = data.get("instances") if isinstance(data, CommentedMap) else None
         placed: list[_Placed] = []
-        if "instances" not in top and "instances" not in (data or {}):
+        if not isinstance(data, CommentedMap) or "instances" not in data:
             self.error(root_pos, "missing key 'instances' (a list of engines to run)")
         elif isinstance(raw_instances, CommentedSeq):
             for index, item in enumerate(raw_instances):
