@@ -89,9 +89,20 @@ def access(model: str | None, status: int, latency: float, ttft: float | None, s
     now = time.time()
     stamp = f"{_second(int(now))}.{int((now - int(now)) * 1000):03d}"
     if _format == "json":
-        fields = {"model": model, "status": status, "latency_seconds": round(latency, 6), "ttft_seconds": None if ttft is None else round(ttft, 6)}
-        fields |= {"bytes": sent, "request_id": request_id, "reason": reason}
-        line = json.dumps({"time": stamp, "level": logging.getLevelName(level).lower(), "logger": ACCESS_LOGGER, "message": message, **fields}) + "\n"
+        entry = {
+            "time": stamp,
+            "level": logging.getLevelName(level).lower(),
+            "logger": ACCESS_LOGGER,
+            "message": message,
+            "model": model,
+            "status": status,
+            "latency_seconds": round(latency, 6),
+            "ttft_seconds": None if ttft is None else round(ttft, 6),
+            "bytes": sent,
+            "request_id": request_id,
+            "reason": reason,
+        }
+        line = json.dumps(entry) + "\n"
     else:
         line = f"{stamp} {logging.getLevelName(level):<7} {ACCESS_LOGGER}: {message}\n"
     handler.acquire()
