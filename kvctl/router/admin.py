@@ -303,7 +303,7 @@ class AdminAPI:
         if isinstance(parsed, str):
             raise AdminError("invalid_body", f"kv_limit: {parsed}.", 400)
         kind, value, only = parsed
-        states = {i["name"]: i["state"] for i in self.app.lifecycle.instances(model)}
+        states = self.app.lifecycle.states()
         results = [self._set_kv_limit(inst, kind, value, states.get(inst.name, "unknown")) for inst in self._kv_targets(model, only)]
         message = "; ".join(r["message"] for r in results)
         if not any(r["limit_bytes"] is not None for r in results):

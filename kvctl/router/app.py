@@ -63,7 +63,7 @@ class RouterApp:
         await self.lifecycle.start()
         sampler = asyncio.create_task(self.history.run())
         rebalancer = asyncio.create_task(kv_rebalance.run(self.kv, self.lifecycle))
-        kv_watch = asyncio.create_task(self.kv.watch(lambda: {i["name"]: i["state"] for i in self.lifecycle.instances()}))
+        kv_watch = asyncio.create_task(self.kv.watch(self.lifecycle.states))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread (tests)
             loop.add_signal_handler(signal.SIGHUP, self.reload)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kvctl import gpu, kvcached, reaper
@@ -84,7 +84,7 @@ class KvControl:
         except OSError:
             return None
 
-    async def watch(self, states: Callable[[], dict[str, str]]) -> None:
+    async def watch(self, states: Callable[[], Mapping[str, str]]) -> None:
         """A restarted engine makes a new segment (its capacity as the limit), often between
         two health probes, so the router never sees it down: a new segment of an awake
         instance counts as a fresh engine (also one that appeared after the instance became

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import httpx
 
 from kvctl.config import Instance
-from kvctl.engines import adapter_for
 from kvctl.router import kv
 from kvctl.router.kv import KvControl
 from kvctl.router.lifecycle import Lifecycle
+from kvctl.router.states import S
 
 log = logging.getLogger("kvctl.router")
 PAGE = 2 * 2**20
@@ -103,15 +103,15 @@ async def _check(control: KvControl, lifecycle: Lifecycle, client: httpx.AsyncCl
     sm = control.config.sleep_manager
     assert sm.kv_budget_gb is not None
     now = time.monotonic()
-    states = {i["name"]: i for i in lifecycle.instances()}
-    awake = [inst for inst in control.instances() if states.get(inst.name, {}).get("state") == "awake"]
-    waiting = await asyncio.gather(*(_engine_waiting(client, inst) for inst in awake))
+    slots = {slot.inst.name: slot for slot in lifecycle.slots if not slot.retiring}
+    awake = [inst for inst in control.instances() if inst.name in slots and slots[inst.name].state is S.AWAKE]
+    waiting = await asyncio.gather(*(_engine_waiting(client, lifecycle.adapter(inst).metric_waiting, inst) for inst in awake))
     members = []
     for inst, engine_waiting in zip(awake, waiting, strict=True):
         info = kv.read(inst)
         if info is None:
             continue
-        if states[inst.name]["in_flight"] or engine_waiting or inst.name not in last_active:
+        if slots[inst.name].in_flight or engine_waiting or inst.name not in last_active:
             last_active[inst.name] = now  # first seen counts as active: a woken instance is not idle at once
         members.append(
             Member(
@@ -134,9 +134,8 @@ async def _check(control: KvControl, lifecycle: Lifecycle, client: httpx.AsyncCl
     return {m.name for m in members if m.busy}
 
 
-async def _engine_waiting(client: httpx.AsyncClient, inst: Instance) -> int:
-    """The engine's own count of requests waiting (vllm:num_requests_waiting, ...); 0 when unknown."""
-    name = adapter_for(inst).metric_waiting
+async def _engine_waiting(client: httpx.AsyncClient, name: str, inst: Instance) -> int:
+    """The engine's own count of requests waiting (its gauge `name`); 0 when unknown."""
     try:
         response = await client.get(inst.url + "/metrics")
     except httpx.HTTPError:

@@ -248,6 +248,10 @@ class Lifecycle:
     def model_state(self, model: str) -> str:
         return model_state(slot.state for slot in self.by_model.get(model, ()))
 
+    def states(self) -> dict[str, InstanceState]:
+        """Each instance's state by name; removed ones still draining are left out."""
+        return {slot.inst.name: slot.state for slot in self.slots if not slot.retiring}
+
     def instances(self, model: str | None = None) -> list[dict[str, Any]]:
         return views.instances(self, model)
 
