@@ -10,23 +10,19 @@ from kvctl.config.schema import (
     SleepManagerConfig,
     SleepSettings,
     env_digest,
-    is_loopback,
     kvcached_ipc_name,
     reference_tables,
 )
 from kvctl.config.yaml_load import resolve_path
-from kvctl.sim.settings import SimSettings
 
 __all__ = [
     "REFERENCE",
     "Config",
     "Instance",
     "RouterConfig",
-    "SimSettings",
     "SleepManagerConfig",
     "SleepSettings",
     "env_digest",
-    "is_loopback",
     "kvcached_ipc_name",
     "load",
     "parse",
