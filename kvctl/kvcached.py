@@ -10,8 +10,9 @@ A missing or malformed segment is "unknown" (``None``), never an error: an engin
 not started, has no kvcached, or died is an ordinary sight.
 
 Also here, because they are the protocol seen from the command line: writing a limit with no
-router (`limit_directly`) and finding who else uses a segment (`shared_with_others`), since
-/dev/shm names are per machine while kvctl trees are per run dir.
+router (`limit_directly`), finding who else uses a segment (`shared_with_others`, since
+/dev/shm names are per machine while kvctl trees are per run dir) and removing the segments
+of engines that died (`remove_unused`).
 """
 
 from __future__ import annotations
@@ -324,6 +325,14 @@ def limit_directly(config: Config, model: str, request: Mapping[str, Any], why: 
     if all(r["limit_bytes"] is None for r in results):
         raise KvctlError(f"model '{canonical}': " + "; ".join(r["message"] for r in results))
     return {"model_name": canonical, "success": True, "instances": results}
+
+
+def remove_unused(config: Config) -> list[str]:
+    """The segments of this config's kvcached instances that no live process uses, removed
+    (`kvctl down`, once every engine has ended: such a segment is of one that died). Their
+    names, sorted."""
+    names = {segment_name(i.env) for i in config.launched if enabled(i.env)}
+    return sorted(name for name in names if path(name).exists() and not in_use(name) and remove(name))
 
 
 def remove(name: str) -> bool:

@@ -260,10 +260,9 @@ def down(config: Config, timeout: float, report: Reporter) -> bool:
     if leftovers:
         report("leftovers", f"ended {len(leftovers)} process(es) of an earlier run", True)
     # Every engine has ended: a kvcached segment still there belongs to one that died (a clean exit removes its own).
-    names = {kvcached.segment_name(i.env) for i in config.launched if kvcached.enabled(i.env)}
-    stale = [name for name in names if kvcached.path(name).exists() and not kvcached.in_use(name) and kvcached.remove(name)]
+    stale = kvcached.remove_unused(config)
     if stale:
-        report("kvcached", f"removed {len(stale)} segment(s) of engines that died: {', '.join(sorted(stale))}", True)
+        report("kvcached", f"removed {len(stale)} segment(s) of engines that died: {', '.join(stale)}", True)
     return running or bool(leftovers)
 
 
