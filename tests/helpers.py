@@ -6,6 +6,7 @@ Plain functions and classes only; the fixtures built on them live in conftest.py
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
@@ -301,6 +302,27 @@ BROKEN_ENGINE = textwrap.dedent("""
             conn.sendall(b"HTTP/1.1 200 OK\\r\\ncontent-type: application/json\\r\\ncontent-length: 100\\r\\n\\r\\n{\\"partial")
         conn.close()
 """)
+
+
+# --------------------------------------------------------------------------- kvcached segments
+
+
+def read_segment(name: str) -> tuple[int, int, int]:
+    """A kvcached segment's 24 bytes (limit, used, prealloc), read as kvcached's own tool reads them (not through kvctl)."""
+    with open(f"/dev/shm/{name}", "rb") as fh:
+        fcntl.flock(fh, fcntl.LOCK_SH)
+        return struct.unpack("=qqq", fh.read(24))
+
+
+def write_segment(name: str, limit: int, used: int = 0, prealloc: int = 0) -> None:
+    """Another writer of the protocol (an engine, kvcached's `kvctl limit`): exclusive lock, 24 bytes."""
+    fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 24)
+        os.pwrite(fd, struct.pack("=qqq", limit, used, prealloc), 0)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the router

@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import struct
 import threading
 import time
 import uuid
@@ -18,28 +17,10 @@ import pytest
 
 from kvctl import kvcached
 
-from helpers import Procs, Tree, engine_pid, free_port, kvctl, sim_yaml, wait_for
+from helpers import Procs, Tree, engine_pid, free_port, kvctl, read_segment, sim_yaml, wait_for, write_segment
 
 GiB = 2**30
 MiB = 2**20
-
-
-def raw(name: str) -> tuple[int, int, int]:
-    """The segment's 24 bytes read as kvcached's own tool reads them (not through kvctl)."""
-    with open(f"/dev/shm/{name}", "rb") as fh:
-        fcntl.flock(fh, fcntl.LOCK_SH)
-        return struct.unpack("=qqq", fh.read(24))
-
-
-def write_raw(name: str, limit: int, used: int = 0, prealloc: int = 0) -> None:
-    """Another writer of the protocol (an engine, kvcached's `kvctl limit`): exclusive lock, 24 bytes."""
-    fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 24)
-        os.pwrite(fd, struct.pack("=qqq", limit, used, prealloc), 0)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture
@@ -56,7 +37,7 @@ def segment_name() -> Iterator[str]:
 
 def test_read_a_segment_written_by_another_writer(segment_name: str) -> None:
     assert kvcached.read(segment_name) is None  # missing = unknown, not an error
-    write_raw(segment_name, 3 * GiB, 512 * MiB, 64 * MiB)
+    write_segment(segment_name, 3 * GiB, 512 * MiB, 64 * MiB)
     info = kvcached.read(segment_name)
     assert info == kvcached.KvInfo(limit_bytes=3 * GiB, used_bytes=512 * MiB, prealloc_bytes=64 * MiB)
     assert info.held_bytes == 576 * MiB
@@ -66,27 +47,27 @@ def test_read_a_segment_written_by_another_writer(segment_name: str) -> None:
 def test_write_limit_changes_only_the_limit_and_never_creates(segment_name: str) -> None:
     assert kvcached.write_limit(segment_name, GiB) is None
     assert not Path(f"/dev/shm/{segment_name}").exists()
-    write_raw(segment_name, 4 * GiB, 3 * GiB, 5)
+    write_segment(segment_name, 4 * GiB, 3 * GiB, 5)
     before = kvcached.write_limit(segment_name, GiB)  # below `used`: written as asked, not clamped
     assert before is not None and before.limit_bytes == 4 * GiB
-    assert raw(segment_name) == (GiB, 3 * GiB, 5)
+    assert read_segment(segment_name) == (GiB, 3 * GiB, 5)
     with pytest.raises(ValueError):
         kvcached.write_limit(segment_name, -1)
 
 
 def test_a_writer_waits_for_a_reader_lock(segment_name: str) -> None:
     """Writers take the exclusive lock: while a reader holds the shared one, the limit stays."""
-    write_raw(segment_name, 2 * GiB)
+    write_segment(segment_name, 2 * GiB)
     done = threading.Event()
     with open(f"/dev/shm/{segment_name}", "rb") as fh:
         fcntl.flock(fh, fcntl.LOCK_SH)
         writer = threading.Thread(target=lambda: (kvcached.write_limit(segment_name, GiB), done.set()))
         writer.start()
         assert not done.wait(0.3)  # blocked behind the reader
-        assert raw(segment_name)[0] == 2 * GiB
+        assert read_segment(segment_name)[0] == 2 * GiB
         fcntl.flock(fh, fcntl.LOCK_UN)
     writer.join(5)
-    assert done.is_set() and raw(segment_name)[0] == GiB
+    assert done.is_set() and read_segment(segment_name)[0] == GiB
 
 
 def test_short_or_foreign_files_are_unknown(segment_name: str) -> None:
@@ -97,7 +78,7 @@ def test_short_or_foreign_files_are_unknown(segment_name: str) -> None:
 
 
 def test_list_owned_and_remove(segment_name: str) -> None:
-    write_raw(segment_name, GiB, 1, 2)
+    write_segment(segment_name, GiB, 1, 2)
     owned = kvcached.list_owned()
     assert owned[segment_name] == kvcached.KvInfo(GiB, 1, 2)
     assert all(name.startswith("kvctl_") for name in owned)
@@ -119,11 +100,11 @@ def test_names_survive_kvcacheds_sanitizer() -> None:
 
 def test_engine_side_segment(segment_name: str) -> None:
     seg = kvcached.Segment(segment_name, 4 * GiB)
-    assert raw(segment_name) == (4 * GiB, 0, 0)
+    assert read_segment(segment_name) == (4 * GiB, 0, 0)
     assert os.stat(f"/dev/shm/{segment_name}").st_mode & 0o777 == 0o600
     seg.set_usage(GiB, 2)
-    assert raw(segment_name) == (4 * GiB, GiB, 2)
-    write_raw(segment_name, GiB, GiB, 2)
+    assert read_segment(segment_name) == (4 * GiB, GiB, 2)
+    write_segment(segment_name, GiB, GiB, 2)
     assert seg.limit() == GiB
     seg.remove()
     assert not Path(f"/dev/shm/{segment_name}").exists()
@@ -148,30 +129,30 @@ def test_sim_speaks_the_protocol(procs: Procs, segment_name: str) -> None:
     # 1 MiB per token; each request reserves 100 prompt words + 20 tokens = 120 MiB; capacity 400 MiB -> 3 fit.
     proc = procs.start_sim("m", port, "--memory-gb", str(1000 / 1024), "--kv-bytes-per-token", str(MiB), "--tokens-per-second", "10", env=env)
     wait_for(lambda: httpx.get(url + "/health", timeout=1).status_code == 200, what="sim up")
-    assert raw(segment_name) == (400 * MiB, 0, 0)
+    assert read_segment(segment_name) == (400 * MiB, 0, 0)
     results: list[int] = []
     body = {"model": "m", "prompt": "w " * 100, "max_tokens": 20}
     threads = [threading.Thread(target=lambda: results.append(httpx.post(url + "/v1/completions", json=body, timeout=60).status_code)) for _ in range(5)]
     for t in threads:
         t.start()
     wait_for(lambda: _metric(url, "vllm:num_requests_waiting") == 2 and _metric(url, "vllm:num_requests_running") == 3, what="3 running, 2 waiting")
-    wait_for(lambda: raw(segment_name)[1] > 300 * MiB, what="used grows with prompts and tokens")
-    assert raw(segment_name)[1] <= 360 * MiB
+    wait_for(lambda: read_segment(segment_name)[1] > 300 * MiB, what="used grows with prompts and tokens")
+    assert read_segment(segment_name)[1] <= 360 * MiB
     for t in threads:
         t.join(60)
     assert results == [200] * 5
-    assert raw(segment_name)[1] == 0
+    assert read_segment(segment_name)[1] == 0
 
     # Sleep frees every byte of KV, also that of a request paused by the sleep (mode=keep).
     paused = threading.Thread(target=lambda: results.append(httpx.post(url + "/v1/completions", json=body, timeout=60).status_code))
     paused.start()
-    wait_for(lambda: raw(segment_name)[1] > 0, what="a running request holds KV")
+    wait_for(lambda: read_segment(segment_name)[1] > 0, what="a running request holds KV")
     assert httpx.post(url + "/sleep", params={"level": 1, "mode": "keep"}, timeout=10).status_code == 200
-    assert raw(segment_name)[1] == 0
+    assert read_segment(segment_name)[1] == 0
     assert httpx.post(url + "/wake_up", timeout=10).status_code == 200
-    assert raw(segment_name)[1] > 0
+    assert read_segment(segment_name)[1] > 0
     paused.join(60)
-    assert results == [200] * 6 and raw(segment_name)[1] == 0
+    assert results == [200] * 6 and read_segment(segment_name)[1] == 0
     proc.terminate()
     proc.wait(10)
     assert not Path(f"/dev/shm/{segment_name}").exists()
@@ -257,8 +238,8 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
     up = kvtree.kvctl("up")
     assert up.returncode == 0, up.stderr + up.stdout
     alpha, beta = "kvctl_alpha-" + T, "kvctl_" + BETA  # what the sim made of KVCACHED_IPC_NAME with kvcached's sanitizer: kvctl's name unchanged
-    assert raw(alpha) == (400 * MiB, 0, 0)
-    wait_for(lambda: raw(beta)[0] == 256 * MiB, what="kv_limit_gb applied at ready")
+    assert read_segment(alpha) == (400 * MiB, 0, 0)
+    wait_for(lambda: read_segment(beta)[0] == 256 * MiB, what="kv_limit_gb applied at ready")
 
     # Used rises while long streams run and falls after, in `kvctl stats --json`.
     # 6 s each (60 tokens at 10/s, 110 MiB of KV): long enough for a `kvctl stats` on a loaded machine to see them.
@@ -278,7 +259,7 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
     # `kv limit M 50%`: the segment's limit halves (read raw), 2 requests fit where 5 did; the rest wait in the engine.
     limit = kvtree.kvctl("kv", "limit", "org/" + ALPHA, "50%")
     assert limit.returncode == 0, limit.stderr + limit.stdout
-    assert raw(alpha)[0] == 200 * MiB
+    assert read_segment(alpha)[0] == 200 * MiB
     results: list[int] = []
     pool = [threading.Thread(target=lambda: results.append(_stream(kvtree.router_url, "org/" + ALPHA, 50, 20))) for _ in range(4)]
     for t in pool:
@@ -288,7 +269,7 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
         what="2 running, 2 waiting for KV room",
     )
     assert kvtree.kvctl("kv", "limit", "org/" + ALPHA, "1G", "--instance", ALPHA).returncode == 0  # raising lets them through
-    assert raw(alpha)[0] == GiB
+    assert read_segment(alpha)[0] == GiB
     for t in pool:
         t.join(60)
     assert results == [20] * 4
@@ -300,7 +281,7 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
     }
 
     # A limit set by another writer (as kvcached's own tool does) is what kvctl shows.
-    write_raw(alpha, 300 * MiB)
+    write_segment(alpha, 300 * MiB)
     listed = {row["segment"]: row for row in _json(kvtree, "kv", "list")["segments"]}
     assert listed[alpha]["instance"] == ALPHA and listed[alpha]["kv"]["limit_bytes"] == 300 * MiB
     assert {i["name"]: i["kv"]["limit_bytes"] for i in _json(kvtree, "status")["instances"]} == {ALPHA: 300 * MiB, BETA: 256 * MiB}
@@ -311,11 +292,11 @@ def test_visibility_control_and_other_writers(kvtree: Tree) -> None:
 
     # kv_limit_gb again after a wake (another writer changed it meanwhile) and after a restart.
     assert kvtree.kvctl("sleep", "org/" + BETA).returncode == 0
-    write_raw(beta, 300 * MiB)
+    write_segment(beta, 300 * MiB)
     assert kvtree.kvctl("wake", "org/" + BETA).returncode == 0
-    wait_for(lambda: raw(beta)[0] == 256 * MiB, what="kv_limit_gb applied after a wake")
+    wait_for(lambda: read_segment(beta)[0] == 256 * MiB, what="kv_limit_gb applied after a wake")
     assert kvtree.kvctl("restart", BETA).returncode == 0
-    wait_for(lambda: raw(beta)[0] == 256 * MiB, what="kv_limit_gb applied after a restart")
+    wait_for(lambda: read_segment(beta)[0] == 256 * MiB, what="kv_limit_gb applied after a restart")
 
     # Bad requests: one-line errors, never a traceback.
     bad = kvtree.kvctl("kv", "limit", "org/" + ALPHA, "lots")
@@ -349,7 +330,7 @@ def test_budget_counts_measured_kv(kvtree: Tree) -> None:
     wait_for(lambda: {i["name"]: i["state"] for i in _json(kvtree, "status")["instances"]} == {A: "awake", B: "awake", C: "asleep"}, what="c asleep")
     stream = threading.Thread(target=_stream, args=(kvtree.router_url, "org/" + A, 400, 100))  # 400 x 4 MiB = 1.6 GiB of KV held for 10 s
     stream.start()
-    wait_for(lambda: raw("kvctl_" + A)[1] >= 1600 * MiB, what="a holds 1.6 GiB of KV")
+    wait_for(lambda: read_segment("kvctl_" + A)[1] >= 1600 * MiB, what="a holds 1.6 GiB of KV")
     wake = kvtree.kvctl("wake", "org/" + C)
     assert wake.returncode == 0, wake.stderr + wake.stdout
     instances = {i["name"]: i for i in _json(kvtree, "status")["instances"]}
@@ -384,11 +365,11 @@ def test_rebalance_moves_limit_to_the_busy_instance_and_holds(kvtree: Tree) -> N
     for w in workers:
         w.start()
     try:
-        wait_for(lambda: (raw("kvctl_" + BUSY)[0], raw("kvctl_" + IDLE)[0]) == (768 * MiB, 256 * MiB), timeout=60, what="limits rebalanced")
+        wait_for(lambda: (read_segment("kvctl_" + BUSY)[0], read_segment("kvctl_" + IDLE)[0]) == (768 * MiB, 256 * MiB), timeout=60, what="limits rebalanced")
         moves = len(_kv_events(kvtree))
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:  # observing a period: every poll must see the same limits
-            assert (raw("kvctl_" + BUSY)[0], raw("kvctl_" + IDLE)[0]) == (768 * MiB, 256 * MiB)
+            assert (read_segment("kvctl_" + BUSY)[0], read_segment("kvctl_" + IDLE)[0]) == (768 * MiB, 256 * MiB)
             stop.wait(0.5)
         assert len(_kv_events(kvtree)) == moves
         assert _engine_metric(ports[0], "vllm:num_requests_running") > 0  # the load was there all along

@@ -4,21 +4,13 @@ Real trees of sim engines; the segment's 24 bytes are read raw, as kvcached's ow
 
 from __future__ import annotations
 
-import fcntl
 import json
-import struct
 import uuid
 
-from helpers import Tree, free_port, sim_yaml, wait_for
+from helpers import Tree, free_port, read_segment, sim_yaml, wait_for
 
 MiB = 2**20
 T = uuid.uuid4().hex[:6]
-
-
-def raw(name: str) -> tuple[int, int, int]:
-    with open(f"/dev/shm/{name}", "rb") as fh:
-        fcntl.flock(fh, fcntl.LOCK_SH)
-        return struct.unpack("=qqq", fh.read(24))
 
 
 def _kv_sim(name: str, port: int) -> str:
@@ -32,19 +24,19 @@ def test_without_a_router_the_segment_is_written_directly(kvtree: Tree) -> None:
     kvtree.write(_kv_sim(name, free_port()) + sim_yaml(other, free_port()), "  enable_router: false\n")
     up = kvtree.kvctl("up")
     assert up.returncode == 0, up.stderr + up.stdout
-    wait_for(lambda: raw(segment) == (400 * MiB, 0, 0), what="the engine's segment")
+    wait_for(lambda: read_segment(segment) == (400 * MiB, 0, 0), what="the engine's segment")
     assert [i["gpu_memory_bytes"] for i in kvtree.status()["instances"]] == [None, None]  # no NVML here: unknown
 
     limit = kvtree.kvctl("kv", "limit", "org/" + name, "200M")
     assert limit.returncode == 0, limit.stderr + limit.stdout
-    assert raw(segment) == (200 * MiB, 0, 0)
+    assert read_segment(segment) == (200 * MiB, 0, 0)
     assert f"{name} org/{name}: kv limit 400 MiB -> 200 MiB (manual, written to /dev/shm/{segment}: no router (enable_router: false))" in limit.stdout
     assert _listed_limit(kvtree, segment) == 200 * MiB
 
     # What cannot be done without the router: one-line errors, nothing written.
     share = kvtree.kvctl("kv", "limit", "org/" + name, "50%")
     assert share.returncode == 2 and "a percentage needs it" in share.stderr and "Traceback" not in share.stderr
-    assert raw(segment)[0] == 200 * MiB
+    assert read_segment(segment)[0] == 200 * MiB
     unknown = kvtree.kvctl("kv", "limit", "org/nothing", "1G")
     assert unknown.returncode == 2 and "model 'org/nothing' is not in" in unknown.stderr
     plain = kvtree.kvctl("kv", "limit", "org/" + other, "1G")
@@ -60,12 +52,12 @@ def test_with_the_router_down_the_segment_is_written_directly(kvtree: Tree) -> N
     up = kvtree.kvctl("up")
     assert up.returncode == 0, up.stderr + up.stdout
     assert kvtree.kvctl("kv", "limit", "org/" + name, "50%").returncode == 0  # through the router: a share of the capacity
-    assert raw(segment)[0] == 200 * MiB
+    assert read_segment(segment)[0] == 200 * MiB
     assert kvtree.supervisorctl("stop", "router").returncode == 0
 
     limit = kvtree.kvctl("kv", "limit", "org/" + name, "300M")
     assert limit.returncode == 0, limit.stderr + limit.stdout
-    assert raw(segment)[0] == 300 * MiB
+    assert read_segment(segment)[0] == 300 * MiB
     assert f"kv limit 200 MiB -> 300 MiB (manual, written to /dev/shm/{segment}: router at {kvtree.router_url} is unreachable" in limit.stdout
 
 

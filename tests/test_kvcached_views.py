@@ -5,9 +5,6 @@ only. A real tree of sim engines; segments written raw, as kvcached's own tool w
 
 from __future__ import annotations
 
-import fcntl
-import os
-import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import Tree, free_port, sim_yaml, wait_for
+from helpers import Tree, free_port, read_segment, sim_yaml, wait_for, write_segment
 
 MiB = 2**20
 T = uuid.uuid4().hex[:6]
@@ -23,22 +20,11 @@ KEY, ADMIN = "sk-views-key", "views-admin-token"
 MODEL = f"org/pair{T}"
 
 
-def raw(name: str) -> tuple[int, int, int]:
-    with open(f"/dev/shm/{name}", "rb") as fh:
-        fcntl.flock(fh, fcntl.LOCK_SH)
-        return struct.unpack("=qqq", fh.read(24))
-
-
 @pytest.fixture
 def foreign() -> Iterator[str]:
     """A kvctl_* segment of no instance of this config (another tree's, say), written raw."""
     name = f"kvctl_foreign-{T}"
-    fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.pwrite(fd, struct.pack("=qqq", 3 * 2**30, 2**30, 0), 0)
-    finally:
-        os.close(fd)
+    write_segment(name, 3 * 2**30, 2**30)
     try:
         yield name
     finally:
@@ -55,7 +41,7 @@ def test_model_sums_table_columns_other_segments_and_admin_only_limits(kvtree: T
     kvtree.write(_replica(one) + _replica(two, "    kv_limit_gb: 0.25\n"), f"  api_keys: [{KEY}]\n  admin_token: {ADMIN}\n")
     up = kvtree.kvctl("up")
     assert up.returncode == 0, up.stderr + up.stdout
-    wait_for(lambda: raw(f"kvctl_r2-{T}")[0] == 256 * MiB, what="kv_limit_gb applied")
+    wait_for(lambda: read_segment(f"kvctl_r2-{T}")[0] == 256 * MiB, what="kv_limit_gb applied")
 
     # /traffic/stats: the model's replicas together (400 + 256 MiB).
     stats = httpx.get(kvtree.router_url + "/traffic/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).json()
@@ -80,7 +66,7 @@ def test_model_sums_table_columns_other_segments_and_admin_only_limits(kvtree: T
     for headers in ({}, {"Authorization": f"Bearer {KEY}"}):
         refused = httpx.post(url, json={"bytes": 100 * MiB}, headers=headers, timeout=5)
         assert refused.status_code in (401, 403) and "error" in refused.json()
-    assert raw(f"kvctl_r1-{T}")[0] == 400 * MiB
+    assert read_segment(f"kvctl_r1-{T}")[0] == 400 * MiB
     done = httpx.post(url, json={"percent": 50, "instance": one}, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=5)
     assert done.status_code == 200 and [i["limit_bytes"] for i in done.json()["instances"]] == [200 * MiB]
-    assert (raw(f"kvctl_r1-{T}")[0], raw(f"kvctl_r2-{T}")[0]) == (200 * MiB, 256 * MiB)
+    assert (read_segment(f"kvctl_r1-{T}")[0], read_segment(f"kvctl_r2-{T}")[0]) == (200 * MiB, 256 * MiB)
