@@ -21,7 +21,7 @@ from kvctl import kvcached
 from kvctl.sim import settings as sim_settings
 from kvctl.sim.app import create_app
 from kvctl.sim.settings import SimSettings
-from kvctl.sim.state import MEMORY_SHARE, KvPool, Settings
+from kvctl.sim.state import DEFAULT_MEMORY_GB, MEMORY_SHARE, KvPool, Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,10 +34,6 @@ def _parser() -> argparse.ArgumentParser:
         help_text = sim_settings.FIELDS[attr].doc.replace("%", "%%")  # argparse formats help with %
         p.add_argument(flag, dest=attr, default=sim_settings.FIELDS[attr].default, help=help_text, **kind.flag_options())
     return p
-
-
-# Without --memory-gb (and no memory_gb in kvctl.yaml), the memory it reports while awake.
-DEFAULT_MEMORY_GB = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:

@@ -20,6 +20,8 @@ from kvctl.sim.settings import SimSettings
 
 MEMORY_SHARE = {"weights": 0.6, "kv_cache": 0.4, "cuda_graph": 0.0}  # of memory_gb, per tagged region
 TAGS = {"vllm": ("weights", "kv_cache"), "sglang": ("weights", "kv_cache", "cuda_graph")}
+# Without --memory-gb (and no memory_gb in kvctl.yaml), the memory it reports while awake.
+DEFAULT_MEMORY_GB = 1.0
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Settings:
     model: str
     port: int
     host: str = "127.0.0.1"
-    memory_gb: float = 1.0
+    memory_gb: float = DEFAULT_MEMORY_GB
     sim: SimSettings = field(default_factory=SimSettings)
     engine_args: tuple[str, ...] = field(default=())  # the real engine's flags: accepted, mostly ignored
 
