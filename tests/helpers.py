@@ -335,17 +335,21 @@ def router_process(procs: Procs, config: Config, **popen: Any) -> subprocess.Pop
     return proc
 
 
+def wait_awake(config: Config, token: str | None = None) -> None:
+    """Wait until the router on `config` reports every model awake."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    wait_for(
+        lambda: all(m["state"] == "awake" for m in httpx.get(config.router.url + "/models", headers=headers, timeout=5).json()["models"].values()),
+        what="every model awake",
+    )
+
+
 def start_router(procs: Procs, config: Config, *, awake: bool = True, token: str | None = None) -> str:
     """Start the router on `config`; wait until it answers (and every model is awake). Its URL."""
     router_process(procs, config)
-    base = config.router.url
     if awake:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        wait_for(
-            lambda: all(m["state"] == "awake" for m in httpx.get(base + "/models", headers=headers, timeout=5).json()["models"].values()),
-            what="every model awake",
-        )
-    return base
+        wait_awake(config, token)
+    return config.router.url
 
 
 class Router:

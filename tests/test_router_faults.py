@@ -24,6 +24,7 @@ from helpers import (
     sim_state,
     start_engine,
     start_router,
+    wait_awake,
     wait_for,
     write_config,
 )
@@ -83,7 +84,7 @@ def test_streams_cut_mid_flight_do_not_hurt_the_router(tmp_path: Path, procs: Pr
         router_process(procs, config, stderr=out)
     assert f"event loop: {loop}" in log.read_text()
     base = config.router.url
-    wait_for(lambda: httpx.get(base + "/models", timeout=5).json()["models"]["m"]["state"] == "awake", what="the model awake")
+    wait_awake(config)
     for _ in range(3):
         socks = [open_stream(config.router.port, "m") for _ in range(10)]
         for i, sock in enumerate(socks):

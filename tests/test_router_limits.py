@@ -23,7 +23,7 @@ import pytest
 
 from kvctl.config import Config
 
-from helpers import Procs, router_process, sim_instance, sim_state, start_engines, wait_for, write_config
+from helpers import Procs, router_process, sim_instance, sim_state, start_engines, wait_awake, wait_for, write_config
 
 
 @dataclass
@@ -51,9 +51,7 @@ class Router:
 
 def run_router(procs: Procs, config: Config, **popen: object) -> Router:
     proc = router_process(procs, config, **popen)
-    wait_for(
-        lambda: all(m["state"] == "awake" for m in httpx.get(config.router.url + "/models", timeout=5).json()["models"].values()), what="every model awake"
-    )
+    wait_awake(config)
     return Router(config, proc)
 
 
