@@ -145,7 +145,6 @@ class Exchange:
         "complete",
         "disconnected",
         "expect_100",
-        "finished",
         "flow",
         "forwarding",
         "gone",
@@ -189,8 +188,9 @@ class Exchange:
         self.response_started = False
         self.response_complete = False
         self.task: asyncio.Task[None] | None = None  # the protocol's task that serves it
-        self.forwarding = False  # from now on a disconnect cancels the task (and the engine's request)
-        self.finished = False  # the answer is decided: a disconnect no longer cancels
+        # From now on a disconnect cancels the task (and the engine's request). Once the answer
+        # is decided the task writes it to the end without awaiting: no cancel can reach it.
+        self.forwarding = False
         self.gone = False  # the client left and cancelled the request
         self._waiter: asyncio.Future[None] | None = None
 
@@ -225,7 +225,7 @@ class Exchange:
             waiter.set_result(None)
 
     def client_left(self) -> None:
-        if self.forwarding and not self.finished and self.task is not None:
+        if self.forwarding and self.task is not None:
             self.gone = True
             self.task.cancel()
 
@@ -447,11 +447,9 @@ class Proxy:
             if ex.gone:
                 status, reason = 499, "client_disconnected"  # nginx's code for "client closed request"
             else:  # the server stops and cut the request before its answer began (see _relay)
-                ex.finished = True
                 status, reason = 503, _SHUTDOWN_CODE
                 _error(ex, 503, _SHUTDOWN_MESSAGE, _SHUTDOWN_CODE, headers=(*rid_header, overload.RETRY_AFTER))
         finally:
-            ex.finished = True
             latency = time.monotonic() - t0
             self._account(model, status, reason, latency, ttft)
             logs.access(model, status, latency, ttft, sent, rid_header[0][1], reason)
@@ -531,7 +529,6 @@ class Proxy:
                 else f"Model '{inst.model}': engine {inst.name} broke the stream: {exc}"
             )
             code = "stream_timeout" if timed_out else "engine_disconnected"
-            ex.finished = True
             _end_with(ex, sse_error_event(message, code), chunked)
             return status, ttft, code, writer.sent
         except asyncio.CancelledError:
@@ -540,7 +537,6 @@ class Proxy:
                 raise
             # The server stops and its grace ran out (uvicorn's graceful-shutdown timeout, or a
             # second SIGTERM from `kvctl down --timeout`): a stream says so before it ends.
-            ex.finished = True
             if sse:
                 _end_with(ex, sse_error_event(_SHUTDOWN_MESSAGE, _SHUTDOWN_CODE), chunked)
             else:
@@ -550,7 +546,6 @@ class Proxy:
             conn.abort()
             _close(ex)
             raise
-        ex.finished = True
         conn.finish()
         _complete(ex)
         return status, _ttft(writer, sse, t0), (f"engine_{status}" if status >= 400 else None), writer.sent
