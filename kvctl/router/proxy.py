@@ -344,7 +344,7 @@ class Proxy:
         if duplicate:
             self._reject(ex, t0, rid, 400, DUPLICATE_MESSAGE, DUPLICATE_CODE)
             return
-        if self._keys and not self.authorized(auth):
+        if self._keys and not matches(bearer(auth), self._keys):  # constant time, every key compared
             message = "Invalid or missing API key: send 'Authorization: Bearer KEY'."
             self._reject(ex, t0, rid, 401, message, "invalid_api_key", headers=((b"www-authenticate", b"Bearer"),))
             return
@@ -388,10 +388,6 @@ class Proxy:
 
         head = b"".join((b"POST ", ex.target, b" HTTP/1.1\r\ncontent-length: %d\r\nx-request-id: " % len(body), rid, b"\r\n", *forwarded))
         await self._forward(ex, canonical, head, body, rid_header, t0)
-
-    def authorized(self, header: bytes | None) -> bool:
-        """Constant-time check of `Authorization: Bearer KEY` against every configured key."""
-        return matches(bearer(header), self._keys)
 
     def _too_large(self, ex: Exchange, t0: float, rid: bytes) -> None:
         message = f"The request body is larger than the router's limit of {self.max_body} bytes."
