@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,29 +48,27 @@ instances:
 class Stack:
     """A sim engine and the router in front of it; the router's fd limit optionally raised."""
 
-    def __init__(self, tmp: Path, sim_args: list[str], router_nofile: int | None = None) -> None:
+    def __init__(self, tmp: Path, sim_args: list[str], router_nofile: int | None = None, access_log: bool = True) -> None:
         self.procs = Procs()
         self.port, engine = free_port(), free_port()
         self.engine_url = f"http://127.0.0.1:{engine}"
-        (tmp / "kvctl.yaml").write_text(CONFIG.format(port=self.port, engine=engine, access_log="true"))  # kvctl's default
-        self.procs.start([PY, "-m", "kvctl.sim", "--model", "bench/sim", "--port", str(engine), *sim_args], tmp / "sim.log")
-        wait_ok(self.engine_url + "/health")
+        (tmp / "kvctl.yaml").write_text(CONFIG.format(port=self.port, engine=engine, access_log=str(access_log).lower()))  # on: kvctl's default
+        self.log = tmp / "router.log"
+        self.base = f"http://127.0.0.1:{self.port}"
 
         def limit() -> None:
             if router_nofile:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (router_nofile, router_nofile))
 
-        self.log = tmp / "router.log"
-        self.router = subprocess.Popen(
-            [PY, "-m", "kvctl", "router", "-c", str(tmp / "kvctl.yaml")],
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=limit,  # noqa: PLW1509 - setrlimit in the child, before any thread exists
-        )
-        self.procs.procs.append(self.router)
-        self.base = f"http://127.0.0.1:{self.port}"
-        wait_ok(self.base + "/health")
+        try:
+            self.sim = self.procs.start([PY, "-m", "kvctl.sim", "--model", "bench/sim", "--port", str(engine), *sim_args], tmp / "sim.log")
+            wait_ok(self.engine_url + "/health")
+            # preexec_fn: setrlimit in the child, before any thread exists.
+            self.router = self.procs.start([PY, "-m", "kvctl", "router", "-c", str(tmp / "kvctl.yaml")], self.log, preexec_fn=limit)
+            wait_ok(self.base + "/health")
+        except BaseException:
+            self.procs.stop()  # a half-started stack leaves no process behind
+            raise
 
     def rss(self) -> float:
         return rss_mb(self.router.pid)

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import httpx
-from limits import CONFIG
-from router_overhead import PY, Procs, cpu_seconds, free_port, wait_ok
+from limits import Stack
+from router_overhead import cpu_seconds
 
 
 async def hold_streams(port: int, n: int, tokens: int, done: asyncio.Event) -> int:
@@ -57,15 +57,9 @@ def main() -> None:
     args = ap.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this client holds a descriptor per stream
-    tmp = Path(tempfile.mkdtemp(prefix="kvctl-streams-"))
-    engine, port = free_port(), free_port()
-    procs = Procs()
+    stack = Stack(Path(tempfile.mkdtemp(prefix="kvctl-streams-")), ["--tokens-per-second", str(args.rate)], access_log=False)
+    port, engine, router, sim = stack.port, stack.engine_url, stack.router, stack.sim
     try:
-        sim = procs.start([PY, "-m", "kvctl.sim", "--model", "bench/sim", "--port", str(engine), "--tokens-per-second", str(args.rate)], tmp / "sim.log")
-        (tmp / "kvctl.yaml").write_text(CONFIG.format(port=port, engine=engine, access_log="false"))
-        router = procs.start([PY, "-m", "kvctl", "router", "-c", str(tmp / "kvctl.yaml")], tmp / "router.log")
-        wait_ok(f"http://127.0.0.1:{engine}/health")
-        wait_ok(f"http://127.0.0.1:{port}/health")
         tokens = int(args.rate * (args.window + 120))  # outlasts the ramp-up and the window: stopped after
 
         async def run() -> tuple[int, float, float]:
@@ -73,7 +67,7 @@ def main() -> None:
             task = asyncio.create_task(hold_streams(port, args.streams, tokens, done))
             deadline = time.monotonic() + 60
             async with httpx.AsyncClient() as client:
-                while (await client.get(f"http://127.0.0.1:{engine}/sim/state")).json()["in_flight"] < args.streams:
+                while (await client.get(f"{engine}/sim/state")).json()["in_flight"] < args.streams:
                     if time.monotonic() > deadline or done.is_set():
                         raise SystemExit("the streams did not all start")
                     await asyncio.sleep(0.2)
@@ -90,7 +84,7 @@ def main() -> None:
             f"streaming = {cpu / chunks * 1e6:.1f} µs per chunk (engine CPU {cpu_seconds(sim.pid):.1f} s in all)"
         )
     finally:
-        procs.stop()
+        stack.procs.stop()
 
 
 if __name__ == "__main__":

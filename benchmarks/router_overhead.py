@@ -98,10 +98,10 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(self, args: list[str], log: Path, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
         # In the log's directory: `python -m` puts the working directory first on sys.path,
         # so from the repository root a baseline's PYTHONPATH would be ignored.
-        proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=log.parent)
+        proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=log.parent, **popen)
         self.procs.append(proc)
         return proc
 
