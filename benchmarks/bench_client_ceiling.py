@@ -16,34 +16,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
+from router_overhead import free_port, wait_ok
 
 from kvctl import bench
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_sim(port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "kvctl.sim", "--model", "fast", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("sim did not start")
+    try:
+        wait_ok(f"http://127.0.0.1:{port}/health")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
 
 
 def _kvctl_bench(url: str, requests: int, concurrency: int, stream: bool, max_tokens: int) -> tuple[float, float, int]:
@@ -95,7 +85,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
-    port = _free_port()
+    port = free_port()
     sim = _start_sim(port)
     url = f"http://127.0.0.1:{port}"
     try:

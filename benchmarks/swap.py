@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,15 +27,10 @@ import time
 from pathlib import Path
 
 import httpx
+from router_overhead import free_port
 
 KVCTL = [sys.executable, "-m", "kvctl"]
 POLICIES = {"fifo": 0, "swap-aware": 5}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(directory: Path, models: int, min_awake: float) -> tuple[Path, int, list[int]]:
