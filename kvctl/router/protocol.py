@@ -49,19 +49,6 @@ MAX_HEADERS = 100
 _LINGER_SECONDS = 2.0
 
 
-class ClientLimits:
-    """The limits every connection applies, from the router's config."""
-
-    __slots__ = ("body_timeout", "header_timeout", "keepalive_timeout", "max_connections", "max_header_bytes")
-
-    def __init__(self, router: RouterConfig) -> None:
-        self.max_header_bytes = router.max_header_bytes
-        self.header_timeout = router.header_timeout_seconds
-        self.body_timeout = router.body_timeout_seconds
-        self.keepalive_timeout = router.keepalive_timeout_seconds
-        self.max_connections = router.max_connections
-
-
 class _Refused(Exception):
     """Raised in a parser callback to stop parsing a request that was refused."""
 
@@ -84,13 +71,13 @@ _PROXIED_URLS = frozenset(path.encode() for path in PROXIED_PATHS)
 
 
 class LimitedProtocol(HttpToolsProtocol):
-    current_limits: Callable[[], ClientLimits]  # set on the subclass protocol_for() makes
+    router_config: Callable[[], RouterConfig]  # set on the subclass protocol_for() makes
     proxy: Proxy  # likewise: serves the data plane
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.limits = self.current_limits()  # fixed for the connection's life
-        self.timeout_keep_alive = self.limits.keepalive_timeout  # type: ignore[assignment]  # uvicorn says int; a float works
+        self.limits = self.router_config()  # its limits, fixed for the connection's life
+        self.timeout_keep_alive = self.limits.keepalive_timeout_seconds  # type: ignore[assignment]  # uvicorn says int; a float works
         self._in_head = True  # between a request's first byte (or the connection's start) and its headers' end
         self._head_bytes = 0  # bytes received while the head is incomplete
         self._head_size = 0  # request target and header lines parsed so far
@@ -106,7 +93,7 @@ class LimitedProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._overloaded = len(self.connections) >= self.limits.max_connections
         super().connection_made(transport)
-        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_expired)
+        self._head_timer = self.loop.call_later(self.limits.header_timeout_seconds, self._head_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
@@ -133,10 +120,10 @@ class LimitedProtocol(HttpToolsProtocol):
             if self._head_bytes > self.limits.max_header_bytes:
                 self._too_large()
             elif self._head_timer is None:
-                self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_expired)
+                self._head_timer = self.loop.call_later(self.limits.header_timeout_seconds, self._head_expired)
         elif self._body_pending and self._body_timer is None:
             self._body_seen = self.loop.time()
-            self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_expired)
+            self._body_timer = self.loop.call_later(self.limits.body_timeout_seconds, self._body_expired)
 
     # ---------------------------------------------------------------- parser callbacks
     def on_message_begin(self) -> None:
@@ -284,12 +271,12 @@ class LimitedProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             # A pipelined head during a response: it is judged once the response is done.
-            self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_expired)
+            self._head_timer = self.loop.call_later(self.limits.header_timeout_seconds, self._head_expired)
             return
         if self._head_bytes == 0:
             self.transport.close()  # a connection that never sent a byte gets no answer
             return
-        self._refuse(408, "request_timeout", f"The request line and headers did not arrive within {self.limits.header_timeout:g}s.")
+        self._refuse(408, "request_timeout", f"The request line and headers did not arrive within {self.limits.header_timeout_seconds:g}s.")
 
     def _body_expired(self) -> None:
         self._body_timer = None
@@ -299,10 +286,10 @@ class LimitedProtocol(HttpToolsProtocol):
             self.transport.close()  # answered already (say 401) without reading the body: no second answer
             return
         idle = self.loop.time() - self._body_seen
-        if idle < self.limits.body_timeout:
-            self._body_timer = self.loop.call_later(self.limits.body_timeout - idle, self._body_expired)
+        if idle < self.limits.body_timeout_seconds:
+            self._body_timer = self.loop.call_later(self.limits.body_timeout_seconds - idle, self._body_expired)
             return
-        self._refuse(408, "request_timeout", f"The request body stalled: no byte for {self.limits.body_timeout:g}s.")
+        self._refuse(408, "request_timeout", f"The request body stalled: no byte for {self.limits.body_timeout_seconds:g}s.")
 
     def _too_large(self) -> None:
         self._refuse(
@@ -365,13 +352,4 @@ def protocol_for(router_config: Callable[[], RouterConfig], proxy: Proxy) -> typ
     """The protocol class uvicorn instantiates per connection, its data plane served by
     `proxy`. Its limits are those of the router config `router_config()` returns when the
     connection starts: a reload applies to new connections."""
-    cached: tuple[RouterConfig, ClientLimits] | None = None
-
-    def current_limits() -> ClientLimits:
-        nonlocal cached
-        router = router_config()
-        if cached is None or cached[0] is not router:
-            cached = (router, ClientLimits(router))
-        return cached[1]
-
-    return type("LimitedProtocol", (LimitedProtocol,), {"current_limits": staticmethod(current_limits), "proxy": proxy})
+    return type("LimitedProtocol", (LimitedProtocol,), {"router_config": staticmethod(router_config), "proxy": proxy})
