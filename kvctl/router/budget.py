@@ -63,14 +63,17 @@ class Budget:
         holder may be chosen, or None) — the caller waits and asks again."""
         lc, model = self._lc, slot.inst.model
         budget = lc.sm.memory_budget_gb
-        if budget is None or slot.memory <= 0:
+        if budget is None:
+            return True, None
+        need = slot.memory  # read once: it may be a segment read or an NVML query
+        if need <= 0:
             return True, None
         if self._room_queue and self._room_queue[0] != model:
             return False, None  # an earlier wake waits for room: its turn first
         held = self.held()
-        if policy.shortfall(held, slot.memory, budget) == 0:
+        if policy.shortfall(held, need, budget) == 0:
             return True, None
-        short = policy.shortfall(held, slot.memory, budget, freeing_gb=sum(s.memory for s in lc.slots if s.state is S.DRAINING))
+        short = policy.shortfall(held, need, budget, freeing_gb=sum(s.memory for s in lc.slots if s.state is S.DRAINING))
         if short == 0:
             return False, None  # what is being freed already is enough
         holders = self._holders(model)
