@@ -17,7 +17,7 @@ import pytest
 
 from kvctl import kvcached
 
-from helpers import Procs, Tree, engine_pid, free_port, kvctl, read_segment, sim_yaml, wait_for, write_segment
+from helpers import Procs, Tree, engine_pid, free_port, kvctl, read_segment, sim_yaml, wait_for, wait_http_ok, write_segment
 
 GiB = 2**30
 MiB = 2**20
@@ -128,7 +128,7 @@ def test_sim_speaks_the_protocol(procs: Procs, segment_name: str) -> None:
     env = {**os.environ, "ENABLE_KVCACHED": "true", "KVCACHED_IPC_NAME": segment_name}
     # 1 MiB per token; each request reserves 100 prompt words + 20 tokens = 120 MiB; capacity 400 MiB -> 3 fit.
     proc = procs.start_sim("m", port, "--memory-gb", str(1000 / 1024), "--kv-bytes-per-token", str(MiB), "--tokens-per-second", "10", env=env)
-    wait_for(lambda: httpx.get(url + "/health", timeout=1).status_code == 200, what="sim up")
+    wait_http_ok(url + "/health")
     assert read_segment(segment_name) == (400 * MiB, 0, 0)
     results: list[int] = []
     body = {"model": "m", "prompt": "w " * 100, "max_tokens": 20}

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from helpers import LineStream, Tree, alive, engine_pid, free_port, sim_yaml, tree_pids, wait_for
+from helpers import LineStream, Tree, alive, engine_pid, free_port, sim_yaml, tree_pids, wait_for, wait_http_ok
 
 
 def test_up_serves_supervisorctl_works_and_down_leaves_nothing(kvtree: Tree) -> None:
@@ -92,7 +92,7 @@ def test_supervisord_restarts_an_engine_killed_with_sigkill(kvtree: Tree) -> Non
     old = kvtree.pids()["alpha"]
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: kvtree.pids().get("alpha") not in (None, old), timeout=30, what="a new alpha pid")
-    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200, timeout=30, what="alpha healthy again")
+    wait_http_ok(f"http://127.0.0.1:{port}/health")  # alpha healthy again
 
 
 def test_env_values_and_args_reach_the_engine_byte_for_byte(kvtree: Tree) -> None:
