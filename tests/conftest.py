@@ -17,21 +17,15 @@ from helpers import Procs, Router, Tree, router_process, start_engines, write_co
 
 @pytest.fixture
 def procs() -> Iterator[Procs]:
-    p = Procs()
-    try:
+    with Procs() as p:
         yield p
-    finally:
-        p.stop_all()
 
 
 @pytest.fixture
 def kvtree() -> Iterator[Tree]:
     """A config dir for the whole process tree; `kvctl down` (or SIGKILL) at teardown."""
-    tree = Tree()
-    try:
+    with Tree() as tree:
         yield tree
-    finally:
-        tree.cleanup()
 
 
 @pytest.fixture

@@ -83,6 +83,12 @@ class Procs:
     def __init__(self) -> None:
         self._procs: list[subprocess.Popen] = []
 
+    def __enter__(self) -> Procs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
     def start(self, args: list[str], **kwargs) -> subprocess.Popen:
         kwargs.setdefault("stdout", subprocess.DEVNULL)
         kwargs.setdefault("stderr", subprocess.DEVNULL)
@@ -170,6 +176,12 @@ class Tree:
         self.config = self.dir / "kvctl.yaml"
         self.run_dir = self.dir / ".kvctl"
         self.router_port = free_port()
+
+    def __enter__(self) -> Tree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
 
     def write(self, instances: str, extra: str = "") -> None:
         self.config.write_text(f"router:\n  router_port: {self.router_port}\n{extra}instances:\n{instances}")

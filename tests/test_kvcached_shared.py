@@ -20,8 +20,7 @@ def _kv_sim(name: str, port: int) -> str:
 def test_up_refuses_a_segment_another_tree_uses(kvtree: Tree) -> None:
     name = f"twin.{T}"
     segment = Path(f"/dev/shm/kvctl_twin-{T}")
-    other = Tree()
-    try:
+    with Tree() as other:
         other.write(_kv_sim(name, free_port()))
         up = other.kvctl("up")
         assert up.returncode == 0, up.stderr + up.stdout
@@ -36,8 +35,6 @@ def test_up_refuses_a_segment_another_tree_uses(kvtree: Tree) -> None:
 
         again = other.kvctl("up")  # its own engine's segment is no clash
         assert again.returncode == 0, again.stderr + again.stdout
-    finally:
-        other.cleanup()
     assert not segment.exists()
     up = kvtree.kvctl("up")  # that tree is gone: the name is free
     assert up.returncode == 0, up.stderr + up.stdout

@@ -61,9 +61,8 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    procs = Procs()
     tmp = tmp_path_factory.mktemp("real")
-    try:
+    with Procs() as procs:
         config = write_config(
             tmp,
             [
@@ -89,8 +88,6 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         rlog = open(tmp / "router.log", "ab")  # noqa: SIM115
         router_process(procs, config, stdout=rlog, stderr=subprocess.STDOUT)
         yield Setup(config)
-    finally:
-        procs.stop_all()
 
 
 def test_manual_sleep_then_a_request_wakes_it(real: Setup) -> None:

@@ -43,8 +43,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config, st
         {"model": "dead", "name": "dead", "engine": "sim", "port": dead_port, "external": True},
     ]
     config = write_config(tmp_path, instances, router={"max_body_bytes": LIMIT, "request_timeout_seconds": 1.0}, sleep_manager={"wake_timeout_seconds": 1.5})
-    procs = Procs()
-    try:
+    with Procs() as procs:
         for inst in config.instances[:2]:
             start_engine(procs, inst)
         for port, mode in ((broken_port, "drop"), (cut_port, "cut")):
@@ -56,8 +55,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config, st
             what="good, slow, broken and cut awake",
         )
         yield config, base
-    finally:
-        procs.stop_all()
 
 
 def _post(base: str, body: bytes | str, path: str = "/v1/chat/completions") -> httpx.Response:

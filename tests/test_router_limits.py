@@ -64,13 +64,10 @@ LIMITS = {"header_timeout_seconds": 1, "body_timeout_seconds": 1, "keepalive_tim
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
-    procs = Procs()
-    try:
+    with Procs() as procs:
         config = write_config(tmp_path_factory.mktemp("limits"), [sim_instance("org/slow", **SLOW)], router=LIMITS)
         start_engines(procs, config)
         yield run_router(procs, config)
-    finally:
-        procs.stop_all()
 
 
 def exchange(port: int, payload: bytes, chunk: int = 256 * 1024) -> bytes:

@@ -24,12 +24,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config, st
     vllm = sim_instance(VLLM_MODEL, name="vllm1")
     vllm["aliases"] = ["vm", "short/alias"]
     config = write_config(tmp_path, [vllm, sim_instance(SGLANG_MODEL, name="sgl1", dialect="sglang")])
-    procs = Procs()
-    try:
+    with Procs() as procs:
         start_engines(procs, config)
         yield config, start_router(procs, config)
-    finally:
-        procs.stop_all()
 
 
 @pytest.mark.parametrize("model", [VLLM_MODEL, SGLANG_MODEL, "vm"])

@@ -57,11 +57,8 @@ def _sse(text: str) -> list[dict | str]:
 @pytest.fixture(scope="module")
 def sims() -> Iterator[dict[str, str]]:
     """One plain sim per dialect, shared by the read-mostly tests."""
-    procs = Procs()
-    try:
+    with Procs() as procs:
         yield {dialect: _start(procs, dialect=dialect) for dialect in ("vllm", "sglang")}
-    finally:
-        procs.stop_all()
 
 
 @pytest.fixture
