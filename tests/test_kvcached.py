@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from kvctl import kvcached
@@ -214,8 +215,6 @@ def _json(tree: Tree, *args: str) -> dict:
 
 
 def _stream(url: str, model: str, prompt_words: int, max_tokens: int) -> int:
-    import openai
-
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
     chunks = client.completions.create(model=model, prompt="w " * prompt_words, max_tokens=max_tokens, stream=True)
     return sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].text)

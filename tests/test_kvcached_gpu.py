@@ -12,6 +12,7 @@ import os
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from helpers import Tree, engine_pid, free_port, kvctl, sim_yaml, wait_for
@@ -40,8 +41,6 @@ def _report(figures: Path, by_pid: dict[int, int]) -> None:
 
 
 def _states(tree: Tree) -> dict[str, tuple[str, str | None]]:
-    import httpx
-
     models = httpx.get(tree.router_url + "/models", timeout=5).json()["models"]
     return {inst["name"]: (inst["state"], inst.get("cause")) for m in models.values() for inst in m["instances"]}
 
