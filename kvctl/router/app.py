@@ -61,9 +61,9 @@ class RouterApp:
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         await self.lifecycle.start()
-        sampler = asyncio.create_task(self.history.run())
-        rebalancer = asyncio.create_task(kv_rebalance.run(self.kv, self.lifecycle))
-        kv_watch = asyncio.create_task(self.kv.watch(self.lifecycle.states))
+        # The lifecycle's tasks: a failure is logged, and close() cancels and awaits them.
+        for loop_task in (self.history.run(), kv_rebalance.run(self.kv, self.lifecycle), self.kv.watch(self.lifecycle.states)):
+            self.lifecycle.spawn(loop_task)
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread (tests)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -80,9 +80,6 @@ class RouterApp:
         finally:
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 loop.remove_signal_handler(signal.SIGHUP)
-            sampler.cancel()
-            rebalancer.cancel()
-            kv_watch.cancel()
             await self.lifecycle.close()
             self.proxy.close()
 
