@@ -86,6 +86,14 @@ def wait_ok(url: str, timeout: float = 30.0) -> None:
     raise SystemExit(f"{url} did not answer 200 within {timeout}s")
 
 
+def extract_revision(rev: str, into: Path) -> Path:
+    """The kvctl package of git revision `rev`, unpacked into the new directory `into` (a PYTHONPATH entry)."""
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "kvctl"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
@@ -359,10 +367,7 @@ def main() -> None:
         paced = procs.start([PY, "-m", "kvctl.sim", "--model", "bench/paced", "--port", str(ports["paced"]), "--tokens-per-second", "500"], tmp / "paced.log")
         routers = {"kvctl": ports["kvctl"], "kvctl-asyncio": ports["kvctl-asyncio"]}
         if args.baseline:
-            src = tmp / "baseline"
-            src.mkdir()
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "kvctl"], capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+            extract_revision(args.baseline, tmp / "baseline")
             routers[f"kvctl@{args.baseline}"] = ports["base"]
         pids: dict[str, int] = {}
         for name, port in routers.items():

@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from router_overhead import ROOT, extract_revision
+
 COMMANDS = {"kvctl --help": ["--help"], "kvctl status": ["status", "-c", str(ROOT / "examples" / "sim.yaml")]}
 
 
@@ -65,10 +66,7 @@ def main() -> None:
     variants = {"now": env}
     try:
         if args.baseline:
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "kvctl"], capture_output=True, check=True).stdout
-            (tmp / "baseline").mkdir()
-            subprocess.run(["tar", "-x", "-C", str(tmp / "baseline")], input=archive, check=True)
-            variants[args.baseline] = dict(env, PYTHONPATH=str(tmp / "baseline"))
+            variants[args.baseline] = dict(env, PYTHONPATH=str(extract_revision(args.baseline, tmp / "baseline")))
         for argv in COMMANDS.values():
             wall_ms(argv, variants, 2, tmp)  # warm the page cache and .pyc files
         for command, argv in COMMANDS.items():
