@@ -13,6 +13,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -239,8 +240,6 @@ class AdminAPI:
                 self.app.events.unsubscribe(queue)
 
     async def metrics(self, request: Request) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
         app = self.app
         return Response(app.metrics.render(app.lifecycle, app.models, app.kv.readings()), media_type=CONTENT_TYPE_LATEST)
 
