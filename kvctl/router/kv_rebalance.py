@@ -86,26 +86,25 @@ async def run(control: KvControl, lifecycle: Lifecycle) -> None:
     """Every check_interval_seconds while `kv_rebalance` is on: measure, plan, write. Until cancelled."""
     last_active: dict[str, float] = {}
     busy: set[str] = set()
-    async with httpx.AsyncClient(timeout=_SCRAPE_TIMEOUT_SECONDS) as client:
-        while True:
-            sm = control.config.sleep_manager
-            await asyncio.sleep(sm.check_interval_seconds)
-            if not sm.kv_rebalance or sm.kv_budget_gb is None:
-                continue
-            try:
-                busy = await _check(control, lifecycle, client, last_active, busy)
-            except Exception:  # one bad check must not end rebalancing
-                log.exception("kv rebalance: the check failed")
+    while True:
+        sm = control.config.sleep_manager
+        await asyncio.sleep(sm.check_interval_seconds)
+        if not sm.kv_rebalance or sm.kv_budget_gb is None:
+            continue
+        try:
+            busy = await _check(control, lifecycle, last_active, busy)
+        except Exception:  # one bad check must not end rebalancing
+            log.exception("kv rebalance: the check failed")
 
 
-async def _check(control: KvControl, lifecycle: Lifecycle, client: httpx.AsyncClient, last_active: dict[str, float], busy: set[str]) -> set[str]:
+async def _check(control: KvControl, lifecycle: Lifecycle, last_active: dict[str, float], busy: set[str]) -> set[str]:
     """One round; returns the instances that were busy in it."""
     sm = control.config.sleep_manager
     assert sm.kv_budget_gb is not None
     now = time.monotonic()
     slots = {slot.inst.name: slot for slot in lifecycle.slots if not slot.retiring}
     awake = [inst for inst in control.instances() if inst.name in slots and slots[inst.name].state is S.AWAKE]
-    waiting = await asyncio.gather(*(_engine_waiting(client, lifecycle.adapter(inst).metric_waiting, inst) for inst in awake))
+    waiting = await asyncio.gather(*(_engine_waiting(lifecycle.http, lifecycle.adapter(inst).metric_waiting, inst) for inst in awake))
     members = []
     for inst, engine_waiting in zip(awake, waiting, strict=True):
         info = kv.read(inst)
@@ -137,7 +136,7 @@ async def _check(control: KvControl, lifecycle: Lifecycle, client: httpx.AsyncCl
 async def _engine_waiting(client: httpx.AsyncClient, name: str, inst: Instance) -> int:
     """The engine's own count of requests waiting (its gauge `name`); 0 when unknown."""
     try:
-        response = await client.get(inst.url + "/metrics")
+        response = await client.get(inst.url + "/metrics", timeout=_SCRAPE_TIMEOUT_SECONDS)
     except httpx.HTTPError:
         return 0
     total = 0.0
