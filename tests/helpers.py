@@ -160,12 +160,17 @@ def _kill(pid: int) -> None:
 # --------------------------------------------------------------------------- the CLI and a process tree
 
 
-def kvctl(*args: str, cwd: Path = ROOT, env: Mapping[str, str] | None = None, columns: int = 200, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """The real CLI as a user runs it: no stdin, a wide terminal (rich prints one line per table
-    row) and no credentials from the test runner's environment (`env` adds variables)."""
+def cli_env(env: Mapping[str, str] | None = None, columns: int = 200) -> dict[str, str]:
+    """The CLI's environment: a wide terminal (rich prints one line per table row) and no
+    credentials from the test runner's environment (`env` adds variables)."""
     environ = {k: v for k, v in os.environ.items() if k not in _CREDENTIALS}
     environ.update(COLUMNS=str(columns), **(env or {}))
-    return subprocess.run([*KVCTL, *args], capture_output=True, text=True, cwd=cwd, env=environ, timeout=timeout, stdin=subprocess.DEVNULL)
+    return environ
+
+
+def kvctl(*args: str, cwd: Path = ROOT, env: Mapping[str, str] | None = None, columns: int = 200, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real CLI as a user runs it, to its end: no stdin, the environment of `cli_env`."""
+    return subprocess.run([*KVCTL, *args], capture_output=True, text=True, cwd=cwd, env=cli_env(env, columns), timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 class Tree:

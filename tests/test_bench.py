@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import KVCTL, Procs, free_port, kvctl, sim_instance, start_engines, start_router, wait_for, wait_http_ok, write_config
+from helpers import KVCTL, Procs, cli_env, free_port, kvctl, sim_instance, start_engines, start_router, wait_for, wait_http_ok, write_config
 
 TTFT_MS = 40.0
 TOKENS_PER_SECOND = 100.0  # 10 ms between tokens
@@ -169,11 +168,10 @@ def test_bench_ctrl_c_reports_what_finished(procs: Procs, tmp_path: Path) -> Non
     procs.start_sim("slow", port, "--ttft-ms", "20")
     wait_http_ok(f"http://127.0.0.1:{port}/health")
     out = tmp_path / "bench.json"
-    env = {**os.environ, "COLUMNS": "200"}
     bench = procs.start(
         [*KVCTL, "bench", "--url", f"http://127.0.0.1:{port}", "--model", "slow", "--duration", "60", "--json", str(out)],
         cwd=tmp_path,
-        env=env,
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from helpers import KVCTL, Procs, Tree, free_port, kvctl, sim_yaml, wait_for
+from helpers import KVCTL, Procs, Tree, cli_env, free_port, kvctl, sim_yaml, wait_for
 
 ADMIN = "cli-admin-token"
 KEY = "cli-api-key"
@@ -103,8 +102,9 @@ def test_events_prints_history_and_follows_until_ctrl_c(kvtree: Tree, procs: Pro
     assert isinstance(last_a["duration_seconds"], float)
 
     # -f: the history, then live changes, until Ctrl-C (exit 0).
-    env = {k: v for k, v in os.environ.items() if k != "KVCTL_ADMIN_TOKEN"}
-    follower = procs.start([*KVCTL, "events", "-f", "--json", "-c", str(kvtree.config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    follower = procs.start(
+        [*KVCTL, "events", "-f", "--json", "-c", str(kvtree.config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()
+    )
     lines = Lines(follower)
     wait_for(lambda: len(lines.lines) >= len(history), timeout=20, what="the replayed history")
     assert lines.events()[: len(history)] == history
