@@ -503,6 +503,11 @@ def report(runs: dict[str, list[dict]], concurrencies: list[int], reps: int) -> 
         print(f"{name}: " + ", ".join(f"{k} {span(v, '{:.2f}')}x" for k, v in r.items()))
 
 
+def _ratio(ours: float, ref: float) -> float:
+    # A short run can leave a reference's CPU below the clock's 10 ms tick: no ratio then.
+    return ours / ref if ref else float("nan")
+
+
 def ratios(runs: dict[str, list[dict]], concurrencies: list[int]) -> dict[str, dict[str, list[float]]]:
     """kvctl (and a baseline) CPU over each reference's, per rep."""
     out: dict[str, dict[str, list[float]]] = {}
@@ -511,7 +516,7 @@ def ratios(runs: dict[str, list[dict]], concurrencies: list[int]) -> dict[str, d
             if ref not in runs:
                 continue
             out[f"{ours} / {ref}"] = {
-                f"{what} c={c}": [a[f"cpu_us_per_{what}{c}"] / b[f"cpu_us_per_{what}{c}"] for a, b in zip(runs[ours], runs[ref], strict=True)]
+                f"{what} c={c}": [_ratio(a[f"cpu_us_per_{what}{c}"], b[f"cpu_us_per_{what}{c}"]) for a, b in zip(runs[ours], runs[ref], strict=True)]
                 for what in ("request", "chunk")
                 for c in concurrencies
             }
