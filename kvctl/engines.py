@@ -64,6 +64,18 @@ class EngineAdapter:
         """True/False when the engine can tell, None when it cannot."""
         return None
 
+    async def waiting(self, client: httpx.AsyncClient, inst: Instance, timeout: float) -> int:
+        """The engine's own count of requests waiting (its gauge `metric_waiting`, summed over
+        labels); 0 when it cannot be read."""
+        from prometheus_client.parser import text_string_to_metric_families  # the router's only
+
+        try:
+            response = await client.get(inst.url + "/metrics", timeout=timeout)
+            samples = [s for family in text_string_to_metric_families(response.text) for s in family.samples]
+        except (httpx.HTTPError, ValueError):
+            return 0
+        return int(sum(s.value for s in samples if s.name == self.metric_waiting))
+
     async def reload_weights(self, client: httpx.AsyncClient, inst: Instance, timeout: float | None = None) -> None:
         """Read the weights from disk again (a verified wake's repair)."""
         raise EngineError(f"{inst.name}: the {self.name} engine cannot reload its weights")

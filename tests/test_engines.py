@@ -3,6 +3,9 @@ faithful vLLM/SGLang APIs."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
 from pathlib import Path
 
 import httpx
@@ -13,7 +16,7 @@ from kvctl import engines
 from kvctl.engines import SglangAdapter, VllmAdapter, adapter_for
 from kvctl.sim.dialects import DIALECTS
 
-from helpers import Procs, free_port, wait_http_ok
+from helpers import Procs, free_port, wait_for, wait_http_ok, write_segment
 
 
 @pytest.mark.parametrize("level", [1, 2])
@@ -68,3 +71,38 @@ def test_every_sim_dialect_is_an_engine_with_an_adapter() -> None:
         inst = config_mod.parse(f"instances:\n  - model: m\n    engine: sim\n    port: 12001\n    sim: {{dialect: {dialect}}}\n", Path("/k.yaml")).instances[0]
         assert adapter_for(inst).metric_waiting == REAL_METRICS[dialect]["waiting"]
     assert {engines.engine_name(name) for name in ("VLLM", "sgl", "SGLang", "sim")} == {"vllm", "sglang", "sim"}
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "sglang"])
+def test_waiting_reads_the_engines_own_gauge(procs: Procs, dialect: str) -> None:
+    """A request that finds no KV room waits inside the engine; the adapter counts it from the
+    engine's own /metrics (the rebalancer's 'busy'), and 0 once it runs."""
+    port = free_port()
+    segment = f"kvctl_test-waiting-{port}"
+    env = {**os.environ, "ENABLE_KVCACHED": "true", "KVCACHED_IPC_NAME": segment}
+    procs.start_sim("m", port, "--dialect", dialect, "--memory-gb", "1", env=env)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health")
+        write_segment(segment, limit=0)  # no KV room: the next request waits in the engine
+        inst = config_mod.parse(
+            f"instances:\n  - {{name: w, model: m, engine: sim, sim: {{dialect: {dialect}}}, port: {port}}}\n", Path("kvctl.yaml")
+        ).instances[0]
+        adapter = adapter_for(inst)
+
+        def waiting() -> int:
+            async def read() -> int:
+                async with httpx.AsyncClient() as client:
+                    return await adapter.waiting(client, inst, 5.0)
+
+            return asyncio.run(read())
+
+        request = threading.Thread(
+            target=httpx.post, args=(f"http://127.0.0.1:{port}/v1/completions",), kwargs={"json": {"model": "m", "prompt": "x", "max_tokens": 2}, "timeout": 60}
+        )
+        request.start()
+        wait_for(lambda: waiting() == 1, timeout=20, what="one request waiting in the engine")
+        write_segment(segment, limit=1 << 30)
+        wait_for(lambda: waiting() == 0, timeout=20, what="the request admitted")
+        request.join(timeout=30)
+    finally:
+        Path(f"/dev/shm/{segment}").unlink(missing_ok=True)

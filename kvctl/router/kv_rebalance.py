@@ -19,9 +19,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import httpx
-
-from kvctl.config import Instance
 from kvctl.router import kv
 from kvctl.router.kv import KvControl
 from kvctl.router.lifecycle import Lifecycle
@@ -104,7 +101,7 @@ async def _check(control: KvControl, lifecycle: Lifecycle, last_active: dict[str
     now = time.monotonic()
     slots = {slot.inst.name: slot for slot in lifecycle.slots if not slot.retiring}
     awake = [inst for inst in control.instances() if inst.name in slots and slots[inst.name].state is S.AWAKE]
-    waiting = await asyncio.gather(*(_engine_waiting(lifecycle.http, lifecycle.adapter(inst).metric_waiting, inst) for inst in awake))
+    waiting = await asyncio.gather(*(lifecycle.adapter(inst).waiting(lifecycle.http, inst, _SCRAPE_TIMEOUT_SECONDS) for inst in awake))
     members = []
     for inst, engine_waiting in zip(awake, waiting, strict=True):
         info = kv.read(inst)
@@ -131,19 +128,3 @@ async def _check(control: KvControl, lifecycle: Lifecycle, last_active: dict[str
         limit, why = moves[name]
         control.set_limit(by_name[name], limit, why, "awake")
     return {m.name for m in members if m.busy}
-
-
-async def _engine_waiting(client: httpx.AsyncClient, name: str, inst: Instance) -> int:
-    """The engine's own count of requests waiting (its gauge `name`); 0 when unknown."""
-    try:
-        response = await client.get(inst.url + "/metrics", timeout=_SCRAPE_TIMEOUT_SECONDS)
-    except httpx.HTTPError:
-        return 0
-    total = 0.0
-    for line in response.text.splitlines():
-        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
-            try:
-                total += float(line.rsplit(" ", 1)[1])
-            except (ValueError, IndexError):
-                continue
-    return int(total)
